@@ -1,0 +1,29 @@
+"""Union of Experts (UoE) as a native Hugging Face Transformers model."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_uoe import UoEConfig
+from .flops import FlopsEstimate, estimate_flops_per_token
+from .modeling_uoe import UoECacheLayer, UoEForCausalLM, UoEModel, UoEPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(UoEConfig.model_type, UoEConfig, exist_ok=True)
+AutoModel.register(UoEConfig, UoEModel, exist_ok=True)
+AutoModelForCausalLM.register(UoEConfig, UoEForCausalLM, exist_ok=True)
+
+# `save_pretrained` then writes `auto_map` and copies the code files, so checkpoints load with
+# `trust_remote_code=True` where this package is not installed.
+UoEConfig.register_for_auto_class()
+UoEModel.register_for_auto_class("AutoModel")
+UoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "FlopsEstimate",
+    "UoECacheLayer",
+    "UoEConfig",
+    "UoEForCausalLM",
+    "UoEModel",
+    "UoEPreTrainedModel",
+    "estimate_flops_per_token",
+]

@@ -1,0 +1,218 @@
+"""Configuration of Union-of-Experts (UoE) transformers."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+
+GATE_MODES = ("union", "weighted")
+MLP_TYPES = ("swiglu", "gelu")
+ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_positive_int(name: str, value) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        f"`{name}` must be an integer >= 1, got {value!r}.",
+    )
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+class UoEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Union-of-Experts transformer (Yang, Lian & Li, 2025).
+
+    Every attention head is an expert of Selective Multi-Head Attention (SMHA) and the MLP is split by
+    equivalent decomposition into `num_mlp_experts` slices (UoME). With `attention_top_k ==
+    num_attention_heads` and `mlp_top_k == num_mlp_experts` a UoE layer computes exactly the dense layer.
+
+    Args:
+        vocab_size: Size of the token vocabulary.
+        hidden_size: Width of the residual stream.
+        num_hidden_layers: Number of decoder layers.
+        num_attention_heads: Number of attention heads (= SMHA experts).
+        head_dim: Width of one head; defaults to `hidden_size // num_attention_heads`.
+        attention_top_k: Heads selected per routing patch, in `[1, num_attention_heads]`.
+        intermediate_size: Width of the dense MLP that UoME decomposes.
+        num_mlp_experts: Number of MLP slices; must divide `intermediate_size`.
+        mlp_top_k: MLP experts selected per routing patch, in `[1, num_mlp_experts]`.
+        mlp_type: `"swiglu"` (gated, like Llama) or `"gelu"` (plain two-layer MLP, like ViT).
+        hidden_act: Activation of the MLP; defaults to `"silu"` for SwiGLU and `"gelu"` for GELU.
+        mlp_bias: Whether the MLP projections have biases (the input bias is split per expert, the
+            output bias is shared, which keeps the decomposition exact).
+        attention_bias: Whether the q/k/v/o projections have biases.
+        routing_patch_size: Number of consecutive tokens that share one routing decision.
+        data_capacity: Patch-wise data selection (expert choice): each expert keeps at most
+            `ceil(data_capacity * num_patches)` of the patches that chose it. Only for bidirectional
+            models; `None` disables it.
+        gate_mode: `"union"` adds the selected experts with weight exactly 1 and passes the router gradient
+            straight through; `"weighted"` multiplies by the renormalised top-k scores (Mixtral style).
+        router_score_func: `"softmax"` or `"sigmoid"` router scores.
+        router_aux_loss_coef: Weight of the Switch-style load-balancing loss added to `loss`.
+        router_z_loss_coef: Weight of the router z-loss added to `loss`.
+        is_causal: Causal (decoder) or bidirectional (encoder) attention and routing.
+        max_position_embeddings: Longest sequence the model accepts.
+        rope_parameters: RoPE settings (`{"rope_type": "default", "rope_theta": 10000.0}`); a legacy
+            `rope_theta=` keyword is accepted too.
+        rms_norm_eps: Epsilon of the RMSNorm layers.
+        initializer_range: Standard deviation of the normal weight initialisation.
+        attention_dropout: Dropout on attention probabilities.
+        use_cache: Whether the model returns a KV cache by default.
+        tie_word_embeddings: Tie the LM head to the input embeddings.
+        output_router_logits: Return the routers' logits (one entry per routed block).
+    """
+
+    model_type = "uoe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 8,
+        head_dim: int | None = None,
+        attention_top_k: int = 4,
+        intermediate_size: int = 2048,
+        num_mlp_experts: int = 4,
+        mlp_top_k: int = 2,
+        mlp_type: str = "swiglu",
+        hidden_act: str | None = None,
+        mlp_bias: bool = False,
+        attention_bias: bool = False,
+        routing_patch_size: int = 1,
+        data_capacity: float | None = None,
+        gate_mode: str = "union",
+        router_score_func: str = "softmax",
+        router_aux_loss_coef: float = 0.01,
+        router_z_loss_coef: float = 0.0,
+        is_causal: bool = True,
+        max_position_embeddings: int = 2048,
+        rope_parameters: dict | None = None,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        attention_dropout: float = 0.0,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = False,
+        output_router_logits: bool = False,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **kwargs,
+    ):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("attention_top_k", attention_top_k),
+            ("intermediate_size", intermediate_size),
+            ("num_mlp_experts", num_mlp_experts),
+            ("mlp_top_k", mlp_top_k),
+            ("routing_patch_size", routing_patch_size),
+            ("max_position_embeddings", max_position_embeddings),
+        ):
+            _check_positive_int(name, value)
+        if head_dim is None:
+            _require(
+                hidden_size % num_attention_heads == 0,
+                f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` "
+                f"({num_attention_heads}) when `head_dim` is not given.",
+            )
+            head_dim = hidden_size // num_attention_heads
+        _check_positive_int("head_dim", head_dim)
+        _require(
+            attention_top_k <= num_attention_heads,
+            f"`attention_top_k` must be in [1, num_attention_heads={num_attention_heads}], got {attention_top_k}.",
+        )
+        _require(
+            mlp_top_k <= num_mlp_experts,
+            f"`mlp_top_k` must be in [1, num_mlp_experts={num_mlp_experts}], got {mlp_top_k}.",
+        )
+        _require(
+            intermediate_size % num_mlp_experts == 0,
+            f"`intermediate_size` ({intermediate_size}) must be divisible by `num_mlp_experts` ({num_mlp_experts}).",
+        )
+        _check_choice("mlp_type", mlp_type, MLP_TYPES)
+        _check_choice("gate_mode", gate_mode, GATE_MODES)
+        _check_choice("router_score_func", router_score_func, ROUTER_SCORE_FUNCS)
+        if data_capacity is not None:
+            _require(
+                isinstance(data_capacity, (int, float))
+                and not isinstance(data_capacity, bool)
+                and 0.0 < data_capacity <= 1.0,
+                f"`data_capacity` must be None or a number in (0, 1], got {data_capacity!r}.",
+            )
+            _require(
+                not is_causal,
+                "`data_capacity` (patch-wise data selection) chooses patches across the whole sequence, so it "
+                "would let a token's output depend on later tokens: it is only allowed with `is_causal=False`.",
+            )
+        for name, value in (("router_aux_loss_coef", router_aux_loss_coef), ("router_z_loss_coef", router_z_loss_coef)):
+            _require(
+                isinstance(value, (int, float)) and value >= 0 and math.isfinite(value),
+                f"`{name}` must be a finite number >= 0, got {value!r}.",
+            )
+        _require(
+            0.0 <= attention_dropout < 1.0, f"`attention_dropout` must be in [0, 1), got {attention_dropout!r}."
+        )
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        # SMHA splits heads, it does not share them: one key/value head per query head.
+        self.num_key_value_heads = num_attention_heads
+        self.head_dim = head_dim
+        self.attention_top_k = attention_top_k
+        self.intermediate_size = intermediate_size
+        self.num_mlp_experts = num_mlp_experts
+        self.mlp_top_k = mlp_top_k
+        self.mlp_type = mlp_type
+        self.hidden_act = hidden_act or ("silu" if mlp_type == "swiglu" else "gelu")
+        self.mlp_bias = mlp_bias
+        self.attention_bias = attention_bias
+        self.routing_patch_size = routing_patch_size
+        self.data_capacity = data_capacity
+        self.gate_mode = gate_mode
+        self.router_score_func = router_score_func
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_z_loss_coef = router_z_loss_coef
+        self.is_causal = is_causal
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_parameters = rope_parameters
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.attention_dropout = attention_dropout
+        self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
+        self.output_router_logits = output_router_logits
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        super().__init__(**kwargs)
+
+    @property
+    def mlp_expert_size(self) -> int:
+        """Width of one UoME expert (its slice of `intermediate_size`)."""
+        return self.intermediate_size // self.num_mlp_experts
+
+    @property
+    def is_full_routing(self) -> bool:
+        """True when every expert is selected for every token, i.e. the layer is the dense layer."""
+        return (
+            self.attention_top_k == self.num_attention_heads
+            and self.mlp_top_k == self.num_mlp_experts
+            and self.data_capacity is None
+        )
+
+
+__all__ = ["UoEConfig"]

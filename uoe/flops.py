@@ -1,0 +1,62 @@
+"""Analytic forward FLOPs per token of a UoE model and of its dense equivalent.
+
+A multiply-add counts as 2 FLOPs. "Dense" is the same architecture with every expert selected (the
+model `from_dense` converts); "active" counts only what the routing asks for: the selected heads'
+projections and attention, the selected MLP slices, and the routers. Attention over a causal sequence
+of length L averages (L + 1) / 2 keys per query; in SMHA a selected head sees on average the
+fraction `attention_top_k / num_attention_heads` of them (the keys that selected the same head).
+With `data_capacity = c`, each expert keeps at most a fraction `c` of the patches, so its share of
+tokens is `min(top_k / experts, c)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .configuration_uoe import UoEConfig
+
+
+@dataclass
+class FlopsEstimate:
+    """Forward FLOPs per token; `breakdown` holds the active FLOPs of each part for the whole model."""
+
+    active: float
+    dense: float
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def active_fraction(self) -> float:
+        return self.active / self.dense
+
+
+def estimate_flops_per_token(config: UoEConfig, seq_len: int, include_lm_head: bool = True) -> FlopsEstimate:
+    """Active and dense-equivalent forward FLOPs per token for `config` at sequence length `seq_len`."""
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"`seq_len` must be an integer >= 1, got {seq_len!r}.")
+    hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
+    layers = config.num_hidden_layers
+    context = (seq_len + 1) / 2 if config.is_causal else seq_len
+
+    head_share = config.attention_top_k / heads
+    mlp_share = config.mlp_top_k / config.num_mlp_experts
+    if config.data_capacity is not None:
+        head_share = min(head_share, config.data_capacity)
+        mlp_share = min(mlp_share, config.data_capacity)
+
+    projections = 4 * 2 * hidden * heads * head_dim  # q, k, v, o
+    attention = 2 * 2 * heads * head_dim * context  # scores and weighted values
+    mlp_matrices = 3 if config.mlp_type == "swiglu" else 2
+    mlp = mlp_matrices * 2 * hidden * config.intermediate_size
+    routers = 2 * hidden * (heads + config.num_mlp_experts)
+    lm_head = 2 * hidden * config.vocab_size if include_lm_head else 0
+
+    breakdown = {
+        "attention_projections": layers * projections * head_share,
+        # a query in head h meets only the keys that also chose h
+        "attention_scores": layers * attention * head_share * head_share,
+        "mlp": layers * mlp * mlp_share,
+        "routers": layers * routers,
+        "lm_head": lm_head,
+    }
+    dense = layers * (projections + attention + mlp) + lm_head
+    return FlopsEstimate(active=sum(breakdown.values()), dense=dense, breakdown=breakdown)
