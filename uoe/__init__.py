@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .callbacks import UoERouterStatsCallback
 from .configuration_uoe import UoEConfig
 from .flops import FlopsEstimate, estimate_flops_per_token
 from .modeling_uoe import UoECacheLayer, UoEForCausalLM, UoEModel, UoEPreTrainedModel
@@ -25,5 +26,6 @@ __all__ = [
     "UoEForCausalLM",
     "UoEModel",
     "UoEPreTrainedModel",
+    "UoERouterStatsCallback",
     "estimate_flops_per_token",
 ]
