@@ -1,0 +1,29 @@
+"""Small models shared by the tests."""
+
+import torch
+
+import uoe
+
+
+def tiny_config(**overrides) -> uoe.UoEConfig:
+    """A small sparse UoE config: 4 heads (2 selected), 4 MLP experts (2 selected)."""
+    kwargs = dict(
+        vocab_size=61,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        attention_top_k=2,
+        intermediate_size=64,
+        num_mlp_experts=4,
+        mlp_top_k=2,
+        max_position_embeddings=128,
+        # a larger init spreads router scores so that selections differ between tokens
+        initializer_range=0.2,
+    )
+    kwargs.update(overrides)
+    return uoe.UoEConfig(**kwargs)
+
+
+def tiny_model(seed: int = 0, **overrides) -> uoe.UoEForCausalLM:
+    torch.manual_seed(seed)
+    return uoe.UoEForCausalLM(tiny_config(**overrides)).eval()

@@ -1,0 +1,82 @@
+"""An independent plain-loop float64 implementation of UoEForCausalLM, written from SPEC.md.
+
+It shares no code with `uoe.modeling_uoe`: it reads the weights from a state dict and computes one
+sequence token by token and head by head, so that the vectorised model can be checked against the
+specification's rules (patch routed from its first token, a head attends to the earlier tokens that
+selected it, RoPE at original positions, union of selected experts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _rope(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    out = x.clone()
+    for i in range(half):
+        angle = position / theta ** (2 * i / x.shape[-1])
+        c, s = math.cos(angle), math.sin(angle)
+        out[i] = x[i] * c - x[i + half] * s
+        out[i + half] = x[i + half] * c + x[i] * s
+    return out
+
+
+def _select(logits: torch.Tensor, top_k: int, score_func: str, gate_mode: str) -> dict[int, float]:
+    scores = torch.softmax(logits, -1) if score_func == "softmax" else torch.sigmoid(logits)
+    order = sorted(range(len(scores)), key=lambda e: -float(scores[e]))[:top_k]
+    if gate_mode == "union":
+        return {e: 1.0 for e in order}
+    total = sum(float(scores[e]) for e in order)
+    return {e: float(scores[e]) / total for e in order}
+
+
+def reference_logits(model, input_ids: list[int]) -> torch.Tensor:
+    """Logits `(seq, vocab)` of one unpadded sequence, in float64."""
+    cfg = model.config
+    sd = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
+    heads, head_dim, patch = cfg.num_attention_heads, cfg.head_dim, cfg.routing_patch_size
+    theta = cfg.rope_parameters["rope_theta"]
+    experts, expert_size = cfg.num_mlp_experts, cfg.intermediate_size // cfg.num_mlp_experts
+    act = torch.nn.functional.silu if cfg.hidden_act == "silu" else torch.nn.functional.gelu
+    seq = len(input_ids)
+    x = sd["model.embed_tokens.weight"][input_ids]
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        h = _rms_norm(x, sd[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+        # routing: every token of a patch uses the decision of the patch's first token
+        router = h @ sd[p + "self_attn.router.weight"].T
+        heads_of = [_select(router[(t // patch) * patch], cfg.attention_top_k, cfg.router_score_func, cfg.gate_mode)
+                    for t in range(seq)]
+        q = (h @ sd[p + "self_attn.q_proj.weight"].T).view(seq, heads, head_dim)
+        k = (h @ sd[p + "self_attn.k_proj.weight"].T).view(seq, heads, head_dim)
+        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(seq, heads, head_dim)
+        attn = torch.zeros(seq, heads, head_dim, dtype=torch.float64)
+        for t in range(seq):
+            for head, gate in heads_of[t].items():
+                keys = [j for j in range(t + 1) if head in heads_of[j]]
+                qt = _rope(q[t, head], t, theta)
+                scores = torch.stack([qt @ _rope(k[j, head], j, theta) for j in keys]) / math.sqrt(head_dim)
+                weights = torch.softmax(scores, 0)
+                attn[t, head] = gate * sum(w * v[j, head] for w, j in zip(weights, keys))
+        x = x + attn.reshape(seq, -1) @ sd[p + "self_attn.o_proj.weight"].T
+
+        h = _rms_norm(x, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        router = h @ sd[p + "mlp.router.weight"].T
+        gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
+        mlp = torch.zeros_like(x)
+        for t in range(seq):
+            chosen = _select(router[(t // patch) * patch], cfg.mlp_top_k, cfg.router_score_func, cfg.gate_mode)
+            for expert, gate in chosen.items():
+                g, u = gate_up[expert][:expert_size] @ h[t], gate_up[expert][expert_size:] @ h[t]
+                mlp[t] += gate * (down[expert] @ (act(g) * u))
+        x = x + mlp
+    x = _rms_norm(x, sd["model.norm.weight"], cfg.rms_norm_eps)
+    head_weight = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    return x @ head_weight.T

@@ -1,0 +1,345 @@
+"""Numerical invariants of UoEForCausalLM: dense equivalence, the spec's routing rules, causality,
+batch independence, cache exactness, gradients, and input validation."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from uoe import UoEForCausalLM
+
+from .helpers import tiny_model
+from .reference_uoe import reference_logits
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+# -- 1. dense equivalence -------------------------------------------------------------------------
+
+LLAMA_SIZES = [
+    dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2),
+    dict(hidden_size=48, num_attention_heads=6, intermediate_size=96, num_hidden_layers=3),
+    dict(hidden_size=64, num_attention_heads=8, head_dim=16, intermediate_size=160, num_hidden_layers=2,
+         tie_word_embeddings=True),
+]
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("size", LLAMA_SIZES, ids=["h32", "h48", "h64-tied"])
+def test_full_routing_equals_llama(size, attn_implementation):
+    torch.manual_seed(0)
+    llama_config = LlamaConfig(vocab_size=97, max_position_embeddings=64, **size)
+    llama_config.num_key_value_heads = llama_config.num_attention_heads
+    llama = LlamaForCausalLM(llama_config).eval()
+    model = UoEForCausalLM.from_dense(llama).eval()
+    model.set_attn_implementation(attn_implementation)
+    assert model.config.is_full_routing
+    input_ids = torch.randint(0, 97, (3, 19))
+    with torch.no_grad():
+        expected = llama(input_ids).logits
+        actual = model(input_ids).logits
+    assert max_rel_error(actual, expected) <= 1e-5
+
+
+def test_from_dense_sparsified_is_not_dense_and_rejects_gqa():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_attention_heads=4,
+                                         num_key_value_heads=4, intermediate_size=64, num_hidden_layers=1)).eval()
+    sparse = UoEForCausalLM.from_dense(llama, attention_top_k=2, num_mlp_experts=4, mlp_top_k=1).eval()
+    assert (sparse.config.attention_top_k, sparse.config.mlp_top_k) == (2, 1)
+    input_ids = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        assert max_rel_error(sparse(input_ids).logits, llama(input_ids).logits) > 1e-3
+    gqa = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64, num_hidden_layers=1))
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        UoEForCausalLM.from_dense(gqa)
+
+
+# -- the spec's routing rules, against an independent plain-loop reference --------------------------
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(routing_patch_size=4),
+        dict(routing_patch_size=3, gate_mode="weighted", router_score_func="sigmoid"),
+        dict(attention_top_k=1, mlp_top_k=3, routing_patch_size=2),
+    ],
+    ids=["per-token", "patch4", "patch3-weighted-sigmoid", "top1-heads"],
+)
+def test_sparse_model_matches_plain_loop_reference(overrides):
+    model = tiny_model(**overrides).double()
+    input_ids = torch.randint(0, 61, (13,)).tolist()
+    with torch.no_grad():
+        actual = model(torch.tensor([input_ids])).logits[0]
+    expected = reference_logits(model, input_ids)
+    # float64 throughout except RoPE angles and router scores, which the model keeps in float32
+    assert float((actual - expected).abs().max()) <= 1e-5
+
+
+def test_tokens_of_a_patch_share_the_routing_decision():
+    model = tiny_model(routing_patch_size=4)
+    input_ids = torch.randint(0, 61, (1, 12))
+    with torch.no_grad():
+        outputs = model(input_ids, output_router_logits=True)
+    assert len(outputs.router_logits) == 2 * model.config.num_hidden_layers
+    for logits in outputs.router_logits:
+        patches = logits[0].view(3, 4, -1)
+        assert torch.equal(patches, patches[:, :1].expand_as(patches))
+        assert not torch.equal(patches[0, 0], patches[1, 0])
+
+
+# -- 2. causality ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("patch_size", [1, 4])
+def test_changing_later_tokens_leaves_earlier_logits_unchanged(patch_size):
+    model = tiny_model(routing_patch_size=patch_size)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        base = model(input_ids).logits
+        for t in (0, 5, 9, 14):
+            changed = input_ids.clone()
+            changed[:, t + 1:] = torch.randint(0, 61, changed[:, t + 1:].shape)
+            logits = model(changed).logits
+            torch.testing.assert_close(logits[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+            assert (logits[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-3  # the test can see a change
+
+
+# -- 3. batch independence -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("patch_size", [1, 4])
+def test_sequence_logits_alone_equal_logits_in_padded_batch(padding_side, patch_size):
+    model = tiny_model(routing_patch_size=patch_size)
+    torch.manual_seed(2)
+    lengths = [11, 16, 7]
+    sequences = [torch.randint(0, 61, (n,)) for n in lengths]
+    batch = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, seq in enumerate(sequences):
+        where = slice(max(lengths) - len(seq), None) if padding_side == "left" else slice(0, len(seq))
+        batch[i, where], mask[i, where] = seq, 1
+    with torch.no_grad():
+        batched = model(batch, attention_mask=mask).logits
+        for i, seq in enumerate(sequences):
+            alone = model(seq[None]).logits[0]
+            in_batch = batched[i][mask[i].bool()]
+            torch.testing.assert_close(in_batch, alone, rtol=0, atol=1e-5)
+
+
+def test_padding_tokens_do_not_count_in_router_losses():
+    model = tiny_model()
+    input_ids = torch.randint(0, 61, (1, 10))
+    padded = torch.cat([torch.zeros(1, 6, dtype=torch.long), input_ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone, batched = model(input_ids), model(padded, attention_mask=mask)
+    torch.testing.assert_close(batched.aux_loss, alone.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched.router_z_loss, alone.router_z_loss, rtol=1e-5, atol=1e-6)
+
+
+# -- 4. KV cache -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("patch_size", [1, 3])
+def test_incremental_decoding_equals_full_forward(patch_size, attn_implementation):
+    model = tiny_model(routing_patch_size=patch_size)
+    model.set_attn_implementation(attn_implementation)
+    input_ids = torch.randint(0, 61, (2, 14))
+    with torch.no_grad():
+        full = model(input_ids).logits
+        # prefill 4 tokens, a chunk of 3, then one token at a time
+        out = model(input_ids[:, :4], use_cache=True)
+        cache, pieces = out.past_key_values, [out.logits]
+        out = model(input_ids[:, 4:7], past_key_values=cache, use_cache=True)
+        pieces.append(out.logits)
+        for t in range(7, 14):
+            pieces.append(model(input_ids[:, t: t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-4)
+
+
+def test_full_routing_cache_uses_the_same_path():
+    model = tiny_model(attention_top_k=4, mlp_top_k=4)
+    input_ids = torch.randint(0, 61, (1, 9))
+    with torch.no_grad():
+        full = model(input_ids).logits
+        out = model(input_ids[:, :5], use_cache=True)
+        steps = [out.logits] + [
+            model(input_ids[:, t: t + 1], past_key_values=out.past_key_values, use_cache=True).logits
+            for t in range(5, 9)
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("patch_size", [1, 4])
+def test_greedy_generate_same_with_and_without_cache(patch_size):
+    model = tiny_model(routing_patch_size=patch_size)
+    prompt = torch.randint(0, 61, (2, 6))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    without_cache = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (2, 18)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_batched_generation_with_left_padding_matches_single_generation():
+    model = tiny_model(routing_patch_size=2)
+    torch.manual_seed(3)
+    prompts = [torch.randint(1, 61, (n,)) for n in (3, 8, 5)]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, prompt in enumerate(prompts):
+        batch[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, 1
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    batched = model.generate(batch, attention_mask=mask, **kwargs)
+    for i, prompt in enumerate(prompts):
+        single = model.generate(prompt[None], **kwargs)
+        assert torch.equal(batched[i, width:], single[0, len(prompt):])
+
+
+def test_beam_search_runs_with_routing_state():
+    model = tiny_model(routing_patch_size=2)
+    prompt = torch.randint(0, 61, (2, 5))
+    out = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 11)
+
+
+# -- gradients and training modes ------------------------------------------------------------------
+
+@pytest.mark.parametrize("gate_mode", ["union", "weighted"])
+def test_routers_receive_gradients(gate_mode):
+    model = tiny_model(gate_mode=gate_mode, router_aux_loss_coef=0.0).train()
+    input_ids = torch.randint(0, 61, (2, 12))
+    model(input_ids, labels=input_ids).loss.backward()
+    for layer in model.model.layers:
+        for router in (layer.self_attn.router, layer.mlp.router):
+            assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_union_gates_do_not_scale_outputs():
+    """In union mode the router's scores only enter the gradient: scaling the router weights (which
+    keeps the top-k choice) must leave the logits bit-for-bit unchanged."""
+    model = tiny_model()
+    input_ids = torch.randint(0, 61, (1, 10))
+    with torch.no_grad():
+        before = model(input_ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.router.weight.mul_(3.0)
+            layer.mlp.router.weight.mul_(3.0)
+        after = model(input_ids).logits
+    assert torch.equal(before, after)
+    weighted = tiny_model(gate_mode="weighted")
+    with torch.no_grad():
+        before = weighted(input_ids).logits
+        for layer in weighted.model.layers:
+            layer.mlp.router.weight.mul_(3.0)
+        assert not torch.allclose(weighted(input_ids).logits, before)
+
+
+def test_loss_includes_router_losses_with_their_coefficients():
+    model = tiny_model(router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    input_ids = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        out = model(input_ids, labels=input_ids)
+        plain = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 61), input_ids[:, 1:].reshape(-1))
+    assert torch.isfinite(out.aux_loss) and out.aux_loss >= 1.0 - 1e-6  # 1.0 = perfectly balanced
+    torch.testing.assert_close(out.loss, plain + 0.5 * out.aux_loss + 0.25 * out.router_z_loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 61, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids, labels=input_ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_sdpa_and_eager_agree_at_sparse_routing():
+    model = tiny_model(routing_patch_size=2)
+    input_ids = torch.randint(0, 61, (2, 15))
+    mask = torch.ones_like(input_ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        eager = model(input_ids, attention_mask=mask).logits
+        model.set_attn_implementation("sdpa")
+        sdpa = model(input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_hidden_states_attentions_and_router_logits():
+    model = tiny_model()
+    model.set_attn_implementation("eager")
+    input_ids = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        out = model(input_ids, output_hidden_states=True, output_attentions=True, output_router_logits=True)
+    layers = model.config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    assert [t.shape[-1] for t in out.router_logits] == [4, 4] * layers
+    assert out.attentions[0].shape == (2, 4, 7, 7)
+    assert torch.equal(out.attentions[0].triu(1), torch.zeros_like(out.attentions[0]))  # causal
+
+
+def test_grouped_mm_experts_backend_matches_reference():
+    model = tiny_model(hidden_size=64, intermediate_size=128)
+    input_ids = torch.randint(0, 61, (2, 8))
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        model.set_experts_implementation("grouped_mm")
+        actual = model(input_ids).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_forward_matches_eager():
+    model = tiny_model(routing_patch_size=2)
+    input_ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        actual = torch.compile(model)(input_ids).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+# -- 7. bad input ----------------------------------------------------------------------------------
+
+def test_token_ids_outside_vocabulary_raise():
+    model = tiny_model()
+    for bad in (61, -1):
+        input_ids = torch.tensor([[1, 2, bad]])
+        with pytest.raises(ValueError, match="input_ids"):
+            model(input_ids)
+
+
+def test_sequence_longer_than_max_position_embeddings_raises():
+    model = tiny_model(max_position_embeddings=16)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    out = model(torch.zeros(1, 15, dtype=torch.long), use_cache=True)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 2, dtype=torch.long), past_key_values=out.past_key_values)
+
+
+def test_malformed_attention_mask_and_foreign_cache_raise():
+    from transformers import DynamicCache, StaticCache
+
+    model = tiny_model()
+    input_ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(input_ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="past_key_values"):
+        model(input_ids, past_key_values=StaticCache(config=model.config, max_cache_len=8))
+    foreign = DynamicCache()
+    foreign.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 0)
+    with pytest.raises(ValueError, match="past_key_values"):
+        model(input_ids, past_key_values=foreign)
