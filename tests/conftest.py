@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import uoe  # noqa: E402  (registers the auto classes)
+import uoe  # noqa: E402, F401  (registers the auto classes)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -43,7 +43,7 @@ def reference_logits(model, input_ids: list[int]) -> torch.Tensor:
     sd = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
     heads, head_dim, patch = cfg.num_attention_heads, cfg.head_dim, cfg.routing_patch_size
     theta = cfg.rope_parameters["rope_theta"]
-    experts, expert_size = cfg.num_mlp_experts, cfg.intermediate_size // cfg.num_mlp_experts
+    expert_size = cfg.intermediate_size // cfg.num_mlp_experts
     act = torch.nn.functional.silu if cfg.hidden_act == "silu" else torch.nn.functional.gelu
     seq = len(input_ids)
     x = sd["model.embed_tokens.weight"][input_ids]
@@ -52,8 +52,10 @@ def reference_logits(model, input_ids: list[int]) -> torch.Tensor:
         h = _rms_norm(x, sd[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         # routing: every token of a patch uses the decision of the patch's first token
         router = h @ sd[p + "self_attn.router.weight"].T
-        heads_of = [_select(router[(t // patch) * patch], cfg.attention_top_k, cfg.router_score_func, cfg.gate_mode)
-                    for t in range(seq)]
+        heads_of = [
+            _select(router[(t // patch) * patch], cfg.attention_top_k, cfg.router_score_func, cfg.gate_mode)
+            for t in range(seq)
+        ]
         q = (h @ sd[p + "self_attn.q_proj.weight"].T).view(seq, heads, head_dim)
         k = (h @ sd[p + "self_attn.k_proj.weight"].T).view(seq, heads, head_dim)
         v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(seq, heads, head_dim)
@@ -64,7 +66,7 @@ def reference_logits(model, input_ids: list[int]) -> torch.Tensor:
                 qt = _rope(q[t, head], t, theta)
                 scores = torch.stack([qt @ _rope(k[j, head], j, theta) for j in keys]) / math.sqrt(head_dim)
                 weights = torch.softmax(scores, 0)
-                attn[t, head] = gate * sum(w * v[j, head] for w, j in zip(weights, keys))
+                attn[t, head] = gate * sum(w * v[j, head] for w, j in zip(weights, keys, strict=True))
         x = x + attn.reshape(seq, -1) @ sd[p + "self_attn.o_proj.weight"].T
 
         h = _rms_norm(x, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)

@@ -20,8 +20,14 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 LLAMA_SIZES = [
     dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2),
     dict(hidden_size=48, num_attention_heads=6, intermediate_size=96, num_hidden_layers=3),
-    dict(hidden_size=64, num_attention_heads=8, head_dim=16, intermediate_size=160, num_hidden_layers=2,
-         tie_word_embeddings=True),
+    dict(
+        hidden_size=64,
+        num_attention_heads=8,
+        head_dim=16,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        tie_word_embeddings=True,
+    ),
 ]
 
 
@@ -44,20 +50,37 @@ def test_full_routing_equals_llama(size, attn_implementation):
 
 def test_from_dense_sparsified_is_not_dense_and_rejects_gqa():
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_attention_heads=4,
-                                         num_key_value_heads=4, intermediate_size=64, num_hidden_layers=1)).eval()
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            num_hidden_layers=1,
+        )
+    ).eval()
     sparse = UoEForCausalLM.from_dense(llama, attention_top_k=2, num_mlp_experts=4, mlp_top_k=1).eval()
     assert (sparse.config.attention_top_k, sparse.config.mlp_top_k) == (2, 1)
     input_ids = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
         assert max_rel_error(sparse(input_ids).logits, llama(input_ids).logits) > 1e-3
-    gqa = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=64, num_hidden_layers=1))
+    gqa = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            num_hidden_layers=1,
+        )
+    )
     with pytest.raises(ValueError, match="num_key_value_heads"):
         UoEForCausalLM.from_dense(gqa)
 
 
 # -- the spec's routing rules, against an independent plain-loop reference --------------------------
+
 
 @pytest.mark.parametrize(
     "overrides",
@@ -93,6 +116,7 @@ def test_tokens_of_a_patch_share_the_routing_decision():
 
 # -- 2. causality ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("patch_size", [1, 4])
 def test_changing_later_tokens_leaves_earlier_logits_unchanged(patch_size):
     model = tiny_model(routing_patch_size=patch_size)
@@ -102,13 +126,14 @@ def test_changing_later_tokens_leaves_earlier_logits_unchanged(patch_size):
         base = model(input_ids).logits
         for t in (0, 5, 9, 14):
             changed = input_ids.clone()
-            changed[:, t + 1:] = torch.randint(0, 61, changed[:, t + 1:].shape)
+            changed[:, t + 1 :] = torch.randint(0, 61, changed[:, t + 1 :].shape)
             logits = model(changed).logits
             torch.testing.assert_close(logits[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
-            assert (logits[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-3  # the test can see a change
+            assert (logits[:, t + 1 :] - base[:, t + 1 :]).abs().max() > 1e-3  # the test can see a change
 
 
 # -- 3. batch independence -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("patch_size", [1, 4])
@@ -143,6 +168,7 @@ def test_padding_tokens_do_not_count_in_router_losses():
 
 # -- 4. KV cache -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("patch_size", [1, 3])
 def test_incremental_decoding_equals_full_forward(patch_size, attn_implementation):
@@ -157,7 +183,7 @@ def test_incremental_decoding_equals_full_forward(patch_size, attn_implementatio
         out = model(input_ids[:, 4:7], past_key_values=cache, use_cache=True)
         pieces.append(out.logits)
         for t in range(7, 14):
-            pieces.append(model(input_ids[:, t: t + 1], past_key_values=cache, use_cache=True).logits)
+            pieces.append(model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-4)
 
 
@@ -168,7 +194,7 @@ def test_full_routing_cache_uses_the_same_path():
         full = model(input_ids).logits
         out = model(input_ids[:, :5], use_cache=True)
         steps = [out.logits] + [
-            model(input_ids[:, t: t + 1], past_key_values=out.past_key_values, use_cache=True).logits
+            model(input_ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True).logits
             for t in range(5, 9)
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
@@ -193,12 +219,12 @@ def test_batched_generation_with_left_padding_matches_single_generation():
     batch = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(batch)
     for i, prompt in enumerate(prompts):
-        batch[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, 1
+        batch[i, width - len(prompt) :], mask[i, width - len(prompt) :] = prompt, 1
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     batched = model.generate(batch, attention_mask=mask, **kwargs)
     for i, prompt in enumerate(prompts):
         single = model.generate(prompt[None], **kwargs)
-        assert torch.equal(batched[i, width:], single[0, len(prompt):])
+        assert torch.equal(batched[i, width:], single[0, len(prompt) :])
 
 
 def test_beam_search_runs_with_routing_state():
@@ -209,6 +235,7 @@ def test_beam_search_runs_with_routing_state():
 
 
 # -- gradients and training modes ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("gate_mode", ["union", "weighted"])
 def test_routers_receive_gradients(gate_mode):
@@ -257,7 +284,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model(input_ids, labels=input_ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -312,6 +339,7 @@ def test_torch_compile_forward_matches_eager():
 
 
 # -- 7. bad input ----------------------------------------------------------------------------------
+
 
 def test_token_ids_outside_vocabulary_raise():
     model = tiny_model()

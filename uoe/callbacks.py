@@ -68,7 +68,7 @@ class UoERouterStatsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.remove_hooks()
         config = model.config
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, UoESelectiveAttention):
                 kind, top_k = "attention", config.attention_top_k
             elif isinstance(module, UoESparseMLP):

@@ -73,6 +73,7 @@ class UoEConfig(PreTrainedConfig):
 
     model_type = "uoe"
     keys_to_ignore_at_inference = ["past_key_values"]
+
     def __init__(
         self,
         vocab_size: int = 32000,
@@ -161,9 +162,7 @@ class UoEConfig(PreTrainedConfig):
                 isinstance(value, (int, float)) and value >= 0 and math.isfinite(value),
                 f"`{name}` must be a finite number >= 0, got {value!r}.",
             )
-        _require(
-            0.0 <= attention_dropout < 1.0, f"`attention_dropout` must be in [0, 1), got {attention_dropout!r}."
-        )
+        _require(0.0 <= attention_dropout < 1.0, f"`attention_dropout` must be in [0, 1), got {attention_dropout!r}.")
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size

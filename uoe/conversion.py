@@ -25,7 +25,9 @@ def uoe_config_from_llama(llama_config, **overrides) -> UoEConfig:
             f"({llama_config.num_attention_heads}): grouped-query attention cannot be split into per-head experts."
         )
     if getattr(llama_config, "mlp_bias", False):
-        raise ValueError("`mlp_bias=True` Llama models are not supported by `from_dense` (UoE's SwiGLU MLP has no bias).")
+        raise ValueError(
+            "`mlp_bias=True` Llama models are not supported by `from_dense` (UoE's SwiGLU MLP has no bias)."
+        )
     num_heads = llama_config.num_attention_heads
     kwargs = dict(
         vocab_size=llama_config.vocab_size,
@@ -78,5 +80,7 @@ def uoe_state_dict_from_llama(state_dict: dict[str, torch.Tensor], config: UoECo
         up = weights["up_proj"].reshape(num_experts, expert_size, -1)
         converted[prefix + "gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
         down = weights["down_proj"]  # (hidden, intermediate)
-        converted[prefix + "down_proj"] = down.reshape(down.shape[0], num_experts, expert_size).transpose(0, 1).contiguous()
+        converted[prefix + "down_proj"] = (
+            down.reshape(down.shape[0], num_experts, expert_size).transpose(0, 1).contiguous()
+        )
     return converted

@@ -303,9 +303,7 @@ def route(router_logits: torch.Tensor, top_k: int, config: UoEConfig, token_mask
     `aux = [load-balancing loss, z-loss]` of this block."""
     scores = router_scores(router_logits, config.router_score_func)
     top_index, top_gates = select_top_k(scores, top_k, config.gate_mode)
-    aux = torch.stack(
-        [load_balancing_loss(scores, top_index, token_mask), router_z_loss(router_logits, token_mask)]
-    )
+    aux = torch.stack([load_balancing_loss(scores, top_index, token_mask), router_z_loss(router_logits, token_mask)])
     return top_index, top_gates, aux
 
 
@@ -372,9 +370,7 @@ class UoESelectiveAttention(nn.Module):
             and (key_length == seq_len or seq_len == 1)
         )
         attention_mask = (
-            None
-            if dense_causal
-            else selective_attention_mask(key_selected, routing.key_mask, seq_len, query.dtype)
+            None if dense_causal else selective_attention_mask(key_selected, routing.key_mask, seq_len, query.dtype)
         )
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
@@ -742,7 +738,9 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         # Only the routers (and a tied head) are new; anything else missing means the layouts disagree.
         missing = [name for name in missing if ".router." not in name and name != "lm_head.weight"]
         if missing or unexpected:
-            raise ValueError(f"Dense checkpoint does not match the UoE layout: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"Dense checkpoint does not match the UoE layout: missing {missing}, unexpected {unexpected}"
+            )
         if config.tie_word_embeddings:
             model.tie_weights()
         return model.to(dtype=next(dense_model.parameters()).dtype)

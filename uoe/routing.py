@@ -89,9 +89,7 @@ def dense_gates(top_index: torch.Tensor, top_gates: torch.Tensor, num_experts: i
     return top_gates.new_zeros(*top_gates.shape[:-1], num_experts).scatter(-1, top_index, top_gates)
 
 
-def load_balancing_loss(
-    scores: torch.Tensor, top_index: torch.Tensor, token_mask: torch.Tensor | None
-) -> torch.Tensor:
+def load_balancing_loss(scores: torch.Tensor, top_index: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Switch-Transformer load-balancing loss of one routed block.
 
     `num_experts * sum_e f_e * p_e`, with `f_e` the fraction of (token, slot) selections that went to

@@ -1,0 +1,50 @@
+"""The analytic FLOPs estimate against torch's FLOP counter and against its own routing arithmetic."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from uoe import estimate_flops_per_token
+
+from .helpers import tiny_config, tiny_model
+
+
+def test_dense_estimate_matches_flop_counter_on_the_reference_path():
+    # At full routing the reference path computes exactly the dense layer, so torch's counter sees the
+    # dense FLOPs. The counter charges attention for every (query, key) pair although half are
+    # masked, so compare with the estimate at full (not causal-average) context.
+    seq_len = 24
+    model = tiny_model(attention_top_k=4, mlp_top_k=4)
+    model.set_attn_implementation("eager")  # explicit matmuls, which the counter sees
+    input_ids = torch.randint(0, 61, (1, seq_len))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids)
+    counted = counter.get_total_flops() / seq_len
+    estimate = estimate_flops_per_token(model.config, seq_len)
+    cfg = model.config
+    causal_to_full = (
+        cfg.num_hidden_layers * 2 * 2 * cfg.num_attention_heads * cfg.head_dim * (seq_len - (seq_len + 1) / 2)
+    )
+    routers = estimate.breakdown["routers"]  # not in `dense`: the dense model has no routers
+    assert counted == pytest.approx(estimate.dense + causal_to_full + routers, rel=1e-6)
+
+
+def test_active_fraction_follows_the_routing():
+    dense = estimate_flops_per_token(tiny_config(attention_top_k=4, mlp_top_k=4), 256, include_lm_head=False)
+    half = estimate_flops_per_token(tiny_config(attention_top_k=2, mlp_top_k=2), 256, include_lm_head=False)
+    assert dense.active == pytest.approx(dense.dense + dense.breakdown["routers"])
+    assert half.dense == dense.dense
+    b = half.breakdown
+    assert b["mlp"] == pytest.approx(dense.breakdown["mlp"] / 2)
+    assert b["attention_projections"] == pytest.approx(dense.breakdown["attention_projections"] / 2)
+    assert b["attention_scores"] == pytest.approx(dense.breakdown["attention_scores"] / 4)
+    assert 0.25 < half.active_fraction < 0.6
+    capped = estimate_flops_per_token(
+        tiny_config(attention_top_k=4, mlp_top_k=4, is_causal=False, data_capacity=0.5), 256, include_lm_head=False
+    )
+    assert capped.breakdown["mlp"] == pytest.approx(dense.breakdown["mlp"] / 2)
+
+
+def test_bad_sequence_length_raises():
+    with pytest.raises(ValueError, match="seq_len"):
+        estimate_flops_per_token(tiny_config(), 0)
