@@ -9,6 +9,8 @@ from transformers import PreTrainedConfig
 GATE_MODES = ("union", "weighted")
 MLP_TYPES = ("swiglu", "gelu")
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
+NORM_TYPES = ("rmsnorm", "layernorm")
+POSITION_EMBEDDING_TYPES = ("rope", "learned")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -69,6 +71,13 @@ class UoEConfig(PreTrainedConfig):
         use_cache: Whether the model returns a KV cache by default.
         tie_word_embeddings: Tie the LM head to the input embeddings.
         output_router_logits: Return the routers' logits (one entry per routed block).
+        norm_type: `"rmsnorm"` (Llama style) or `"layernorm"` (ViT style, with bias).
+        layer_norm_eps: Epsilon of the LayerNorm layers when `norm_type="layernorm"`.
+        position_embedding_type: `"rope"` (rotary, at the tokens' original positions) or `"learned"`
+            (absolute position embeddings, ViT style; image models only).
+        image_size: Side of the (square) input image in pixels; image models only.
+        patch_size: Side of one image patch (= one token) in pixels; must divide `image_size`.
+        num_channels: Channels of the input images.
     """
 
     model_type = "uoe"
@@ -107,6 +116,12 @@ class UoEConfig(PreTrainedConfig):
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
+        norm_type: str = "rmsnorm",
+        layer_norm_eps: float = 1e-12,
+        position_embedding_type: str = "rope",
+        image_size: int | None = None,
+        patch_size: int = 16,
+        num_channels: int = 3,
         **kwargs,
     ):
         for name, value in (
@@ -145,6 +160,16 @@ class UoEConfig(PreTrainedConfig):
         _check_choice("mlp_type", mlp_type, MLP_TYPES)
         _check_choice("gate_mode", gate_mode, GATE_MODES)
         _check_choice("router_score_func", router_score_func, ROUTER_SCORE_FUNCS)
+        _check_choice("norm_type", norm_type, NORM_TYPES)
+        _check_choice("position_embedding_type", position_embedding_type, POSITION_EMBEDDING_TYPES)
+        _check_positive_int("patch_size", patch_size)
+        _check_positive_int("num_channels", num_channels)
+        if image_size is not None:
+            _check_positive_int("image_size", image_size)
+            _require(
+                image_size % patch_size == 0,
+                f"`image_size` ({image_size}) must be divisible by `patch_size` ({patch_size}).",
+            )
         if data_capacity is not None:
             _require(
                 isinstance(data_capacity, (int, float))
@@ -197,6 +222,12 @@ class UoEConfig(PreTrainedConfig):
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.norm_type = norm_type
+        self.layer_norm_eps = layer_norm_eps
+        self.position_embedding_type = position_embedding_type
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
         super().__init__(**kwargs)
 
     @property

@@ -552,11 +552,18 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 class UoEModel(UoEPreTrainedModel):
     def __init__(self, config: UoEConfig):
         super().__init__(config)
-        if not config.is_causal:
-            raise ValueError(
-                "`UoEModel` is the causal decoder and needs `is_causal=True`; use `UoEForImageClassification` for "
-                "the bidirectional encoder."
-            )
+        unsupported = {
+            "is_causal": (config.is_causal, True),
+            "mlp_bias": (config.mlp_bias, False),
+            "norm_type": (config.norm_type, "rmsnorm"),
+            "position_embedding_type": (config.position_embedding_type, "rope"),
+        }
+        for name, (value, required) in unsupported.items():
+            if value != required:
+                raise ValueError(
+                    f"`UoEModel` is the causal RMSNorm/RoPE decoder and needs `{name}={required!r}`, got {value!r} "
+                    "(the bidirectional ViT-style encoder is `UoEForImageClassification`)."
+                )
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
