@@ -42,7 +42,7 @@ MAIN_JOB_ARGS = [
     "--max_eval_samples", "128",
     "--logging_steps", "10",
     "--save_strategy", "no",
-    "--max_train_minutes", "11",
+    "--max_train_minutes", "10",
     "--sample_prompt", "HAMLET.\n",
     "--sample_max_new_tokens", "80",
 ]  # fmt: skip

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import platform
+import re
 import shlex
 import sys
 import time
@@ -609,7 +610,8 @@ def print_summary(results: dict[str, Any]) -> None:
         f"saved to            {results['output_dir']}",
     ]
     if results.get("sample"):
-        lines.append("sample              " + results["sample"][:300].replace("\n", "\n                    "))
+        sample = re.sub(r"\n\s*\n", "\n", results["sample"].strip())[:300]  # blank lines squeezed for the console
+        lines.append("sample              " + sample.replace("\n", "\n                    "))
     print("\n".join(["", "=" * 30 + " UoE run summary " + "=" * 30, *lines, "=" * 77]), flush=True)
 
 
