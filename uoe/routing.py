@@ -123,3 +123,42 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None) -> torc
         return z.mean()
     weight = token_mask.to(z.dtype)
     return (z * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def patch_mean(hidden_states: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean of each routing patch's tokens (bidirectional models route a patch from all of its tokens).
+
+    Args:
+        hidden_states: `(batch, tokens, hidden)`; `tokens` must be a multiple of `patch_size`.
+
+    Returns:
+        `(batch, tokens // patch_size, hidden)`.
+    """
+    batch, tokens, hidden = hidden_states.shape
+    if tokens % patch_size != 0:
+        raise ValueError(f"`routing_patch_size` ({patch_size}) must divide the number of tokens ({tokens}).")
+    if patch_size == 1:
+        return hidden_states
+    return hidden_states.view(batch, tokens // patch_size, patch_size, hidden).mean(dim=2)
+
+
+def capacity_slots(scores: torch.Tensor, top_index: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch-wise data selection (expert choice) within each sequence: every expert keeps at most `capacity`
+    of the patches that selected it, those with the highest scores.
+
+    Selection is along the patch axis of each sequence separately, so one sequence never affects another.
+
+    Args:
+        scores: `(batch, patches, experts)` router scores.
+        top_index: `(batch, patches, top_k)` experts each patch selected (token choice).
+        capacity: patches kept per expert and sequence, `1 <= capacity <= patches`.
+
+    Returns:
+        `(slots, valid)`, both `(batch, experts, capacity)`: the patch index of each slot and whether that patch
+        selected the expert (a slot is invalid when fewer than `capacity` patches chose the expert).
+    """
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top_index, True)
+    masked = scores.float().masked_fill(~chosen, float("-inf"))
+    _, slots = masked.topk(capacity, dim=1, sorted=False)  # (batch, capacity, experts)
+    valid = chosen.gather(1, slots)
+    return slots.transpose(1, 2), valid.transpose(1, 2)
