@@ -4,6 +4,7 @@ scikit-learn digits, and input validation."""
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -399,3 +400,56 @@ def test_bad_pixel_values_raise():
 def test_bad_config_raises(overrides, match):
     with pytest.raises(ValueError, match=match):
         UoEForImageClassification(vision_config(**overrides))
+
+
+# -- 6. the example script ----------------------------------------------------------------------------------------------
+
+
+def _load_example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "run_image_classification.py"
+    spec = importlib.util.spec_from_file_location("run_image_classification", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    import gzip
+
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_example_runs_on_idx_files_and_errors_clearly(tmp_path):
+    example = _load_example()
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        example.find_fashion_mnist(str(tmp_path / "missing"))
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for prefix, count in (("train", 40), ("t10k", 12)):
+        images = rng.integers(0, 256, (count, 28, 28))
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
+    np.testing.assert_array_equal(example.read_idx(data / "t10k-images-idx3-ubyte.gz").shape, (12, 28, 28))
+
+    results = example.main(
+        [
+            "--fashion_mnist_dir", str(data),
+            "--output_dir", str(tmp_path / "out"),
+            "--hidden_size", "16", "--intermediate_size", "32", "--num_hidden_layers", "1",
+            "--data_capacity", "0.5",
+            "--do_train", "--do_eval", "--max_steps", "2", "--per_device_train_batch_size", "8",
+            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true",
+        ]
+    )  # fmt: skip
+    assert 0.0 <= results["test_accuracy"] <= 1.0 and results["active_flops_fraction"] < 0.6
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert saved.config.num_channels == 1 and saved.config.id2label[9] == "Ankle boot"
+    assert AutoImageProcessor.from_pretrained(tmp_path / "out").do_convert_grayscale
