@@ -7,13 +7,17 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
 )
+from transformers.utils import is_vision_available
 
 from .callbacks import UoERouterStatsCallback
 from .configuration_uoe import UoEConfig
 from .flops import FlopsEstimate, estimate_flops_per_token
-from .image_processing_uoe import UoEImageProcessor
 from .modeling_uoe import UoECacheLayer, UoEForCausalLM, UoEModel, UoEPreTrainedModel
 from .modeling_uoe_vision import UoEForImageClassification, UoEImageClassifierOutput, UoEVisionModel
+
+# The image processor needs Pillow (transformers' "vision" extra); the models do not.
+if is_vision_available():
+    from .image_processing_uoe import UoEImageProcessor
 
 __version__ = "0.1.0"
 
@@ -21,7 +25,6 @@ AutoConfig.register(UoEConfig.model_type, UoEConfig, exist_ok=True)
 AutoModel.register(UoEConfig, UoEModel, exist_ok=True)
 AutoModelForCausalLM.register(UoEConfig, UoEForCausalLM, exist_ok=True)
 AutoModelForImageClassification.register(UoEConfig, UoEForImageClassification, exist_ok=True)
-AutoImageProcessor.register(UoEConfig, image_processor_classes={"pil": UoEImageProcessor}, exist_ok=True)
 
 # `save_pretrained` then writes `auto_map` and copies the code files, so checkpoints load with
 # `trust_remote_code=True` where this package is not installed.
@@ -29,7 +32,6 @@ UoEConfig.register_for_auto_class()
 UoEModel.register_for_auto_class("AutoModel")
 UoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 UoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
-UoEImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "FlopsEstimate",
@@ -38,10 +40,14 @@ __all__ = [
     "UoEForCausalLM",
     "UoEForImageClassification",
     "UoEImageClassifierOutput",
-    "UoEImageProcessor",
     "UoEModel",
     "UoEPreTrainedModel",
     "UoERouterStatsCallback",
     "UoEVisionModel",
     "estimate_flops_per_token",
 ]
+
+if is_vision_available():
+    AutoImageProcessor.register(UoEConfig, image_processor_classes={"pil": UoEImageProcessor}, exist_ok=True)
+    UoEImageProcessor.register_for_auto_class("AutoImageProcessor")
+    __all__ += ["UoEImageProcessor"]
