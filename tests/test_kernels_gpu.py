@@ -1,0 +1,193 @@
+"""The Triton kernels compiled for a CUDA GPU: float32 (<= 1e-4) and bfloat16 (<= 2e-2) against the float32
+PyTorch references, determinism, no host synchronisation, and `torch.compile(fullgraph=True)`.
+
+Skipped without CUDA (marker "gpu"). Error measure: max |kernel - reference| / max |reference|.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from uoe.kernels_smha import selective_attention, selective_attention_reference  # noqa: E402
+from uoe.kernels_uome import register_uoe_experts_kernels, uome_experts, uome_experts_reference  # noqa: E402
+
+from .helpers import tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # real kernels, not the interpreter
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 references in full precision
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().float(), expected.detach().float()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def check(actual, expected, dtype, names) -> None:
+    for name, a, e in zip(names, actual, expected, strict=False):
+        assert a.shape == e.shape and a.dtype == dtype, name
+        if e.numel():
+            error = max_rel_error(a, e)
+            assert error <= TOLERANCE[dtype], f"{name}: max relative error {error:.2e}"
+
+
+def experts_case(activation, tokens, hidden, inner, experts, top_k, dtype, routing="random", bias=False, seed=0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    width = 2 * inner if activation == "swiglu" else inner
+
+    def randn(*shape, scale=1.0):
+        tensor = torch.randn(*shape, device="cuda", generator=generator) * scale
+        return tensor.to(dtype).requires_grad_(True)
+
+    x = randn(tokens, hidden)
+    w1 = randn(experts, width, hidden, scale=hidden**-0.5)
+    w2 = randn(experts, hidden, inner, scale=inner**-0.5)
+    b1 = randn(experts, width, scale=0.1) if bias else None
+    if routing == "random":  # the last expert receives no token
+        index = torch.rand(tokens, experts - 1, device="cuda", generator=generator).topk(top_k, dim=-1).indices
+    else:
+        index = torch.full((tokens, top_k), 1, device="cuda", dtype=torch.long)
+    gates = torch.rand(tokens, top_k, device="cuda", generator=generator).to(dtype).requires_grad_(True)
+    return x, w1, w2, b1, index, gates, activation
+
+
+def run_experts(case, fn, upcast=False):
+    x, w1, w2, b1, index, gates, activation = case
+    tensors = [x, w1, w2, gates] + ([b1] if b1 is not None else [])
+    if upcast:  # float32 reference of the same (rounded) inputs
+        tensors = [t.detach().float().requires_grad_(True) for t in tensors]
+    x_, w1_, w2_, gates_, *rest = tensors
+    out = fn(x_, w1_, w2_, index, gates_, activation, rest[0] if rest else None)
+    grad = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    return [out, *torch.autograd.grad(out, tensors, grad.to(out.dtype))]
+
+
+EXPERT_NAMES = ["out", "d_x", "d_w1", "d_w2", "d_gates", "d_b1"]
+EXPERT_CASES = {
+    "swiglu": ("swiglu", 1000, 256, 192, 8, 2),
+    "gelu_bias": ("gelu", 777, 200, 136, 6, 3),
+    "one_expert": ("swiglu", 513, 128, 64, 4, 1, "one_expert"),
+    "single_token": ("gelu", 1, 64, 64, 4, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(EXPERT_CASES))
+def test_uome_experts_on_gpu_match_reference(name, dtype):
+    args = EXPERT_CASES[name]
+    case = experts_case(*args[:6], dtype, *args[6:], bias=name.endswith("bias"))
+    actual = run_experts(case, uome_experts)
+    expected = run_experts(case, uome_experts_reference, upcast=True)
+    check(actual, [e.to(dtype) for e in expected], dtype, EXPERT_NAMES)
+
+
+def test_uome_experts_on_gpu_are_deterministic_and_do_not_synchronise():
+    case = experts_case("swiglu", 4096, 256, 128, 8, 2, torch.bfloat16)
+    first = run_experts(case, uome_experts)  # also autotunes (which synchronises) before the check below
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        second = run_experts(case, uome_experts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_uome_experts_compile_fullgraph_on_gpu(dtype):
+    case = experts_case("swiglu", 600, 128, 96, 8, 2, dtype, bias=True)
+    compiled = torch.compile(uome_experts, fullgraph=True)
+    check(run_experts(case, compiled), run_experts(case, uome_experts), dtype, EXPERT_NAMES)
+
+
+@pytest.mark.parametrize("mlp_type", ["swiglu", "gelu"])
+def test_model_with_uoe_triton_experts_on_gpu_matches_eager(mlp_type):
+    register_uoe_experts_kernels()
+    input_ids = torch.randint(0, 61, (2, 16), device="cuda")
+    results = {}
+    for implementation in ("eager", "uoe_triton"):
+        model = tiny_model(mlp_type=mlp_type, gate_mode="weighted").cuda().train()
+        model.set_experts_implementation(implementation)
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        results[implementation] = [loss] + [p.grad for p in model.parameters()]
+    check(results["uoe_triton"], results["eager"], torch.float32, ["loss"] + ["grad"] * 100)
+
+
+# -- SMHA ----------------------------------------------------------------------------------------
+
+
+def attention_case(batch, heads, q_len, k_len, head_dim, dtype, fraction=0.5, padding=True, seed=0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (
+        torch.randn(batch, heads, length, head_dim, device="cuda", generator=generator).to(dtype).requires_grad_(True)
+        for length in (q_len, k_len, k_len)
+    )
+    key_selected = torch.rand(batch, k_len, heads, device="cuda", generator=generator) < fraction
+    key_mask = None
+    if padding:
+        key_mask = torch.ones(batch, k_len, dtype=torch.bool, device="cuda")
+        key_mask[0, :17] = False
+        key_mask[-1, -9:] = False
+    return q, k, v, key_selected[:, k_len - q_len :], key_selected, key_mask
+
+
+def run_attention(case, options, fn, upcast=False):
+    q, k, v, query_selected, key_selected, key_mask = case
+    tensors = [q, k, v]
+    if upcast:
+        tensors = [t.detach().float().requires_grad_(True) for t in tensors]
+    out = fn(*tensors, query_selected, key_selected, key_mask, **options)
+    grad = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    return [out, *torch.autograd.grad(out, tensors, grad.to(out.dtype))]
+
+
+ATTENTION_CASES = {
+    "causal_d64": ((2, 8, 300, 300, 64), dict(causal=True)),
+    "causal_attend_self_d128": ((2, 4, 257, 257, 128), dict(causal=True, attend_self=True)),
+    "bidirectional_d64": ((2, 8, 300, 300, 64), dict(causal=False)),
+    "cache_d128": ((2, 4, 77, 400, 128), dict(causal=True, attend_self=True)),
+    "decode_d64": ((3, 8, 1, 333, 64), dict(causal=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_selective_attention_on_gpu_matches_reference(name, dtype):
+    shape, options = ATTENTION_CASES[name]
+    case = attention_case(*shape, dtype)
+    actual = run_attention(case, options, selective_attention)
+    expected = run_attention(case, options, selective_attention_reference, upcast=True)
+    check(actual, [e.to(dtype) for e in expected], dtype, ["out", "d_q", "d_k", "d_v"])
+
+
+def test_selective_attention_on_gpu_is_deterministic_and_does_not_synchronise():
+    case = attention_case(2, 8, 1024, 1024, 64, torch.bfloat16)
+    options = dict(causal=True, attend_self=True)
+    first = run_attention(case, options, selective_attention)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        second = run_attention(case, options, selective_attention)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_selective_attention_compile_fullgraph_on_gpu():
+    case = attention_case(2, 4, 200, 200, 64, torch.bfloat16)
+    options = dict(causal=True)
+    compiled = torch.compile(selective_attention, fullgraph=True)
+    check(
+        run_attention(case, options, compiled),
+        run_attention(case, options, selective_attention),
+        torch.bfloat16,
+        ["out", "d_q", "d_k", "d_v"],
+    )

@@ -1,0 +1,336 @@
+"""The Triton kernels on CPU under Triton's interpreter, in float32, against their PyTorch references.
+
+Every test sets `TRITON_INTERPRET=1` for itself only (the kernel modules are imported, or re-imported, in
+the matching mode on first use: see `kernels_common.triton_module`), so other tests in the same run are
+unaffected. Shapes stay tiny: the interpreter runs every program in Python.
+
+Error measure: max |kernel - reference| / max |reference| over the tensor, required <= 1e-4.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from uoe.kernels_common import triton_module  # noqa: E402
+from uoe.kernels_routing import compact_selection, expert_routing_metadata  # noqa: E402
+from uoe.kernels_smha import selective_attention, selective_attention_reference  # noqa: E402
+from uoe.kernels_uome import (  # noqa: E402
+    down_projection_backward_reference,
+    down_projection_reference,
+    register_uoe_experts_kernels,
+    uome_experts,
+    uome_experts_reference,
+    up_projection_backward_reference,
+    up_projection_reference,
+    weight_grad_reference,
+)
+
+from .helpers import tiny_model  # noqa: E402
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    assert actual.shape == expected.shape, name
+    if expected.numel():
+        error = max_rel_error(actual, expected)
+        assert error <= TOLERANCE, f"{name}: max relative error {error:.2e}"
+
+
+# -- UoME experts --------------------------------------------------------------------------------
+
+
+def make_experts_case(
+    activation, tokens, hidden, inner, experts, top_k, routing="random", bias=False, union_gates=False, seed=0
+):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).requires_grad_(True)
+
+    width = 2 * inner if activation == "swiglu" else inner
+    x = randn(tokens, hidden)
+    w1 = randn(experts, width, hidden, scale=hidden**-0.5)
+    w2 = randn(experts, hidden, inner, scale=inner**-0.5)
+    b1 = randn(experts, width, scale=0.1) if bias else None
+    if routing == "random":  # the last expert receives no token
+        index = torch.rand(tokens, experts - 1, generator=generator).topk(top_k, dim=-1).indices
+    elif routing == "one_expert":
+        index = torch.full((tokens, top_k), 1, dtype=torch.long)
+    else:  # every expert, in a random order per token
+        index = torch.rand(tokens, experts, generator=generator).argsort(dim=-1)[:, :top_k]
+    if union_gates:  # value 1, gradient flows (gate_mode="union")
+        scores = torch.rand(tokens, top_k, generator=generator).requires_grad_(True)
+        gates = 1.0 + (scores - scores.detach())
+        leaf = scores
+    else:
+        gates = leaf = torch.rand(tokens, top_k, generator=generator).requires_grad_(True)
+    return dict(x=x, w1=w1, w2=w2, b1=b1, index=index, gates=gates, leaf=leaf, activation=activation)
+
+
+EXPERT_CASES = {
+    "swiglu_bias_empty_expert": ("swiglu", 37, 24, 20, 5, 2, "random", True, False),
+    "gelu_empty_expert": ("gelu", 37, 24, 20, 5, 2, "random", False, False),
+    "swiglu_all_tokens_one_expert": ("swiglu", 40, 32, 16, 4, 1, "one_expert", False, False),
+    "gelu_single_token": ("gelu", 1, 20, 24, 4, 3, "random", True, False),
+    "swiglu_every_expert_union_gates": ("swiglu", 64, 32, 32, 4, 4, "all", False, True),
+    "gelu_odd_sizes_bias": ("gelu", 23, 17, 9, 3, 2, "random", True, False),
+    "swiglu_no_tokens": ("swiglu", 0, 16, 16, 3, 2, "random", False, False),
+}
+
+
+EXPERT_GRADS = ["out", "d_x", "d_w1", "d_w2", "d_gates", "d_b1"]  # d_b1 only with a bias
+
+
+def run_experts(case, fn):
+    out = fn(case["x"], case["w1"], case["w2"], case["index"], case["gates"], case["activation"], case["b1"])
+    inputs = [case["x"], case["w1"], case["w2"], case["leaf"]] + ([case["b1"]] if case["b1"] is not None else [])
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    return [out, *torch.autograd.grad(out, inputs, grad_out)]
+
+
+@pytest.mark.parametrize("name", list(EXPERT_CASES))
+def test_uome_experts_match_reference(name):
+    case = make_experts_case(*EXPERT_CASES[name])
+    actual = run_experts(case, uome_experts)
+    expected = run_experts(case, uome_experts_reference)
+    for label, a, e in zip(EXPERT_GRADS, actual, expected, strict=False):
+        assert_close(a, e, f"{name} {label}")
+
+
+def test_uome_experts_are_deterministic():
+    case = make_experts_case("swiglu", 48, 32, 16, 3, 2, bias=True)
+    first, second = run_experts(case, uome_experts), run_experts(case, uome_experts)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_each_uome_kernel_matches_its_reference(activation):
+    kernels = triton_module("kernels_uome_triton")
+    case = make_experts_case(activation, 29, 24, 20, 4, 2, bias=True)
+    x, w1, w2, b1 = (case[k].detach() for k in ("x", "w1", "w2", "b1"))
+    gates, top_k, num_experts = case["gates"].detach(), 2, w1.shape[0]
+    flat_gates = gates.reshape(-1)
+    routing = expert_routing_metadata(case["index"], num_experts)
+    pairs, offsets = routing.sorted_pair, routing.expert_offsets
+    gated = activation == "swiglu"
+
+    pre, hidden = kernels.up_projection(x, w1, b1, pairs, offsets, top_k, gated, True)
+    ref_pre, ref_hidden = up_projection_reference(x, w1, b1, pairs, offsets, top_k, activation)
+    assert_close(pre, ref_pre, "up pre")
+    assert_close(hidden, ref_hidden, "up hidden")
+
+    out = kernels.down_projection(hidden, w2, pairs, offsets, flat_gates, torch.float32)
+    assert_close(out, down_projection_reference(hidden, w2, pairs, offsets, flat_gates), "down")
+
+    grad = torch.randn(x.shape)
+    d_pre, d_gate = kernels.down_projection_backward(grad, w2, pairs, offsets, flat_gates, pre, hidden, top_k, gated)
+    ref_d_pre, ref_d_gate = down_projection_backward_reference(
+        grad, w2, pairs, offsets, flat_gates, pre, top_k, activation
+    )
+    assert_close(d_pre, ref_d_pre, "down backward d_pre")
+    assert_close(d_gate, ref_d_gate, "down backward d_gate")
+
+    d_x = kernels.up_projection_backward(d_pre, w1, pairs, offsets, torch.float32)
+    assert_close(d_x, up_projection_backward_reference(d_pre, w1, pairs, offsets), "up backward")
+
+    d_w1, d_b1 = kernels.weight_grad(d_pre, x, pairs, offsets, top_k, False, True, None, num_experts, x.dtype, True)
+    ref_d_w1, ref_d_b1 = weight_grad_reference(d_pre, x, pairs, offsets, top_k, False, True, None, num_experts)
+    assert_close(d_w1, ref_d_w1, "d_w1")
+    assert_close(d_b1, ref_d_b1, "d_b1")
+    d_w2, _ = kernels.weight_grad(grad, hidden, pairs, offsets, top_k, True, False, flat_gates, num_experts, x.dtype)
+    ref_d_w2, _ = weight_grad_reference(grad, hidden, pairs, offsets, top_k, True, False, flat_gates, num_experts)
+    assert_close(d_w2, ref_d_w2, "d_w2")
+    assert torch.all(d_w2[num_experts - 1] == 0)  # the expert without tokens
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_uome_ops_pass_opcheck(bias):
+    case = make_experts_case("swiglu", 9, 16, 16, 3, 2, bias=bias)
+    x, w1, w2, gates = case["x"], case["w1"], case["w2"], case["leaf"]
+    routing = expert_routing_metadata(case["index"], 3)
+    metadata = (routing.sorted_pair, routing.expert_offsets)
+    torch.library.opcheck(torch.ops.uoe.uome_forward.default, (x, w1, w2, case["b1"], *metadata, gates, "swiglu", True))
+    _, pre, hidden = torch.ops.uoe.uome_forward(x, w1, w2, case["b1"], *metadata, gates, "swiglu", True)
+    b1 = case["b1"].detach() if bias else None
+    args = (torch.randn(x.shape), x.detach(), w1.detach(), w2.detach(), b1, *metadata, gates.detach())
+    torch.library.opcheck(
+        torch.ops.uoe.uome_backward.default, (*args, pre.detach(), hidden.detach(), "swiglu", [True, True, True])
+    )
+
+
+def test_uome_experts_compile_fullgraph():
+    case = make_experts_case("gelu", 21, 16, 16, 3, 2, bias=True)
+    compiled = torch.compile(uome_experts, fullgraph=True, backend="aot_eager")
+    actual, expected = run_experts(case, compiled), run_experts(case, uome_experts_reference)
+    for label, a, e in zip(EXPERT_GRADS, actual, expected, strict=False):
+        assert_close(a, e, f"compiled {label}")
+
+
+@pytest.mark.parametrize("mlp_type", ["swiglu", "gelu"])
+def test_model_with_uoe_triton_experts_matches_eager(mlp_type):
+    register_uoe_experts_kernels()
+    torch.manual_seed(6)
+    input_ids = torch.randint(0, 61, (2, 10))
+    attention_mask = torch.ones(2, 10, dtype=torch.long)
+    attention_mask[1, :3] = 0
+    results = {}
+    for implementation in ("eager", "uoe_triton"):
+        model = tiny_model(mlp_type=mlp_type, gate_mode="weighted").train()
+        model.set_experts_implementation(implementation)
+        loss = model(input_ids, attention_mask=attention_mask, labels=input_ids).loss
+        loss.backward()
+        results[implementation] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    (loss, grads), (ref_loss, ref_grads) = results["uoe_triton"], results["eager"]
+    assert_close(loss, ref_loss, "loss")
+    for name, grad in ref_grads.items():
+        assert_close(grads[name], grad, name)
+
+
+# -- SMHA selective attention ---------------------------------------------------------------------
+
+
+def make_attention_case(batch, heads, q_len, k_len, head_dim, fraction=0.5, padding=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, head_dim, generator=generator).requires_grad_(True)
+    k = torch.randn(batch, heads, k_len, head_dim, generator=generator).requires_grad_(True)
+    v = torch.randn(batch, heads, k_len, head_dim, generator=generator).requires_grad_(True)
+    key_selected = torch.rand(batch, k_len, heads, generator=generator) < fraction
+    if heads > 2:
+        key_selected[..., 2] = False  # a head that no token selected
+    query_selected = key_selected[:, k_len - q_len :].clone()
+    key_mask = None
+    if padding:
+        key_mask = torch.ones(batch, k_len, dtype=torch.bool)
+        key_mask[0, :5] = False  # left padding (selected padded queries see no key without attend_self)
+        key_mask[-1, -3:] = False  # right padding
+    return q, k, v, query_selected, key_selected, key_mask
+
+
+ATTENTION_CASES = {
+    "causal": ((2, 3, 37, 37, 12), dict(causal=True)),
+    "bidirectional": ((2, 3, 37, 37, 12), dict(causal=False)),
+    "causal_padded": ((2, 3, 33, 33, 16, 0.5, True), dict(causal=True)),
+    "causal_padded_attend_self": ((2, 3, 33, 33, 16, 0.5, True), dict(causal=True, attend_self=True)),
+    "bidirectional_padded": ((2, 3, 30, 30, 8, 0.6, True), dict(causal=False)),
+    "bidirectional_padded_attend_self": ((2, 2, 30, 30, 8, 0.6, True), dict(causal=False, attend_self=True)),
+    "cache_keys_longer": ((2, 3, 13, 45, 16, 0.5, True), dict(causal=True, attend_self=True)),
+    "decode_one_query": ((2, 4, 1, 30, 16), dict(causal=True)),
+    "full_selection_48": ((1, 2, 48, 48, 16, 1.1), dict(causal=True)),
+    "sparse_selection": ((1, 4, 40, 40, 16, 0.25), dict(causal=True, scaling=0.3)),
+}
+
+
+def run_attention(inputs, options, fn):
+    q, k, v, query_selected, key_selected, key_mask = inputs
+    out = fn(q, k, v, query_selected, key_selected, key_mask, **options)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_selective_attention_matches_reference(name):
+    shape, options = ATTENTION_CASES[name]
+    inputs = make_attention_case(*shape)
+    actual = run_attention(inputs, options, selective_attention)
+    expected = run_attention(inputs, options, selective_attention_reference)
+    for label, a, e in zip(["out", "d_q", "d_k", "d_v"], actual, expected, strict=True):
+        assert_close(a, e, f"{name} {label}")
+    # unselected (query, head) pairs are exactly 0
+    assert torch.all(actual[0][~inputs[3]] == 0)
+
+
+def test_selective_attention_with_one_selection_tensor_for_queries_and_keys():
+    """The model passes the same selection twice (no cache, no padding): compacted once, same results."""
+    q, k, v, _, selected, _ = make_attention_case(1, 2, 40, 40, 16)
+    assert_close(
+        selective_attention(q, k, v, selected, selected),
+        selective_attention_reference(q, k, v, selected, selected),
+        "out",
+    )
+    everything = torch.ones(1, 40, 2, dtype=torch.bool)
+    out = selective_attention(q, k, v, everything, everything)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    assert_close(out, expected, "full selection vs SDPA")
+
+
+def test_selective_attention_reads_strided_inputs():
+    """The model's query/key/value are `(batch, seq, heads, dim)` projections viewed as `(batch, heads, seq, dim)`."""
+    generator = torch.Generator().manual_seed(9)
+    leaves = [torch.randn(2, length, 3, 16, generator=generator, requires_grad=True) for length in (21, 29, 29)]
+    q, k, v = (leaf.transpose(1, 2) for leaf in leaves)
+    key_selected = torch.rand(2, 29, 3, generator=generator) < 0.5
+    key_mask = torch.ones(2, 29, dtype=torch.bool)
+    key_mask[1, :4] = False
+    results = []
+    for fn in (selective_attention, selective_attention_reference):
+        out = fn(q, k, v, key_selected[:, 8:], key_selected, key_mask, attend_self=True)
+        results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
+    for label, actual, expected in zip(["out", "d_q", "d_k", "d_v"], *results, strict=True):
+        assert_close(actual, expected, label)
+
+
+def test_selective_attention_is_deterministic():
+    inputs = make_attention_case(2, 3, 37, 37, 12, padding=True)
+    options = dict(causal=True, attend_self=True)
+    first = run_attention(inputs, options, selective_attention)
+    second = run_attention(inputs, options, selective_attention)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("attend_self", [False, True])
+def test_smha_ops_pass_opcheck(attend_self):
+    q, k, v, query_selected, key_selected, key_mask = make_attention_case(1, 2, 20, 24, 16, padding=True)
+    key_list = key_selected if attend_self else key_selected & key_mask[..., None]
+    metadata = (*compact_selection(query_selected.transpose(1, 2)), *compact_selection(key_list.transpose(1, 2)))
+    mask = key_mask if attend_self else None
+    torch.library.opcheck(torch.ops.uoe.smha_forward.default, (q, k, v, *metadata, mask, True, 0.25))
+    out, lse = torch.ops.uoe.smha_forward(q, k, v, *metadata, mask, True, 0.25)
+    args = (torch.randn(out.shape), q.detach(), k.detach(), v.detach(), out.detach(), lse, *metadata, mask)
+    torch.library.opcheck(torch.ops.uoe.smha_backward.default, (*args, True, 0.25))
+
+
+def test_selective_attention_compile_fullgraph():
+    inputs = make_attention_case(1, 2, 24, 24, 16, padding=True)
+    options = dict(causal=True, attend_self=True)
+    compiled = torch.compile(selective_attention, fullgraph=True, backend="aot_eager")
+    actual = run_attention(inputs, options, compiled)
+    expected = run_attention(inputs, options, selective_attention_reference)
+    for label, a, e in zip(["out", "d_q", "d_k", "d_v"], actual, expected, strict=True):
+        assert_close(a, e, f"compiled {label}")
+
+
+def test_uoe_triton_experts_forward_handles_expert_biases():
+    """Vision experts (`has_gate=False, has_bias=True`): the up bias goes through the kernels, the per-expert
+    down bias is added per selected expert; same result and gradients as the module's own forward."""
+    from uoe.kernels_uome import uoe_triton_experts_forward
+    from uoe.modeling_uoe_vision import UoEGELUBiasExperts
+
+    from .helpers import tiny_config
+
+    torch.manual_seed(8)
+    experts = UoEGELUBiasExperts(tiny_config(mlp_type="gelu", mlp_bias=True))
+    for tensor in (experts.up_proj, experts.down_proj, experts.up_proj_bias, experts.down_proj_bias):
+        tensor.data.normal_(std=0.2)
+    hidden = torch.randn(19, experts.hidden_dim, requires_grad=True)
+    top_k_index = torch.rand(19, experts.num_experts).topk(2, dim=-1).indices
+    top_k_weights = torch.rand(19, 2, requires_grad=True)
+    inputs = (hidden, experts.up_proj, experts.down_proj, experts.up_proj_bias, top_k_weights)
+    results = []
+    for forward in (uoe_triton_experts_forward, UoEGELUBiasExperts.forward.__wrapped__):
+        out = forward(experts, hidden, top_k_index, top_k_weights)
+        results.append([out, *torch.autograd.grad(out, inputs, torch.ones_like(out))])
+    for label, actual, expected in zip(["out", "d_x", "d_w1", "d_w2", "d_b1", "d_gates"], *results, strict=True):
+        assert_close(actual, expected, label)

@@ -1,0 +1,270 @@
+"""SMHA selective attention as `torch.library` custom ops over Triton kernels, next to its PyTorch reference.
+
+Head h is an expert: a query token that selected h attends, in head h, to the key tokens that selected h
+(and, causally, come no later; padding keys excluded). Query tokens that did not select h get output 0
+in head h. `selective_attention_reference` computes this with a dense masked `T x T` softmax;
+`selective_attention` computes the same with FlashAttention-style kernels over each (sequence, head)'s
+list of selected tokens, so time and memory follow the number of selected (token, head) pairs.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from .kernels_common import require_kernels, triton_module
+from .kernels_routing import compact_selection
+
+
+def _kernels() -> ModuleType:
+    # Lazy, like `kernels_uome._kernels`; the relative import lets `save_pretrained` copy the file.
+    from .kernels_smha_triton import INTERPRETED  # noqa: F401
+
+    return triton_module("kernels_smha_triton")
+
+
+def _check_inputs(query, key, value, query_selected, key_selected, key_mask, causal) -> None:
+    if (
+        query.dim() != 4
+        or key.shape != value.shape
+        or key.shape[:2] != query.shape[:2]
+        or key.shape[3] != query.shape[3]
+    ):
+        raise ValueError(
+            f"query must be (batch, heads, Tq, head_dim) and key/value (batch, heads, Tk, head_dim); got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if not (query.dtype == key.dtype == value.dtype) or not (query.device == key.device == value.device):
+        raise ValueError("query, key and value must share dtype and device")
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    if query_selected.shape != (batch, q_len, heads) or key_selected.shape != (batch, k_len, heads):
+        raise ValueError(
+            f"query_selected must be (batch, Tq, heads) = {(batch, q_len, heads)} and key_selected (batch, Tk, heads) "
+            f"= {(batch, k_len, heads)}; got {tuple(query_selected.shape)}, {tuple(key_selected.shape)}"
+        )
+    if key_mask is not None and key_mask.shape != (batch, k_len):
+        raise ValueError(f"key_mask must be (batch, Tk) = {(batch, k_len)}, got {tuple(key_mask.shape)}")
+    if causal and k_len < q_len:
+        raise ValueError(f"causal attention needs at least as many keys as queries (got Tk={k_len} < Tq={q_len})")
+
+
+def _allowed_mask(
+    query_selected_len: int,
+    key_selected: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+    attend_self: bool,
+) -> torch.Tensor:
+    """`(batch, heads, Tq, Tk)` bool: which keys each query may attend to (before query selection)."""
+    k_len = key_selected.shape[1]
+    device = key_selected.device
+    query_pos = torch.arange(k_len - query_selected_len, k_len, device=device)[:, None]
+    key_pos = torch.arange(k_len, device=device)[None, :]
+    allowed = key_selected.transpose(1, 2)[:, :, None, :]
+    if causal:
+        allowed = allowed & (key_pos <= query_pos)
+    if key_mask is not None:
+        key_ok = key_mask[:, None, None, :]
+        if attend_self:
+            key_ok = key_ok | (key_pos == query_pos)
+        allowed = allowed & key_ok
+    return allowed
+
+
+def selective_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_selected: torch.Tensor,
+    key_selected: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scaling: float | None = None,
+    attend_self: bool = False,
+) -> torch.Tensor:
+    """Selective attention by definition, with a dense masked softmax (what `selective_attention` computes).
+
+    For query i and head h with `query_selected[b, i, h]`: softmax over keys j with `key_selected[b, j, h]`,
+    `j <= i + Tk - Tq` if `causal`, and `key_mask[b, j]` (or, with `attend_self`, `j == i + Tk - Tq`),
+    of `scaling * q.k`, applied to the values. Unselected (query, head) pairs, and selected ones with no
+    allowed key, output 0.
+
+    Args:
+        query: `(batch, heads, Tq, head_dim)`.
+        key, value: `(batch, heads, Tk, head_dim)`, `Tk >= Tq` when causal; the last `Tq` keys are the
+            queries' own tokens (earlier keys come from a cache).
+        query_selected: `(batch, Tq, heads)` bool.
+        key_selected: `(batch, Tk, heads)` bool.
+        key_mask: `(batch, Tk)` bool, False at padding, or `None`.
+        causal: causal by original token index, or bidirectional.
+        scaling: score scale, default `head_dim ** -0.5`.
+        attend_self: a selected query may always attend its own key position even if it is padding
+            (the model's convention, which keeps padded query rows finite).
+
+    Returns:
+        `(batch, Tq, heads, head_dim)`.
+    """
+    _check_inputs(query, key, value, query_selected, key_selected, key_mask, causal)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    allowed = _allowed_mask(query.shape[2], key_selected, key_mask, causal, attend_self)
+    scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    # zeroing after the softmax makes rows without any allowed key exactly 0 (and keeps gradients finite)
+    probs = torch.softmax(scores, dim=-1) * allowed
+    out = torch.matmul(probs, value.float()) * query_selected.transpose(1, 2)[..., None]
+    return out.to(query.dtype).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _smha_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_index: torch.Tensor,
+    q_count: torch.Tensor,
+    q_cumulative: torch.Tensor,
+    k_index: torch.Tensor,
+    k_count: torch.Tensor,
+    k_cumulative: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    require_kernels(q, "uoe::smha_forward")
+    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
+    return _kernels().attention_forward(
+        q, k, v, q_index, q_count, k_index, k_count, k_cumulative, mask, causal, scaling
+    )
+
+
+def _smha_forward_fake(
+    q, k, v, q_index, q_count, q_cumulative, k_index, k_count, k_cumulative, key_mask, causal, scaling
+):
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim), q.new_empty(batch, heads, q_len, dtype=torch.float32)
+
+
+def _smha_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_index: torch.Tensor,
+    q_count: torch.Tensor,
+    q_cumulative: torch.Tensor,
+    k_index: torch.Tensor,
+    k_count: torch.Tensor,
+    k_cumulative: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    require_kernels(q, "uoe::smha_backward")
+    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
+    return _kernels().attention_backward(
+        grad_out.to(q.dtype),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q_index,
+        q_count,
+        q_cumulative,
+        k_index,
+        k_count,
+        k_cumulative,
+        mask,
+        causal,
+        scaling,
+    )
+
+
+def _smha_backward_fake(grad_out, q, k, v, out, lse, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _smha_setup_context(ctx, inputs, output) -> None:
+    q, k, v, *metadata, key_mask, causal, scaling = inputs
+    out, lse = output
+    ctx.causal, ctx.scaling = causal, scaling
+    ctx.save_for_backward(q, k, v, out, lse, *metadata, key_mask)
+    ctx.mark_non_differentiable(lse)
+
+
+def _smha_autograd_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, *metadata, key_mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.uoe.smha_backward(grad_out, q, k, v, out, lse, *metadata, key_mask, ctx.causal, ctx.scaling)
+    return (dq, dk, dv) + (None,) * 9
+
+
+_METADATA_SCHEMA = (
+    "Tensor q_index, Tensor q_count, Tensor q_cumulative, Tensor k_index, Tensor k_count, Tensor k_cumulative"
+)
+
+if not hasattr(torch.ops.uoe, "smha_forward"):  # a second copy of this file (remote code) reuses the ops
+    _forward_op = torch.library.custom_op(
+        "uoe::smha_forward",
+        _smha_forward,
+        mutates_args=(),
+        schema=f"(Tensor q, Tensor k, Tensor v, {_METADATA_SCHEMA}, Tensor? key_mask, bool causal, float scaling) "
+        "-> (Tensor, Tensor)",
+    )
+    _forward_op.register_fake(_smha_forward_fake)
+    _forward_op.register_autograd(_smha_autograd_backward, setup_context=_smha_setup_context)
+    _backward_op = torch.library.custom_op(
+        "uoe::smha_backward",
+        _smha_backward,
+        mutates_args=(),
+        schema=f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_METADATA_SCHEMA}, "
+        "Tensor? key_mask, bool causal, float scaling) -> (Tensor, Tensor, Tensor)",
+    )
+    _backward_op.register_fake(_smha_backward_fake)
+
+
+def selective_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_selected: torch.Tensor,
+    key_selected: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scaling: float | None = None,
+    attend_self: bool = False,
+) -> torch.Tensor:
+    """SMHA selective attention with the Triton kernels; same arguments and result as
+    `selective_attention_reference` (see there), differentiable in query, key and value.
+
+    No `T x T` matrix and no host synchronisation; work and memory of the attention itself follow the
+    selected (token, head) pairs (outputs and gradients keep the dense layouts, zero where unselected).
+    Raises `KernelsUnavailableError` where the kernels cannot run.
+    """
+    require_kernels(query, "selective_attention")
+    _check_inputs(query, key, value, query_selected, key_selected, key_mask, causal)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    key_list = key_selected
+    if key_mask is not None and not attend_self:
+        key_list = key_selected & key_mask[..., None]  # padding keys leave the lists altogether
+    queries = compact_selection(query_selected.transpose(1, 2))
+    # self-attention without cache or key padding (the model passes one tensor twice): one compaction
+    keys = queries if key_list is query_selected else compact_selection(key_list.transpose(1, 2))
+    out, _ = torch.ops.uoe.smha_forward(
+        query,
+        key,
+        value,
+        *queries,
+        *keys,
+        key_mask if attend_self else None,
+        causal,
+        scaling,
+    )
+    return out
