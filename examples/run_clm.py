@@ -556,6 +556,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         print_summary(results)
     print(f"[rank {rank}/{world_size}] finished: {state.global_step} steps", flush=True)
+    if torch.distributed.is_initialized():
+        # Wait for rank 0 (saving, sampling) and shut gloo down cleanly: a rank that exits with the process
+        # group alive can abort ("terminate called without an active exception") and fail the whole launch.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return results
 
 
