@@ -175,3 +175,39 @@ def test_uoe_triton_experts_implementation_registers_and_loads(tmp_path, monkeyp
     assert model.config._experts_implementation == "eager"
     model.set_experts_implementation("uoe_triton")
     assert model.config._experts_implementation == "uoe_triton"
+
+
+# -- routing_backend ---------------------------------------------------------------------------------
+
+
+def test_routing_backend_is_validated_at_construction():
+    with pytest.raises(ValueError, match=r"`routing_backend` must be one of \['auto', 'triton', 'reference'\]"):
+        tiny_model(routing_backend="cuda")
+    with pytest.raises(ValueError, match='routing_backend="triton"` needs `attention_dropout=0`'):
+        tiny_model(routing_backend="triton", attention_dropout=0.1)
+    assert tiny_model().config.routing_backend == "auto"
+
+
+def test_forced_triton_backend_raises_where_kernels_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = tiny_model(routing_backend="triton")
+    with pytest.raises(KernelsUnavailableError, match='routing_backend="triton" cannot run here'):
+        model(torch.randint(0, 61, (1, 5)))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_auto_and_reference_backends_never_call_the_kernels_on_cpu(backend, monkeypatch):
+    """On CPU tensors (no interpreter) "auto" is the reference path: a kernel call would be a bug."""
+    import uoe.modeling_uoe as modeling
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("kernel called")
+
+    monkeypatch.setattr(modeling, "selective_attention", forbidden)
+    monkeypatch.setattr(modeling, "uoe_triton_experts_forward", forbidden)
+    input_ids = torch.randint(0, 61, (2, 7))
+    logits = tiny_model(routing_backend=backend)(input_ids).logits
+    expected = tiny_model(routing_backend="reference")(input_ids).logits
+    assert torch.equal(logits, expected)

@@ -11,6 +11,7 @@ MLP_TYPES = ("swiglu", "gelu")
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_EMBEDDING_TYPES = ("rope", "learned")
+ROUTING_BACKENDS = ("auto", "triton", "reference")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -78,6 +79,13 @@ class UoEConfig(PreTrainedConfig):
         image_size: Side of the (square) input image in pixels; image models only.
         patch_size: Side of one image patch (= one token) in pixels; must divide `image_size`.
         num_channels: Channels of the input images.
+        routing_backend: Who computes the routed blocks. `"reference"`: the plain PyTorch path (the UoME experts
+            follow `experts_implementation`, `"eager"` by default). `"triton"`: the Triton kernels for SMHA
+            attention and the UoME experts (CUDA, or CPU under `TRITON_INTERPRET=1`); a forward where they cannot
+            run raises an error. `"auto"` (default): the kernels on CUDA tensors when Triton is installed and the
+            reference path everywhere else; on CUDA an explicitly chosen `experts_implementation` (e.g.
+            `"grouped_mm"`) still wins for the experts, and attention dropout during training uses the reference
+            attention (the kernels have no dropout).
     """
 
     model_type = "uoe"
@@ -122,6 +130,7 @@ class UoEConfig(PreTrainedConfig):
         image_size: int | None = None,
         patch_size: int = 16,
         num_channels: int = 3,
+        routing_backend: str = "auto",
         **kwargs,
     ):
         for name, value in (
@@ -162,6 +171,7 @@ class UoEConfig(PreTrainedConfig):
         _check_choice("router_score_func", router_score_func, ROUTER_SCORE_FUNCS)
         _check_choice("norm_type", norm_type, NORM_TYPES)
         _check_choice("position_embedding_type", position_embedding_type, POSITION_EMBEDDING_TYPES)
+        _check_choice("routing_backend", routing_backend, ROUTING_BACKENDS)
         _check_positive_int("patch_size", patch_size)
         _check_positive_int("num_channels", num_channels)
         if image_size is not None:
@@ -188,6 +198,11 @@ class UoEConfig(PreTrainedConfig):
                 f"`{name}` must be a finite number >= 0, got {value!r}.",
             )
         _require(0.0 <= attention_dropout < 1.0, f"`attention_dropout` must be in [0, 1), got {attention_dropout!r}.")
+        _require(
+            not (routing_backend == "triton" and attention_dropout > 0),
+            f'`routing_backend="triton"` needs `attention_dropout=0` (the selective-attention kernels have no '
+            f'dropout), got {attention_dropout!r}; use `routing_backend="auto"` or `"reference"`.',
+        )
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -228,6 +243,7 @@ class UoEConfig(PreTrainedConfig):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
+        self.routing_backend = routing_backend
         super().__init__(**kwargs)
 
     @property

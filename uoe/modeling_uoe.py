@@ -28,6 +28,9 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_uoe import UoEConfig
 from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
+from .kernels_common import require_kernels, triton_importable
+from .kernels_smha import selective_attention
+from .kernels_uome import register_uoe_experts_kernels, uoe_triton_experts_forward
 from .routing import (
     dense_gates,
     gather_patch_logits,
@@ -37,6 +40,36 @@ from .routing import (
     router_z_loss,
     select_top_k,
 )
+
+# `experts_implementation="uoe_triton"` selects the UoME kernels through transformers' experts interface.
+register_uoe_experts_kernels()
+
+
+def use_routing_kernels(config: UoEConfig, tensor: torch.Tensor) -> bool:
+    """Whether a routed block runs the Triton kernels on `tensor` (see `UoEConfig.routing_backend`).
+
+    Decided from the config and the device only: no synchronisation, and constant under `torch.compile`.
+    """
+    if config.routing_backend == "reference":
+        return False
+    if config.routing_backend == "triton":
+        require_kernels(tensor, 'routing_backend="triton"')
+        return True
+    return tensor.device.type == "cuda" and triton_importable()
+
+
+def routed_experts_forward(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Run a stacked experts module: the UoME kernels where `routing_backend` asks for them, else the module
+    itself (which follows `experts_implementation`)."""
+    config = experts.config
+    if use_routing_kernels(config, hidden_states) and (
+        config.routing_backend == "triton" or config._experts_implementation in (None, "eager")
+    ):
+        return uoe_triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    return experts(hidden_states, top_k_index, top_k_weights)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs and cache
@@ -359,6 +392,22 @@ class UoESelectiveAttention(nn.Module):
             key_selected = cache_layer.update_routing("head_selected", selected)
             cache_layer.update_routing("attention_router_logits", router_logits)
 
+        if use_routing_kernels(self.config, query) and not (self.training and self.attention_dropout > 0):
+            # Work and memory follow the selected (token, head) pairs; unselected heads come back as 0.
+            attn_output = selective_attention(
+                query,
+                key,
+                value,
+                query_selected=selected,
+                key_selected=key_selected,
+                key_mask=routing.key_mask,
+                causal=True,
+                scaling=self.scaling,
+                attend_self=True,
+            )
+            attn_output = attn_output * head_gates.to(attn_output.dtype)[..., None]
+            return self.o_proj(attn_output.reshape(batch_size, seq_len, -1)), None, aux
+
         implementation = self.config._attn_implementation
         key_length = key.shape[2]
         # With every head selected and no padding this is plain causal attention: let SDPA use its
@@ -459,7 +508,8 @@ class UoESparseMLP(nn.Module):
         if cache_layer is not None:
             cache_layer.update_routing("mlp_router_logits", router_logits)
         top_index, top_gates, aux = route(router_logits, self.top_k, self.config, routing.token_mask)
-        output = self.experts(
+        output = routed_experts_forward(
+            self.experts,
             hidden_states.reshape(-1, hidden_dim),
             top_index.reshape(-1, self.top_k),
             top_gates.reshape(-1, self.top_k).to(hidden_states.dtype),

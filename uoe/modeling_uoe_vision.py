@@ -32,6 +32,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_uoe import UoEConfig
 from .conversion_vit import uoe_config_from_vit, uoe_state_dict_from_vit
+from .kernels_smha import selective_attention
 from .modeling_uoe import (
     UoEPreTrainedModel,
     UoERMSNorm,
@@ -40,6 +41,8 @@ from .modeling_uoe import (
     eager_attention_forward,
     rotate_half,
     route,
+    routed_experts_forward,
+    use_routing_kernels,
 )
 from .routing import capacity_slots, dense_gates, patch_mean, router_scores
 
@@ -247,6 +250,12 @@ class UoEVisionSelectiveAttention(nn.Module):
         if position_embeddings is not None:
             cos, sin = (t.unsqueeze(1) for t in position_embeddings)
             query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        if use_routing_kernels(self.config, query) and not (self.training and self.attention_dropout > 0):
+            # Bidirectional selective attention over each head's selected tokens; unselected heads come back 0.
+            selected = token_gates != 0
+            attn_output = selective_attention(query, key, value, selected, selected, causal=False, scaling=self.scaling)
+            attn_output = attn_output * token_gates.to(attn_output.dtype)[..., None]
+            return self.o_proj(attn_output.reshape(batch_size, seq_len, -1)), None
         mask = None
         if self.top_k < self.num_heads:
             # key j is visible in head h iff it selected h; the diagonal keeps unselected queries' rows finite
@@ -356,11 +365,15 @@ class UoEVisionSparseMLP(nn.Module):
         patch_size = self.config.routing_patch_size
 
         all_experts = torch.arange(self.num_experts, device=hidden_states.device).expand(batch_size, -1)
-        cls_out = self.experts(hidden_states[:, 0], all_experts, torch.ones_like(all_experts, dtype=torch.float32))
+        cls_out = routed_experts_forward(
+            self.experts, hidden_states[:, 0], all_experts, torch.ones_like(all_experts, dtype=torch.float32)
+        )
         if routing.slots is None:
             top_index = routing.top_index.repeat_interleave(patch_size, dim=1).reshape(-1, self.top_k)
             gates = routing.gates.repeat_interleave(patch_size, dim=1).reshape(-1, self.top_k)
-            image_out = self.experts(hidden_states[:, 1:].reshape(-1, hidden_dim), top_index, gates)
+            image_out = routed_experts_forward(
+                self.experts, hidden_states[:, 1:].reshape(-1, hidden_dim), top_index, gates
+            )
             image_out = image_out.view(batch_size, seq_len - 1, hidden_dim)
             output = torch.cat([cls_out[:, None].to(image_out.dtype), image_out], dim=1)
         else:
