@@ -27,3 +27,10 @@ def tiny_config(**overrides) -> uoe.UoEConfig:
 def tiny_model(seed: int = 0, **overrides) -> uoe.UoEForCausalLM:
     torch.manual_seed(seed)
     return uoe.UoEForCausalLM(tiny_config(**overrides)).eval()
+
+
+def returned_cache(outputs):
+    """The KV cache a forward returned (field `cache` from transformers 5.24 on, `past_key_values` before)."""
+    from uoe.modeling_uoe import CACHE_FIELD
+
+    return getattr(outputs, CACHE_FIELD)

@@ -27,7 +27,7 @@ from uoe.kernels_uome import (  # noqa: E402
     weight_grad_reference,
 )
 
-from .helpers import tiny_model  # noqa: E402
+from .helpers import returned_cache, tiny_model  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -406,8 +406,8 @@ def test_causal_lm_with_triton_backend_decodes_like_the_full_pass(kernel_calls):
     with torch.no_grad():
         expected = reference(input_ids).logits
         prefill = model(input_ids[:, :7], use_cache=True)
-        step = model(input_ids[:, 7:9], past_key_values=prefill.past_key_values, use_cache=True)
-        last = model(input_ids[:, 9:], past_key_values=step.past_key_values, use_cache=True)
+        step = model(input_ids[:, 7:9], cache=returned_cache(prefill), use_cache=True)
+        last = model(input_ids[:, 9:], cache=returned_cache(step), use_cache=True)
     assert_close(torch.cat([prefill.logits, step.logits, last.logits], dim=1), expected, "cached logits")
     assert kernel_calls == {"attention": 6, "experts": 6}
 

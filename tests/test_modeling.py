@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from uoe import UoEForCausalLM
 
-from .helpers import tiny_model
+from .helpers import returned_cache, tiny_model
 from .reference_uoe import reference_logits
 
 
@@ -179,11 +179,11 @@ def test_incremental_decoding_equals_full_forward(patch_size, attn_implementatio
         full = model(input_ids).logits
         # prefill 4 tokens, a chunk of 3, then one token at a time
         out = model(input_ids[:, :4], use_cache=True)
-        cache, pieces = out.past_key_values, [out.logits]
-        out = model(input_ids[:, 4:7], past_key_values=cache, use_cache=True)
+        cache, pieces = returned_cache(out), [out.logits]
+        out = model(input_ids[:, 4:7], cache=cache, use_cache=True)
         pieces.append(out.logits)
         for t in range(7, 14):
-            pieces.append(model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            pieces.append(model(input_ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-4)
 
 
@@ -194,8 +194,7 @@ def test_full_routing_cache_uses_the_same_path():
         full = model(input_ids).logits
         out = model(input_ids[:, :5], use_cache=True)
         steps = [out.logits] + [
-            model(input_ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True).logits
-            for t in range(5, 9)
+            model(input_ids[:, t : t + 1], cache=returned_cache(out), use_cache=True).logits for t in range(5, 9)
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
 
@@ -355,7 +354,7 @@ def test_sequence_longer_than_max_position_embeddings_raises():
         model(torch.zeros(1, 17, dtype=torch.long))
     out = model(torch.zeros(1, 15, dtype=torch.long), use_cache=True)
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        model(torch.zeros(1, 2, dtype=torch.long), past_key_values=out.past_key_values)
+        model(torch.zeros(1, 2, dtype=torch.long), cache=returned_cache(out))
 
 
 def test_malformed_attention_mask_and_foreign_cache_raise():
@@ -365,9 +364,23 @@ def test_malformed_attention_mask_and_foreign_cache_raise():
     input_ids = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="attention_mask"):
         model(input_ids, attention_mask=torch.ones(2, 4))
-    with pytest.raises(ValueError, match="past_key_values"):
-        model(input_ids, past_key_values=StaticCache(config=model.config, max_cache_len=8))
+    with pytest.raises(ValueError, match="`cache`.*must be a `DynamicCache`"):
+        model(input_ids, cache=StaticCache(config=model.config, max_cache_len=8))
     foreign = DynamicCache()
     foreign.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 0)
-    with pytest.raises(ValueError, match="past_key_values"):
-        model(input_ids, past_key_values=foreign)
+    with pytest.raises(ValueError, match="`cache`.*without UoE routing state"):
+        model(input_ids, cache=foreign)
+    with pytest.raises(ValueError, match="`cache` or as `past_key_values`.*not both"):
+        model(input_ids, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
+def test_past_key_values_is_accepted_as_the_older_name_of_cache():
+    """transformers < 5.24 passes the KV cache as `past_key_values`; both names give the same decoding."""
+    model = tiny_model()
+    input_ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        full = model(input_ids).logits
+        for name in ("cache", "past_key_values"):
+            out = model(input_ids[:, :6], use_cache=True)
+            step = model(input_ids[:, 6:], use_cache=True, **{name: returned_cache(out)})
+            torch.testing.assert_close(torch.cat([out.logits, step.logits], dim=1), full, rtol=0, atol=1e-4)

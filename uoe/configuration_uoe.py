@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from transformers import PreTrainedConfig
+from transformers.modeling_outputs import MoeModelOutputWithPast
 
 GATE_MODES = ("union", "weighted")
 MLP_TYPES = ("swiglu", "gelu")
@@ -12,6 +13,8 @@ ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_EMBEDDING_TYPES = ("rope", "learned")
 ROUTING_BACKENDS = ("auto", "triton", "reference")
+# The KV cache output field: `cache` from transformers 5.24 on, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -89,7 +92,7 @@ class UoEConfig(PreTrainedConfig):
     """
 
     model_type = "uoe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [_CACHE_FIELD]
 
     def __init__(
         self,

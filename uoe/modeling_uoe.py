@@ -168,14 +168,14 @@ def prepare_uoe_cache(cache: Cache, num_layers: int) -> Cache:
     """
     if not isinstance(cache, DynamicCache):
         raise ValueError(
-            f"`past_key_values` must be a `DynamicCache` for UoE models (got {type(cache).__name__}): selective "
+            f"`cache` (`past_key_values`) must be a `DynamicCache` for UoE models (got {type(cache).__name__}): selective "
             "attention needs per-token routing state that static and quantized caches do not store."
         )
     for index, layer in enumerate(cache.layers):
         if not isinstance(layer, UoECacheLayer):
             if layer.get_seq_length() > 0:
                 raise ValueError(
-                    "`past_key_values` holds keys and values without UoE routing state (filled by another model); "
+                    "`cache` (`past_key_values`) holds keys and values without UoE routing state (filled by another model); "
                     "pass an empty `DynamicCache` or one returned by this model."
                 )
             cache.layers[index] = UoECacheLayer()
@@ -184,6 +184,20 @@ def prepare_uoe_cache(cache: Cache, num_layers: int) -> Cache:
     if cache.layer_class_to_replicate is not None:
         cache.layer_class_to_replicate = UoECacheLayer
     return cache
+
+
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`; earlier 5.x
+# releases pass and read `past_key_values`. The model accepts both names and fills whichever field exists.
+CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache given as `cache` or under its older name `past_key_values` (not both)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values` (its older name), not both.")
+    return past_key_values
 
 
 @dataclass
@@ -368,11 +382,11 @@ class UoESelectiveAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         routing: RoutingInputs,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         batch_size, seq_len, _ = hidden_states.shape
-        cache_layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        cache_layer = cache.layers[self.layer_idx] if cache is not None else None
 
         cached_logits = cache_layer.last_routing("attention_router_logits") if cache_layer is not None else None
         router_logits = self.router(hidden_states, routing.source_index, cached_logits)
@@ -499,10 +513,10 @@ class UoESparseMLP(nn.Module):
         self.experts = UoESwiGLUExperts(config) if config.mlp_type == "swiglu" else UoEGELUExperts(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, routing: RoutingInputs, past_key_values: Cache | None = None
+        self, hidden_states: torch.Tensor, routing: RoutingInputs, cache: Cache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, seq_len, hidden_dim = hidden_states.shape
-        cache_layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        cache_layer = cache.layers[self.layer_idx] if cache is not None else None
         cached_logits = cache_layer.last_routing("mlp_router_logits") if cache_layer is not None else None
         router_logits = self.router(hidden_states, routing.source_index, cached_logits)
         if cache_layer is not None:
@@ -531,19 +545,19 @@ class UoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         routing: RoutingInputs,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _, attention_aux = self.self_attn(
-            hidden_states, position_embeddings, routing, past_key_values=past_key_values, **kwargs
+            hidden_states, position_embeddings, routing, cache=cache, **kwargs
         )
         hidden_states = residual + hidden_states
 
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states, mlp_aux = self.mlp(hidden_states, routing, past_key_values=past_key_values)
+        hidden_states, mlp_aux = self.mlp(hidden_states, routing, cache=cache)
         hidden_states = residual + hidden_states
         return hidden_states, attention_aux + mlp_aux
 
@@ -559,7 +573,7 @@ class UoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["UoEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     # Selective attention needs a per-head mask, which flash-attention kernels cannot take.
     _supports_flash_attn = False
     _supports_sdpa = True
@@ -631,11 +645,17 @@ class UoEModel(UoEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> UoEModelOutputWithPast:
+        r"""
+        cache (`DynamicCache`, *optional*):
+            KV cache with routing state from an earlier call (`past_key_values` is accepted as its older name).
+        """
+        cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None:
@@ -646,11 +666,11 @@ class UoEModel(UoEPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # the recomputation in backward would write the cache twice
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if past_key_values is not None:
-            past_key_values = prepare_uoe_cache(past_key_values, self.config.num_hidden_layers)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            cache = prepare_uoe_cache(cache, self.config.num_hidden_layers)
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         total_length = past_length + seq_len
         if total_length > self.config.max_position_embeddings:
@@ -690,7 +710,7 @@ class UoEModel(UoEPreTrainedModel):
                 hidden_states,
                 position_embeddings,
                 routing,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 **kwargs,
             )
@@ -700,7 +720,7 @@ class UoEModel(UoEPreTrainedModel):
 
         return UoEModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: cache if use_cache else None},
             aux_loss=aux_mean[0],
             router_z_loss=aux_mean[1],
         )
@@ -722,15 +742,18 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> UoECausalLMOutputWithPast:
         r"""
+        cache (`DynamicCache`, *optional*):
+            KV cache with routing state from an earlier call (`past_key_values` is accepted as its older name).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for language modeling (shifted inside the loss); `-100` is ignored. When given, `loss`
             is the token cross-entropy plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * router_z_loss`.
@@ -742,7 +765,7 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -772,7 +795,7 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
             aux_loss=outputs.aux_loss,
             router_z_loss=outputs.router_z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
