@@ -1,0 +1,575 @@
+#!/usr/bin/env python
+"""UoE vs transformers' ViT (matched FLOPs) vs an all-MLP classifier (matched parameters) on Fashion-MNIST.
+
+    python benchmarks/compare_vision.py --quick   # a few minutes on 2 CPU cores
+    python benchmarks/compare_vision.py           # full CPU mode (the run in benchmarks/RESULTS.md)
+
+Data: the real Fashion-MNIST idx files (Debian's `dataset-fashion-mnist`, see `scripts/setup.sh`). Training uses a
+fixed subset of the 60k training images (a permutation drawn with seed 12345, independent of the run seeds,
+first `--train_samples`); evaluation uses the first `--test_samples` of the 10k test images (all of them in full
+mode). Pixels are scaled to [0, 1] and normalised with the training set's mean/std; no augmentation.
+
+Models (`--models`):
+
+- `uoe`: `UoEForImageClassification`, the README's Fashion-MNIST config: 7x7 patches (16 tokens + CLS), width 96,
+  4 layers, 4 heads with 2 selected, MLP 192 cut into 4 experts with 2 selected, routing patches of 4 tokens (one
+  image row), learned positions, aux loss 0.01.
+- `uoe_dc`: the same with patch-wise data selection `data_capacity=0.5` (each expert keeps at most 2 of the 4
+  routing patches; computed on the gathered slots only).
+- `vit`: `ViTForImageClassification` from a `ViTConfig` matched to UoE's *active* forward FLOPs per image. Rule:
+  same patch size, depth and number of heads, MLP ratio 2 (as UoE's 192/96); the width is the multiple of 8 whose
+  analytic FLOPs are closest to UoE's active FLOPs, and the script refuses to run if they differ by more than 10%.
+- `mlp`: an all-MLP classifier in the style of "Scaling MLPs" (Bachmann, Anagnostidis & Hofmann, 2023): flatten
+  the 28x28 image (no patches), linear embedding, `depth` pre-LayerNorm residual blocks `x + W2 gelu(W1 LN(x))` with
+  an inverted bottleneck (expansion 4), final LayerNorm, linear head; the width is chosen so that its parameter count
+  is closest to UoE's total. No data augmentation or pre-training (which that paper relies on).
+
+Every model gets the same data order, optimizer (AdamW, weight decay 0.05), learning rate, warm-up + cosine schedule,
+gradient clipping (1.0), batch size, epochs and seeds. FLOPs are forward FLOPs per image, a multiply-add = 2:
+analytic (UoE: active, from `uoe.estimate_flops_per_token`), and as counted by `torch.utils.flop_counter`.
+UoE's reference (masked) path computes the unselected heads/experts densely and multiplies them by zero, so its
+counted FLOPs are the dense-equivalent ones, above its active FLOPs; with data selection only the kept slots are
+computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import ViTConfig, ViTForImageClassification
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import uoe  # noqa: E402
+from uoe import UoEConfig, UoEForImageClassification  # noqa: E402
+
+MODELS = ("uoe", "uoe_dc", "vit", "mlp")
+SECTION = "## Vision comparison (compare_vision.py)"
+IMAGE_SIZE, PATCH_SIZE, NUM_CLASSES = 28, 7, 10
+NUM_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1  # patches + CLS
+SUBSET_SEED = 12345
+# Defaults per mode; any of them can be overridden on the command line.
+MODES = {
+    "quick": dict(train_samples=8000, test_samples=2000, epochs=1, seeds="0"),
+    "full": dict(train_samples=30000, test_samples=10000, epochs=3, seeds="0,1"),
+}
+MLP_DEPTH, MLP_EXPANSION = 4, 4
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def uoe_config(data_capacity: float | None = None) -> UoEConfig:
+    return UoEConfig(
+        hidden_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        attention_top_k=2,
+        intermediate_size=192,
+        num_mlp_experts=4,
+        mlp_top_k=2,
+        mlp_type="gelu",
+        mlp_bias=True,
+        attention_bias=True,
+        routing_patch_size=4,
+        data_capacity=data_capacity,
+        router_aux_loss_coef=0.01,
+        is_causal=False,
+        norm_type="layernorm",
+        layer_norm_eps=1e-6,
+        position_embedding_type="learned",
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        num_channels=1,
+        max_position_embeddings=NUM_TOKENS,
+        use_cache=False,
+        num_labels=NUM_CLASSES,
+    )
+
+
+def uoe_flops_per_image(config: UoEConfig) -> dict[str, float]:
+    """Analytic forward FLOPs per image: encoder (active and dense) + patch embedding + classifier.
+
+    `estimate_flops_per_token` treats every token as routed; the CLS token is not routed (it goes through every
+    head's projections and every MLP expert), so its extra dense work is added here.
+    """
+    est = uoe.estimate_flops_per_token(config, NUM_TOKENS, include_lm_head=False)
+    h, layers = config.hidden_size, config.num_hidden_layers
+    projections = 4 * 2 * h * config.num_attention_heads * config.head_dim
+    mlp = 2 * 2 * h * config.intermediate_size
+    head_share = config.attention_top_k / config.num_attention_heads
+    mlp_share = config.mlp_top_k / config.num_mlp_experts
+    if config.data_capacity is not None:
+        head_share, mlp_share = min(head_share, config.data_capacity), min(mlp_share, config.data_capacity)
+    cls_extra = layers * (projections * (1 - head_share) + mlp * (1 - mlp_share))
+    stem = 2 * config.num_channels * PATCH_SIZE**2 * h * (NUM_TOKENS - 1) + 2 * h * NUM_CLASSES
+    return {
+        "active": est.active * NUM_TOKENS + cls_extra + stem,
+        "dense": est.dense * NUM_TOKENS + stem,
+    }
+
+
+def vit_config(hidden_size: int) -> ViTConfig:
+    return ViTConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-6,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        num_channels=1,
+        qkv_bias=True,
+        num_labels=NUM_CLASSES,
+    )
+
+
+def vit_flops_per_image(config: ViTConfig) -> float:
+    h, t = config.hidden_size, NUM_TOKENS
+    per_layer_token = 4 * 2 * h * h + 2 * 2 * h * t + 2 * 2 * h * config.intermediate_size
+    stem = 2 * config.num_channels * config.patch_size**2 * h * (t - 1) + 2 * h * NUM_CLASSES
+    return config.num_hidden_layers * per_layer_token * t + stem
+
+
+def matched_vit_width(target_flops: float, tolerance: float = 0.10) -> int:
+    """Width (multiple of 8) whose ViT FLOPs per image are closest to `target_flops`; within `tolerance`."""
+    width = min(range(8, 1025, 8), key=lambda w: abs(vit_flops_per_image(vit_config(w)) - target_flops))
+    ratio = vit_flops_per_image(vit_config(width)) / target_flops
+    if abs(ratio - 1) > tolerance:
+        raise RuntimeError(f"no ViT width matches {target_flops:.3g} FLOPs within {tolerance:.0%} (best {ratio:.3f})")
+    return width
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, width: int, expansion: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, expansion * width)
+        self.fc2 = nn.Linear(expansion * width, width)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class AllMLPClassifier(nn.Module):
+    """'Scaling MLPs' classifier: flatten -> Linear -> depth x [x + MLP(LN(x))] -> LN -> Linear. No patches."""
+
+    def __init__(self, in_features: int, width: int, depth: int, expansion: int, num_classes: int):
+        super().__init__()
+        self.in_features, self.width, self.depth, self.expansion = in_features, width, depth, expansion
+        self.num_classes = num_classes
+        self.embed = nn.Linear(in_features, width)
+        self.blocks = nn.ModuleList([MLPBlock(width, expansion) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.embed(pixel_values.flatten(1))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def analytic_flops(self) -> float:
+        """Forward FLOPs per image of the linear layers (LayerNorm/GELU/bias adds are not counted)."""
+        w = self.width
+        return 2 * self.in_features * w + self.depth * 2 * 2 * w * self.expansion * w + 2 * w * self.num_classes
+
+
+def mlp_param_count(width: int, depth: int = MLP_DEPTH, expansion: int = MLP_EXPANSION) -> int:
+    in_features = IMAGE_SIZE * IMAGE_SIZE
+    block = 2 * width + 2 * expansion * width * width + expansion * width + width
+    return in_features * width + width + depth * block + 2 * width + width * NUM_CLASSES + NUM_CLASSES
+
+
+def matched_mlp_width(target_params: int) -> int:
+    return min(range(8, 4097), key=lambda w: abs(mlp_param_count(w) - target_params))
+
+
+@functools.lru_cache(maxsize=1)
+def uoe_parameter_count() -> int:
+    with torch.random.fork_rng():  # do not disturb the seeded initialisation of the model being built
+        return harness.count_parameters(UoEForImageClassification(uoe_config()))
+
+
+def build_model(name: str) -> tuple[nn.Module, dict]:
+    """The model and its description (config, analytic FLOPs)."""
+    reference = uoe_config()
+    if name in ("uoe", "uoe_dc"):
+        config = uoe_config(data_capacity=0.5 if name == "uoe_dc" else None)
+        model = UoEForImageClassification(config)
+        flops = uoe_flops_per_image(config)
+        info = {
+            "class": "uoe.UoEForImageClassification",
+            "config": {
+                k: getattr(config, k)
+                for k in (
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "attention_top_k",
+                    "intermediate_size",
+                    "num_mlp_experts",
+                    "mlp_top_k",
+                    "routing_patch_size",
+                    "data_capacity",
+                    "patch_size",
+                )
+            },
+            "analytic_flops": flops["active"],
+            "analytic_flops_dense_equivalent": flops["dense"],
+        }
+    elif name == "vit":
+        width = matched_vit_width(uoe_flops_per_image(reference)["active"])
+        config = vit_config(width)
+        model = ViTForImageClassification(config)
+        info = {
+            "class": "transformers.ViTForImageClassification",
+            "config": {
+                k: getattr(config, k)
+                for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+            },
+            "analytic_flops": vit_flops_per_image(config),
+        }
+    elif name == "mlp":
+        width = matched_mlp_width(uoe_parameter_count())
+        model = AllMLPClassifier(IMAGE_SIZE * IMAGE_SIZE, width, MLP_DEPTH, MLP_EXPANSION, NUM_CLASSES)
+        info = {
+            "class": "AllMLPClassifier (this script)",
+            "config": {"width": width, "depth": MLP_DEPTH, "expansion": MLP_EXPANSION, "patches": "none"},
+            "analytic_flops": model.analytic_flops(),
+        }
+    else:
+        raise ValueError(f"unknown model {name!r}; expected one of {list(MODELS)}")
+    return model, info
+
+
+def forward_logits(model: nn.Module, inputs: dict) -> torch.Tensor:
+    if isinstance(model, AllMLPClassifier):
+        return model(inputs["pixel_values"])
+    return model(pixel_values=inputs["pixel_values"]).logits
+
+
+def training_loss(model: nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, AllMLPClassifier):
+        return nn.functional.cross_entropy(model(inputs["pixel_values"]), labels)
+    # transformers models add their own terms (UoE: router aux loss) when given labels
+    return model(pixel_values=inputs["pixel_values"], labels=labels).loss
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _example_module():
+    path = harness.ROOT / "examples" / "run_image_classification.py"
+    spec = importlib.util.spec_from_file_location("_run_image_classification", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_data(folder: str | None, train_samples: int, test_samples: int) -> dict[str, torch.Tensor]:
+    example = _example_module()  # reuse its idx reader and Fashion-MNIST statistics
+    root = example.find_fashion_mnist(folder)
+    train_x = example.read_idx(root / "train-images-idx3-ubyte.gz")
+    train_y = example.read_idx(root / "train-labels-idx1-ubyte.gz")
+    test_x = example.read_idx(root / "t10k-images-idx3-ubyte.gz")
+    test_y = example.read_idx(root / "t10k-labels-idx1-ubyte.gz")
+    if train_samples > len(train_y) or test_samples > len(test_y):
+        raise ValueError(
+            f"--train_samples must be <= {len(train_y)} and --test_samples <= {len(test_y)}, "
+            f"got {train_samples} and {test_samples}."
+        )
+    subset = np.random.default_rng(SUBSET_SEED).permutation(len(train_y))[:train_samples]
+
+    def pixels(images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(images.astype(np.float32) / 255.0)
+        x = (x - example.FASHION_MNIST_MEAN) / example.FASHION_MNIST_STD
+        return x[:, None].contiguous()
+
+    return {
+        "train_x": pixels(train_x[subset]),
+        "train_y": torch.from_numpy(train_y[subset].astype(np.int64)),
+        "test_x": pixels(test_x[:test_samples]),
+        "test_y": torch.from_numpy(test_y[:test_samples].astype(np.int64)),
+    }
+
+
+def batch_iterator(x: torch.Tensor, y: torch.Tensor, batch_size: int, order: torch.Tensor | None):
+    index = order if order is not None else torch.arange(len(y))
+    for start in range(0, len(index), batch_size):
+        part = index[start : start + batch_size]
+        yield {"pixel_values": x[part]}, y[part]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Run
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def run_one(name: str, seed: int, data: dict, args) -> dict:
+    torch.manual_seed(seed)
+    model, info = build_model(name)
+    params = harness.count_parameters(model)
+    probe = data["test_x"][:8]
+    counted = harness.counted_forward_flops(model, lambda: forward_logits(model, {"pixel_values": probe})) / len(probe)
+    n = len(data["train_y"])
+    steps_per_epoch = math.ceil(n / args.batch_size)
+
+    def batches(epoch: int):
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)  # same order for every model
+        return batch_iterator(data["train_x"], data["train_y"], args.batch_size, torch.randperm(n, generator=generator))
+
+    stats = harness.train(
+        model,
+        batches,
+        training_loss,
+        epochs=args.epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+    )
+    evaluation = harness.evaluate(
+        model, batch_iterator(data["test_x"], data["test_y"], args.eval_batch_size, None), forward_logits
+    )
+    return {
+        **info,
+        "seed": seed,
+        "parameters": params,
+        "counted_flops": counted,
+        **stats,
+        **evaluation,
+    }
+
+
+def summarize(results: dict, names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        runs = results["runs"].get(name, [])
+        ok = [r for r in runs if "error" not in r]
+        failed = [r for r in runs if "error" in r]
+        row = {"model": name, "runs": len(ok), "failed": [f"seed {r['seed']}: {r['error']}" for r in failed]}
+        if ok:
+            first = ok[0]
+            row.update(
+                {
+                    "class": first["class"],
+                    "config": first["config"],
+                    "parameters": first["parameters"],
+                    "analytic_flops": first["analytic_flops"],
+                    "counted_flops": first["counted_flops"],
+                    "accuracy": [r["accuracy"] for r in ok],
+                    "train_images_per_s": [r["train_examples_per_s"] for r in ok],
+                    "eval_images_per_s": [r["eval_examples_per_s"] for r in ok],
+                    "train_seconds": [r["train_seconds"] for r in ok],
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+LABELS = {
+    "uoe": "UoE (2/4 heads, 2/4 experts)",
+    "uoe_dc": "UoE + data selection (capacity 0.5)",
+    "vit": "ViT (transformers), FLOP-matched",
+    "mlp": "all-MLP (Scaling MLPs), param-matched",
+}
+
+
+def markdown(results: dict) -> str:
+    env, cfg = results["environment"], results["settings"]
+    rows = []
+    for row in results["summary"]:
+        if not row["runs"]:
+            rows.append([LABELS[row["model"]], "not run: " + "; ".join(row["failed"]), "", "", "", "", "", ""])
+            continue
+        config = row["config"]
+        shape = ", ".join(f"{k}={v}" for k, v in config.items() if v is not None)
+        rows.append(
+            [
+                LABELS[row["model"]],
+                harness.fmt_mean(row["accuracy"], 100, 2),
+                f"{row['parameters']:,}",
+                harness.fmt_count(row["analytic_flops"]),
+                harness.fmt_count(row["counted_flops"]),
+                harness.fmt_mean(row["train_images_per_s"], 1, 0),
+                harness.fmt_mean(row["eval_images_per_s"], 1, 0),
+                f"`{shape}`",
+            ]
+        )
+    table = harness.markdown_table(
+        [
+            "model",
+            "test accuracy %",
+            "parameters",
+            "FLOPs/image (analytic)",
+            "FLOPs/image (counted)",
+            "train images/s",
+            "eval images/s",
+            "shape",
+        ],
+        rows,
+    )
+    seeds = ", ".join(str(s) for s in cfg["seeds"])
+    failed = [f"- {row['model']}: {'; '.join(row['failed'])}" for row in results["summary"] if row["failed"]]
+    not_run = [f"- {name}: {reason}" for name, reason in results.get("not_run", {}).items()]
+    return "\n".join(
+        [
+            f"Mode `{cfg['mode']}`, {env['date_utc']}, `{env['command']}`; {env['device']} ({env['cpu']}, "
+            f"{env['cpu_count']} cores, {env['torch_threads']} torch threads), Python {env['python']}, torch "
+            f"{env['torch']}, transformers {env['transformers']}. Wall time {results['wall_seconds'] / 60:.1f} min.",
+            "",
+            f"Fashion-MNIST: {cfg['train_samples']:,} training images (fixed subset, permutation seed {SUBSET_SEED}), "
+            f"{cfg['test_samples']:,} test images; {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr "
+            f"{cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['warmup_steps']} warm-up steps then cosine, "
+            f"grad clip 1.0, identical for every model; seeds {seeds} (accuracy and throughput: mean ± sample std "
+            "over seeds). FLOPs: forward, per image, multiply-add = 2.",
+            "",
+            table,
+            "",
+            "- Analytic FLOPs: UoE's are the *active* ones (`uoe.estimate_flops_per_token` on 17 tokens, plus the "
+            "dense CLS token, patch embedding and head); the ViT's width is the multiple of 8 whose analytic FLOPs "
+            "are closest to UoE's active FLOPs (same patch size, depth, heads, MLP ratio 2); the all-MLP width "
+            "is the one whose parameter count is closest to UoE's.",
+            "- Counted FLOPs: `torch.utils.flop_counter.FlopCounterMode` on an 8-image forward pass with eager "
+            "attention (it does not see PyTorch's CPU SDPA kernel); it counts matmuls and convolutions, not "
+            "norms/activations. UoE's reference path computes unselected heads and "
+            "experts densely and zeroes them, so its counted FLOPs are the dense-equivalent "
+            f"({harness.fmt_count(results['uoe_dense_equivalent_flops'])}), not the active ones; with data selection "
+            "only the kept slots are computed (plus dense CLS).",
+            "- Throughput is measured on this shared CPU with PyTorch eager kernels; it reflects these "
+            "implementations here, not what the FLOPs would allow.",
+            "- One torch thread (`--threads 1`, the default): on this shared 2-core machine two OpenMP threads made "
+            "training 3-4x slower.",
+            f"- {results['load_note']}",
+            *(["", "Models that did not run:", *failed] if failed else []),
+            *(["", "Not run in this harness:", *not_run] if not_run else []),
+            "",
+            f"Raw results: `{results['json_path']}`.",
+        ]
+    )
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small budget (a few minutes on 2 CPU cores)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+    parser.add_argument("--seeds", default=None, help="comma-separated integers (default: quick 0, full 0,1)")
+    parser.add_argument("--train_samples", type=int, default=None)
+    parser.add_argument("--test_samples", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--eval_batch_size", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--warmup_steps", type=int, default=50)
+    parser.add_argument("--fashion_mnist_dir", default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core machine, 2 OpenMP threads ran 3-4x slower)",
+    )
+    parser.add_argument(
+        "--results_md", default=str(harness.DEFAULT_RESULTS_MD), help="markdown file whose section is replaced"
+    )
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/vision_<mode>.json)")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    for key, value in MODES[mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.mode = mode
+    try:
+        args.model_list = harness.parse_choices("models", args.models, MODELS)
+        args.seed_list = harness.parse_int_list("seeds", args.seeds)
+        for name in ("train_samples", "test_samples", "epochs", "batch_size", "eval_batch_size", "lr"):
+            harness.check_positive(name, getattr(args, name))
+        harness.check_positive("weight_decay", args.weight_decay, allow_zero=True)
+        harness.check_positive("warmup_steps", args.warmup_steps, allow_zero=True)
+        harness.check_positive("threads", args.threads)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.output is None:
+        args.output = str(harness.RESULTS_DIR / f"vision_{mode}.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    env = harness.environment()
+    data = load_data(args.fashion_mnist_dir, args.train_samples, args.test_samples)
+    print(f"data: {len(data['train_y'])} train / {len(data['test_y'])} test images", flush=True)
+    results = {
+        "benchmark": "compare_vision",
+        "environment": env,
+        "settings": {
+            "mode": args.mode,
+            "models": args.model_list,
+            "seeds": args.seed_list,
+            "train_samples": args.train_samples,
+            "test_samples": args.test_samples,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "warmup_steps": args.warmup_steps,
+            "subset_seed": SUBSET_SEED,
+        },
+        "uoe_active_flops": uoe_flops_per_image(uoe_config())["active"],
+        "uoe_dense_equivalent_flops": uoe_flops_per_image(uoe_config())["dense"],
+        "not_run": {},
+        "runs": {name: [] for name in args.model_list},
+    }
+    for seed in args.seed_list:
+        for name in args.model_list:
+            t0 = time.perf_counter()
+            try:
+                run = run_one(name, seed, data, args)
+                print(
+                    f"{name} seed {seed}: accuracy {run['accuracy']:.4f}, {run['train_examples_per_s']:.0f} train "
+                    f"images/s, {time.perf_counter() - t0:.0f}s, load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+            except Exception as error:  # a model that cannot run is reported, not dropped
+                traceback.print_exc()
+                run = {"seed": seed, "error": f"{type(error).__name__}: {error}"}
+            results["runs"][name].append(run)
+    results["environment"]["loadavg_end"] = list(os.getloadavg())
+    results["wall_seconds"] = time.perf_counter() - start
+    results["summary"] = summarize(results, args.model_list)
+    results["load_note"] = harness.load_note(env["loadavg_start"], env["loadavg_end"], env["cpu_count"])
+    results["json_path"] = harness.display_path(args.output)
+    harness.write_json(Path(args.output), results)
+    text = markdown(results)
+    if args.results_md and args.results_md.lower() != "none":
+        harness.replace_section(Path(args.results_md), SECTION, text)
+    print(text)
+    return 1 if any(row["failed"] for row in results["summary"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Shared pieces of compare_vision.py and compare_listops.py: environment record, training loop, FLOP counting,
+tables, and replacing one section of benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import get_cosine_schedule_with_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """What a reader needs to judge the numbers: machine, versions, date, command, load."""
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def parse_int_list(name: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} must be a comma-separated list of integers, got {text!r}.") from None
+    if not values:
+        raise ValueError(f"--{name} must list at least one integer, got {text!r}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--{name} has duplicates: {text!r}.")
+    return values
+
+
+def parse_choices(name: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ValueError(f"--{name} must be a comma-separated subset of {list(allowed)}, got {text!r}.")
+    return list(dict.fromkeys(values))
+
+
+def check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def counted_forward_flops(model: torch.nn.Module, call: Callable[[], object]) -> int:
+    """FLOPs that torch's FlopCounterMode sees for one forward call (matmuls, convolutions).
+
+    FlopCounterMode does not see PyTorch's CPU SDPA kernel (it counts 0 for it), so transformers models are
+    switched to eager attention (explicit matmuls, same result) while counting.
+    """
+    was_training = model.training
+    previous = None
+    if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", None) != "eager":
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call()
+    finally:
+        model.train(was_training)
+        if previous is not None:
+            model.set_attn_implementation(previous)
+    return int(counter.get_total_flops())
+
+
+def train(
+    model: torch.nn.Module,
+    batches: Callable[[int], Iterator[tuple[dict, torch.Tensor]]],
+    loss_fn: Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor],
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    max_grad_norm: float = 1.0,
+) -> dict:
+    """AdamW + linear warm-up + cosine decay; the same loop for every model. Returns timing and loss curve."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total_steps = epochs * steps_per_epoch
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps // 2), total_steps)
+    examples = step = 0
+    losses: list[float] = []
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        for inputs, labels in batches(epoch):
+            loss = loss_fn(model, inputs, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at step {step}: {loss.item()}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            examples += len(labels)
+            step += 1
+            losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - start
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "train_seconds": seconds,
+        "train_steps": step,
+        "train_examples": examples,
+        "train_examples_per_s": examples / seconds,
+        "first_loss": losses[0],
+        "final_loss": sum(tail) / len(tail),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterator[tuple[dict, torch.Tensor]],
+    logits_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+) -> dict:
+    model.eval()
+    correct = total = 0
+    start = time.perf_counter()
+    for inputs, labels in batches:
+        predictions = logits_fn(model, inputs).argmax(-1)
+        correct += int((predictions == labels).sum())
+        total += len(labels)
+    seconds = time.perf_counter() - start
+    model.train()
+    return {"accuracy": correct / total, "eval_examples": total, "eval_examples_per_s": total / seconds}
+
+
+def mean_spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt_mean(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    mean, spread = mean_spread([v * scale for v in values])
+    if spread is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def fmt_count(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, heading: str, body: str) -> None:
+    """Replace the `## heading` section of a markdown file (up to the next `## ` heading), or append it.
+
+    Other sections are kept byte for byte. The file is re-read right before writing, so a section another
+    script wrote meanwhile survives.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    section = f"{heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        new = pattern.sub(lambda _: section + "\n", text, count=1)
+        new = new.rstrip("\n") + "\n"
+    else:
+        new = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def display_path(path) -> str:
+    """`path` relative to the repository when it is inside it, else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def load_note(load_start: list[float], load_end: list[float], cores: int | None) -> str:
+    cores = cores or 1
+    high = max(load_start[0], load_end[0]) > 0.75 * cores
+    text = (
+        f"`os.getloadavg()` (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load_start)}, "
+        f"at end {', '.join(f'{v:.2f}' for v in load_end)} on {cores} cores."
+    )
+    if high:
+        text += (
+            " The load was high: other processes shared the CPU during the run, so the throughput figures are "
+            "lower and noisier than on an idle machine (accuracy and FLOPs are unaffected)."
+        )
+    return text
