@@ -1,0 +1,876 @@
+#!/usr/bin/env python
+"""UoE against transformers' own language models on the same data, budget and seeds (issue 6, LM half).
+
+    .venv/bin/python benchmarks/compare_lm.py --quick     # tiny models, a few minutes on 2 CPU cores
+    .venv/bin/python benchmarks/compare_lm.py             # the full CPU comparison (~30 minutes on 2 cores)
+
+Models: dense `LlamaForCausalLM`, `MixtralForCausalLM` (top-2), `DeepseekV3ForCausalLM`, `Qwen3MoeForCausalLM`
+and `UoEForCausalLM` with `gate_mode="union"` and `"weighted"`. Every model is built from a config (nothing comes
+from a hub) and trained from scratch by the same loop below.
+
+Same for every model: the data (the Shakespeare corpus of `uoe.data`, the last two works held out for validation),
+one byte-level BPE tokenizer trained once on the training text, fixed blocks of `seq_len` tokens, the batch order
+of a seed, the initialisation seed, AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup + cosine
+decay, gradient clipping at 1.0, the token budget, float32, SDPA attention, `torch.get_num_threads()` threads.
+
+Matching rule (sizes in `Setup`):
+- every model has the same vocabulary, width `hidden_size`, depth, number of attention heads (no grouped-query
+  attention: one key/value head per query head, as UoE's SMHA needs), sequence length and untied embeddings;
+- `llama` is the dense model with `intermediate_size` equal to UoE's dense MLP width, i.e. UoE at full routing
+  (`from_dense(llama)` is lossless; the analytic FLOPs of the two agree up to UoE's routers);
+- UoE: SMHA selects `attention_top_k` of the heads, UoME splits the MLP into `num_experts` slices and selects
+  `top_k` of them;
+- `mixtral`, `qwen3_moe` and `deepseek_v3` use the same number of routed experts and top-k as UoE's MLP, and their
+  per-expert width is solved so that their total parameter count equals UoE's as closely as an integer width
+  allows (parameters are counted on the meta device; they are linear in the width);
+- `deepseek_v3` keeps its architecture at a small scale: multi-head latent attention (query rank H/2, key/value
+  rank H/4, query/key head = head_dim (no RoPE) + head_dim/2 (RoPE), value head = head_dim, DeepSeek-V3's ratios),
+  one shared expert next to the routed ones, group-limited routing (4 groups, the best 2 kept, as V3's 8/4),
+  sigmoid router scores normalised over the top-k with `routed_scaling_factor=1` (so, like Mixtral's, the routed
+  weights sum to 1), and its first layer dense (`first_k_dense_replace=1`, V3 has 3 of 61) with the dense width;
+- `qwen3_moe`: every layer sparse, `norm_topk_prob=True` (as Qwen3-30B-A3B), q/k RMSNorm as in the architecture.
+
+Load balancing, applied the way each architecture does it: Mixtral, Qwen3-MoE and UoE add their own Switch-style
+auxiliary loss (`output_router_logits=True`) with the same coefficient `aux_coef` (UoE's averages its SMHA and UoME
+routers); DeepSeek-V3 uses no auxiliary loss but the aux-loss-free bias update of its paper (after each step,
+`e_score_correction_bias += gamma * sign(mean load - expert load)`, gamma = 0.001), which transformers leaves to the
+training code, so it is done here. Validation perplexity is exp of the token cross-entropy only.
+
+Measured per (model, seed), each in a fresh subprocess: validation perplexity, training tokens/s (wall time of the
+training loop), and peak memory = the process's peak RSS after the run minus its RSS just before the model is
+built (data loaded; the kernel's peak-RSS counter is reset at that point), i.e. what the model, its gradients, the
+optimizer state and the activations add. FLOPs per token
+(forward, a multiply-add = 2): analytic active FLOPs (`analytic_flops_per_token`, `uoe.estimate_flops_per_token` for
+UoE, causal attention averaging (L+1)/2 keys per query, LM head included) and the FLOPs `FlopCounterMode` counts in
+one forward of a training batch with eager attention, which executes the full L x L score matrix. The counter sees
+what the code runs: the MoE baselines' eager experts compute only the routed tokens, so they count ~active FLOPs;
+UoE's reference path computes every expert and head and masks, so it counts its dense FLOPs.
+
+Results: a table on stdout, a section of `benchmarks/RESULTS.md` (other sections are kept), loss curves in
+`benchmarks/compare_lm_loss.png`, raw results in `benchmarks/results/compare_lm.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SECTION_TITLE = "## LM comparison (compare_lm.py)"
+
+MODEL_NAMES = ("llama", "mixtral", "deepseek_v3", "qwen3_moe", "uoe_union", "uoe_weighted")
+MOE_BASELINES = ("mixtral", "deepseek_v3", "qwen3_moe")
+MODEL_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "uoe_union": "UoEForCausalLM (union)",
+    "uoe_weighted": "UoEForCausalLM (weighted)",
+}
+# transformers' default `grouped_mm` experts fail on CPU for float32 expert widths whose rows are not a multiple of
+# 16 bytes (DeepSeek-V3's matched width) and are invisible to FlopCounterMode; the eager loop works for every model.
+EXPERTS_IMPLEMENTATION = "eager"
+DEEPSEEK_BIAS_UPDATE_SPEED = 1e-3  # gamma of DeepSeek-V3's aux-loss-free balancing
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything shared by the models of one comparison."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512  # dense MLP width (Llama; UoE's before decomposition)
+    num_experts: int = 8
+    top_k: int = 2
+    attention_top_k: int = 2  # UoE's SMHA heads per token
+    seq_len: int = 128
+    batch_size: int = 16
+    max_steps: int = 100  # sized for ~30 minutes for 6 models x 2 seeds on 2 busy CPU cores
+    learning_rate: float = 3e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    aux_coef: float = 0.01
+    eval_blocks: int = 160  # validation blocks, evenly spaced over the held-out works
+    max_train_chars: int | None = None  # None: the whole training text
+
+    @property
+    def tokens(self) -> int:
+        return self.max_steps * self.batch_size * self.seq_len
+
+
+FULL = Setup()
+QUICK = Setup(
+    vocab_size=1024,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=256,
+    seq_len=64,
+    batch_size=16,
+    max_steps=120,
+    warmup_steps=10,
+    eval_blocks=64,
+    max_train_chars=1_500_000,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Data: the Shakespeare split, one tokenizer, token ids cached for the worker processes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_data(work_dir: Path, setup: Setup) -> tuple[Path, dict[str, Any]]:
+    """Write the split, train the BPE once and save the token ids; reused when the cache exists."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import run_clm  # noqa: PLC0415  (its tokenizer helpers; heavy import, only the parent needs it)
+
+    from uoe.data import shakespeare_files, write_train_validation_split  # noqa: PLC0415
+
+    cache = work_dir / f"data_v{setup.vocab_size}_c{setup.max_train_chars or 'all'}.pt"
+    if cache.is_file():
+        data = torch.load(cache)
+        return cache, data["info"]
+    start = time.perf_counter()
+    train_path, validation_path = write_train_validation_split(work_dir / "text", validation_works=2)
+    train_text = train_path.read_text(encoding="utf-8")[: setup.max_train_chars]
+    validation_text = validation_path.read_text(encoding="utf-8")
+    tokenizer = run_clm.train_bpe_tokenizer(train_text, setup.vocab_size)
+    train_ids, validation_ids = run_clm.encode(tokenizer, train_text), run_clm.encode(tokenizer, validation_text)
+    info = {
+        "train_chars": len(train_text),
+        "validation_chars": len(validation_text),
+        "train_tokens": len(train_ids),
+        "validation_tokens": len(validation_ids),
+        "tokenizer_vocab": len(tokenizer),
+        "unigram_perplexity": run_clm.unigram_perplexity(train_ids, validation_ids, setup.vocab_size),
+        # write_train_validation_split holds out the last two works by file name
+        "validation_works": [path.stem for path in shakespeare_files()[-2:]],
+        "seconds": time.perf_counter() - start,
+    }
+    tokenizer.save_pretrained(work_dir / f"tokenizer_v{setup.vocab_size}")
+    torch.save({"train": train_ids, "validation": validation_ids, "info": info}, cache)
+    return cache, info
+
+
+def validation_blocks(ids: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
+    """`count` non-overlapping blocks evenly spaced over the validation text (all of them if there are fewer)."""
+    blocks = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    index = torch.linspace(0, len(blocks) - 1, min(count, len(blocks))).round().long().unique()
+    return blocks[index]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Models: configs under the matching rule
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _common(setup: Setup) -> dict[str, Any]:
+    return dict(
+        vocab_size=setup.vocab_size,
+        hidden_size=setup.hidden_size,
+        num_hidden_layers=setup.num_layers,
+        num_attention_heads=setup.num_heads,
+        max_position_embeddings=setup.seq_len,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+    )
+
+
+def _config(name: str, setup: Setup, expert_width: int | None = None):
+    """The config of `name`; `expert_width` is the MoE baselines' per-expert width (see `match_expert_width`)."""
+    from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen3MoeConfig  # noqa: PLC0415
+
+    from uoe import UoEConfig  # noqa: PLC0415
+
+    common, heads = _common(setup), setup.num_heads
+    head_dim = setup.hidden_size // heads
+    moe = dict(num_experts_per_tok=setup.top_k, output_router_logits=True)
+    if name == "llama":
+        return LlamaConfig(**common, num_key_value_heads=heads, intermediate_size=setup.intermediate_size)
+    if name == "mixtral":
+        return MixtralConfig(
+            **common, **moe, num_key_value_heads=heads, intermediate_size=expert_width,
+            num_local_experts=setup.num_experts, router_aux_loss_coef=setup.aux_coef, router_jitter_noise=0.0,
+        )  # fmt: skip
+    if name == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common, **moe, num_key_value_heads=heads, intermediate_size=setup.intermediate_size,
+            moe_intermediate_size=expert_width, num_experts=setup.num_experts, norm_topk_prob=True,
+            router_aux_loss_coef=setup.aux_coef, decoder_sparse_step=1, mlp_only_layers=[],
+        )  # fmt: skip
+    if name == "deepseek_v3":
+        return DeepseekV3Config(
+            **common, num_key_value_heads=heads, intermediate_size=setup.intermediate_size,
+            moe_intermediate_size=expert_width, n_routed_experts=setup.num_experts,
+            num_experts_per_tok=setup.top_k, n_shared_experts=1, n_group=4, topk_group=2,
+            first_k_dense_replace=1, routed_scaling_factor=1.0, norm_topk_prob=True,
+            q_lora_rank=setup.hidden_size // 2, kv_lora_rank=setup.hidden_size // 4,
+            qk_nope_head_dim=head_dim, qk_rope_head_dim=head_dim // 2, v_head_dim=head_dim,
+        )  # fmt: skip
+    if name in ("uoe_union", "uoe_weighted"):
+        return UoEConfig(
+            **common, attention_top_k=setup.attention_top_k, intermediate_size=setup.intermediate_size,
+            num_mlp_experts=setup.num_experts, mlp_top_k=setup.top_k, gate_mode=name.removeprefix("uoe_"),
+            router_aux_loss_coef=setup.aux_coef, router_z_loss_coef=0.0,
+        )  # fmt: skip
+    raise ValueError(f"--models: unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}.")
+
+
+def model_class(config):
+    import transformers  # noqa: PLC0415
+
+    import uoe  # noqa: PLC0415
+
+    if config.model_type == "uoe":
+        return uoe.UoEForCausalLM
+    return getattr(transformers, {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
+                                  "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[config.model_type])  # fmt: skip
+
+
+def instantiate(config, device: str | torch.device = "cpu"):
+    kwargs = {"attn_implementation": "sdpa"}
+    if config.model_type != "llama":
+        kwargs["experts_implementation"] = EXPERTS_IMPLEMENTATION
+    with torch.device(device):
+        return model_class(config)._from_config(config, **kwargs)
+
+
+def count_parameters(config) -> int:
+    """Total parameters, counted on the meta device (no memory, no initialisation)."""
+    return sum(p.numel() for p in instantiate(config, "meta").parameters())
+
+
+def match_expert_width(name: str, setup: Setup, target: int) -> int:
+    """The integer per-expert width that brings the total parameters of `name` closest to `target`."""
+    at_1, at_2 = count_parameters(_config(name, setup, 1)), count_parameters(_config(name, setup, 2))
+    width = max(1, round(1 + (target - at_1) / (at_2 - at_1)))  # the count is linear in the width
+    return min(
+        (width - 1, width, width + 1), key=lambda w: abs(count_parameters(_config(name, setup, max(1, w))) - target)
+    )
+
+
+def build_configs(setup: Setup, names: tuple[str, ...] = MODEL_NAMES) -> dict[str, Any]:
+    """The matched config of every model in `names` (the MoE baselines matched to UoE's parameter count)."""
+    target = count_parameters(_config("uoe_union", setup))
+    return {
+        name: _config(name, setup, match_expert_width(name, setup, target) if name in MOE_BASELINES else None)
+        for name in names
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. FLOPs per token: analytic active FLOPs, and what FlopCounterMode counts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def analytic_flops_per_token(config, seq_len: int, attention: str = "causal") -> float:
+    """Active forward FLOPs per token (a multiply-add = 2 FLOPs; LM head included; norms, RoPE, softmax left out).
+
+    `attention="causal"` averages (L+1)/2 keys per query (what a causal model needs, the convention of
+    `uoe.estimate_flops_per_token`); `"full"` counts all L keys, as a dense kernel executes them.
+    """
+    from uoe import estimate_flops_per_token  # noqa: PLC0415
+
+    if attention not in ("causal", "full"):
+        raise ValueError(f"`attention` must be 'causal' or 'full', got {attention!r}.")
+    context = (seq_len + 1) / 2 if attention == "causal" else seq_len
+    hidden, layers, kind = config.hidden_size, config.num_hidden_layers, config.model_type
+    if kind == "uoe":
+        estimate = estimate_flops_per_token(config, seq_len)
+        # uoe.flops is linear in the causal context; rescale its score FLOPs for the "full" convention
+        return estimate.active + estimate.breakdown["attention_scores"] * (context / ((seq_len + 1) / 2) - 1)
+
+    heads = config.num_attention_heads
+    if kind == "deepseek_v3":  # multi-head latent attention, keys/values expanded per token as transformers does
+        qk_head = config.qk_nope_head_dim + config.qk_rope_head_dim
+        q_rank, kv_rank, v_head = config.q_lora_rank, config.kv_lora_rank, config.v_head_dim
+        query = 2 * hidden * heads * qk_head if q_rank is None else 2 * hidden * q_rank + 2 * q_rank * heads * qk_head
+        key_value = 2 * hidden * (kv_rank + config.qk_rope_head_dim) + 2 * kv_rank * heads * (
+            config.qk_nope_head_dim + v_head
+        )
+        attention_flops = query + key_value + 2 * heads * v_head * hidden + 2 * heads * (qk_head + v_head) * context
+    else:
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = config.num_key_value_heads
+        projections = 2 * hidden * head_dim * (2 * heads + 2 * kv_heads)  # q and o, k and v
+        attention_flops = projections + 2 * 2 * heads * head_dim * context
+
+    def swiglu(width: int) -> float:
+        return 3 * 2 * hidden * width
+
+    if kind == "llama":
+        mlp = [swiglu(config.intermediate_size)] * layers
+    elif kind == "mixtral":
+        routed = 2 * hidden * config.num_local_experts + config.num_experts_per_tok * swiglu(config.intermediate_size)
+        mlp = [routed] * layers
+    elif kind == "qwen3_moe":
+        routed = 2 * hidden * config.num_experts + config.num_experts_per_tok * swiglu(config.moe_intermediate_size)
+        sparse = [
+            i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
+            for i in range(layers)
+        ]
+        mlp = [routed if s else swiglu(config.intermediate_size) for s in sparse]
+    elif kind == "deepseek_v3":
+        experts = config.num_experts_per_tok + config.n_shared_experts
+        routed = 2 * hidden * config.n_routed_experts + experts * swiglu(config.moe_intermediate_size)
+        mlp = [swiglu(config.intermediate_size) if i < config.first_k_dense_replace else routed for i in range(layers)]
+    else:
+        raise ValueError(f"no analytic FLOPs for model_type {kind!r}")
+    return layers * attention_flops + sum(mlp) + 2 * hidden * config.vocab_size
+
+
+def counted_flops_per_token(model, input_ids: torch.Tensor) -> float:
+    """FLOPs that `torch.utils.flop_counter.FlopCounterMode` counts in one forward, per token.
+
+    Eager attention, because the counter has no formula for CPU's fused SDPA kernel; it counts matrix products,
+    so norms, softmax and RoPE are not in it (nor in the analytic figure)."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    previous, was_training = model.config._attn_implementation, model.training
+    model.set_attn_implementation("eager")
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        model.set_attn_implementation(previous)
+        model.train(was_training)
+    return counter.get_total_flops() / input_ids.numel()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. One (model, seed) run, in its own process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _status_mb(field: str) -> float | None:
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    line = next((line for line in status.read_text().splitlines() if line.startswith(field + ":")), None)
+    return int(line.split()[1]) / 1024 if line else None  # the kernel reports kB
+
+
+def start_memory_measurement() -> tuple[float, bool]:
+    """RSS now, and whether the process's peak RSS could be reset to it (Linux `clear_refs`), so that the peak read
+    after the run is the run's own and not a transient of the imports. Without the reset the baseline is the peak so
+    far (`ru_maxrss`), which can only under-state the run's memory."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS (VmHWM) to the current RSS
+        return _status_mb("VmRSS"), True
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, False  # KiB on Linux
+
+
+def peak_rss_mb() -> float:
+    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class DeepseekBiasBalancer:
+    """DeepSeek-V3's aux-loss-free load balancing: count each router's top-k choices during a step, then nudge its
+    `e_score_correction_bias` towards the under-loaded experts (`bias += gamma * sign(mean load - load)`)."""
+
+    def __init__(self, model, gamma: float = DEEPSEEK_BIAS_UPDATE_SPEED):
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter  # noqa: PLC0415
+
+        self.gamma = gamma
+        self.routers = [m for m in model.modules() if isinstance(m, DeepseekV3TopkRouter)]
+        self.loads = [torch.zeros(r.num_experts) for r in self.routers]
+        for router, load in zip(self.routers, self.loads, strict=True):
+            router.register_forward_hook(self._counter(load))
+
+    @staticmethod
+    def _counter(load: torch.Tensor):
+        def hook(module, args, output):
+            if module.training:  # output = (router_logits, top-k weights, top-k indices)
+                load.add_(torch.bincount(output[2].flatten(), minlength=len(load)).to(load.dtype))
+
+        return hook
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for router, load in zip(self.routers, self.loads, strict=True):
+            router.e_score_correction_bias += self.gamma * torch.sign(load.mean() - load)
+            load.zero_()
+
+
+def train_and_evaluate(name: str, config, setup: Setup, seed: int, data_path: Path) -> dict[str, Any]:
+    """Train `config` from scratch with seed `seed` and evaluate it; the measurements of one table cell."""
+    from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
+
+    data = torch.load(data_path)
+    train_blocks = data["train"][: len(data["train"]) // setup.seq_len * setup.seq_len].view(-1, setup.seq_len)
+    eval_blocks = validation_blocks(data["validation"], setup.seq_len, setup.eval_blocks)
+    # The batch order depends on the seed only, so every model sees the same batches for a given seed.
+    order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
+    order = order.repeat(math.ceil(setup.max_steps * setup.batch_size / len(order)))
+    model_class(config)  # import the modeling module first: its import is not the model's memory
+    baseline_rss, peak_was_reset = start_memory_measurement()
+
+    torch.manual_seed(seed)
+    model = instantiate(config)
+    model.train()
+    parameters = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and biases do not
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": setup.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=setup.learning_rate,
+        betas=(0.9, 0.95),
+    )
+    schedule = get_cosine_schedule_with_warmup(optimizer, setup.warmup_steps, setup.max_steps)
+    balancer = DeepseekBiasBalancer(model) if config.model_type == "deepseek_v3" else None
+    router_kwargs = {"output_router_logits": True} if config.model_type in ("mixtral", "qwen3_moe", "uoe") else {}
+
+    losses, aux_losses = [], []
+    start = time.perf_counter()
+    for step in range(setup.max_steps):
+        batch = train_blocks[order[step * setup.batch_size : (step + 1) * setup.batch_size]]
+        outputs = model(input_ids=batch, **router_kwargs)
+        token_loss = F.cross_entropy(outputs.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        loss = token_loss
+        if router_kwargs:  # the same Switch-style aux loss weight for every model that has one
+            loss = loss + setup.aux_coef * outputs.aux_loss
+            aux_losses.append(outputs.aux_loss.item())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if balancer is not None:
+            balancer.step()
+        losses.append(token_loss.item())
+    train_seconds = time.perf_counter() - start
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in eval_blocks.split(setup.batch_size):
+            logits = model(input_ids=chunk).logits[:, :-1]
+            total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+            count += chunk[:, 1:].numel()
+    validation_loss = total / count
+    counted = counted_flops_per_token(model, train_blocks[order[: setup.batch_size]])
+    return {
+        "model": name,
+        "seed": seed,
+        "status": "ok",
+        "parameters": parameters,
+        "flops_analytic": analytic_flops_per_token(config, setup.seq_len),
+        "flops_analytic_full_attention": analytic_flops_per_token(config, setup.seq_len, attention="full"),
+        "flops_counted": counted,
+        "validation_loss": validation_loss,
+        "validation_perplexity": math.exp(validation_loss),
+        "validation_tokens": count,
+        "train_seconds": train_seconds,
+        "tokens_per_second": setup.tokens / train_seconds,
+        "peak_rss_mb": peak_rss_mb() - baseline_rss,
+        "baseline_rss_mb": baseline_rss,
+        "peak_rss_reset": peak_was_reset,
+        "train_losses": losses,
+        "aux_losses": aux_losses,
+        "torch_threads": torch.get_num_threads(),
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "attn_implementation": model.config._attn_implementation,
+    }
+
+
+def worker_main(spec_path: Path) -> None:
+    """Entry point of a worker process: one (model, seed) run described by a JSON spec."""
+    import transformers  # noqa: PLC0415
+
+    import uoe  # noqa: F401, PLC0415  (registers the uoe model type)
+
+    transformers.logging.set_verbosity_error()
+    spec = json.loads(spec_path.read_text())
+    setup = Setup(**spec["setup"])
+    config_class = type(build_configs(setup, (spec["model"],))[spec["model"]])
+    config = config_class.from_dict(spec["config"])
+    result = train_and_evaluate(spec["model"], config, setup, spec["seed"], Path(spec["data"]))
+    Path(spec["output"]).write_text(json.dumps(result))
+
+
+def run_worker(name: str, config, setup: Setup, seed: int, data_path: Path, work_dir: Path, timeout: float) -> dict:
+    """Run one (model, seed) in a fresh interpreter, so its peak RSS is its own; a failure becomes a reason."""
+    spec = {
+        "model": name, "seed": seed, "setup": dataclasses.asdict(setup), "config": config.to_dict(),
+        "data": str(data_path), "output": str(work_dir / f"result_{name}_{seed}.json"),
+    }  # fmt: skip
+    spec_path = work_dir / f"spec_{name}_{seed}.json"
+    spec_path.write_text(json.dumps(spec))
+    Path(spec["output"]).unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "seed": seed, "status": f"timed out after {timeout:.0f} s"}
+    if result.returncode != 0 or not Path(spec["output"]).is_file():
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit code {result.returncode}"
+        print(result.stderr[-3000:], file=sys.stderr)
+        return {"model": name, "seed": seed, "status": f"failed: {reason}"}
+    return json.loads(Path(spec["output"]).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Summary: table, claim, plot, RESULTS.md section
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict], names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Per model: mean and spread over its seeds; a model with a failed seed is reported as failed."""
+    summary = {}
+    for name in names:
+        mine = [r for r in runs if r["model"] == name]
+        failed = [r for r in mine if r["status"] != "ok"]
+        if failed or not mine:
+            summary[name] = {"status": failed[0]["status"] if failed else "not run"}
+            continue
+        ppl = torch.tensor([r["validation_perplexity"] for r in mine], dtype=torch.float64)
+        curves = torch.tensor([r["train_losses"] for r in mine], dtype=torch.float64)
+        summary[name] = {
+            "status": "ok",
+            "seeds": [r["seed"] for r in mine],
+            "perplexity_mean": ppl.mean().item(),
+            "perplexity_std": ppl.std().item() if len(ppl) > 1 else 0.0,
+            "perplexity_min": ppl.min().item(),
+            "perplexity_max": ppl.max().item(),
+            "parameters": mine[0]["parameters"],
+            "flops_analytic": mine[0]["flops_analytic"],
+            "flops_analytic_full_attention": mine[0]["flops_analytic_full_attention"],
+            "flops_counted": mine[0]["flops_counted"],
+            "tokens_per_second": sum(r["tokens_per_second"] for r in mine) / len(mine),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+            "mean_train_losses": curves.mean(0).tolist(),
+        }
+    return summary
+
+
+def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        "| model | class | parameters | active FLOPs/token (analytic) | FLOPs/token counted (executed) "
+        "| val. perplexity (mean ± std, [min, max]) | train tokens/s | peak RSS Δ (MB) |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, s in summary.items():
+        if s["status"] != "ok":
+            rows.append(f"| {name} | {MODEL_CLASSES[name]} | – | – | – | **could not run**: {s['status']} | – | – |")
+            continue
+        rows.append(
+            f"| {name} | {MODEL_CLASSES[name]} | {s['parameters']:,} | {s['flops_analytic'] / 1e6:.3f} M "
+            f"| {s['flops_counted'] / 1e6:.3f} M | {s['perplexity_mean']:.2f} ± {s['perplexity_std']:.2f} "
+            f"[{s['perplexity_min']:.2f}, {s['perplexity_max']:.2f}] | {s['tokens_per_second']:,.0f} "
+            f"| {s['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def claim_statement(summary: dict[str, dict[str, Any]]) -> str:
+    """How far UoE is from the paper's claim: lower perplexity than the best MoE at <= 0.8x its FLOPs."""
+    moes = {n: s for n, s in summary.items() if n in MOE_BASELINES and s["status"] == "ok"}
+    uoes = {n: s for n, s in summary.items() if n.startswith("uoe") and s["status"] == "ok"}
+    if not moes or not uoes:
+        return "The paper's claim cannot be checked: no MoE baseline or no UoE model finished."
+    best_name = min(moes, key=lambda n: moes[n]["perplexity_mean"])
+    best = moes[best_name]
+    lines = [
+        f"Paper's claim: UoE reaches lower perplexity than the best MoE baseline at <= 0.8x its FLOPs. Best MoE "
+        f"here: **{best_name}** (perplexity {best['perplexity_mean']:.2f} ± {best['perplexity_std']:.2f}, "
+        f"{best['flops_analytic'] / 1e6:.3f} M active FLOPs/token)."
+    ]
+    for name, s in uoes.items():
+        ratio = s["flops_analytic"] / best["flops_analytic"]
+        gap = s["perplexity_mean"] - best["perplexity_mean"]
+        spread = s["perplexity_std"] + best["perplexity_std"]
+        lower, cheaper = gap < 0, ratio <= 0.8
+        verdict = "**meets the claim**" if lower and cheaper else "**does not meet the claim**"
+        within = " (within the seed spread)" if abs(gap) <= spread else ""
+        lines.append(
+            f"- {name}: perplexity {s['perplexity_mean']:.2f} ({gap:+.2f}, {100 * gap / best['perplexity_mean']:+.1f}% "
+            f"vs {best_name}{within}) at {ratio:.2f}x its active FLOPs: "
+            f"{'lower' if lower else 'not lower'} perplexity, {'<=' if cheaper else '>'} 0.8x FLOPs → {verdict}."
+        )
+    return "\n".join(lines)
+
+
+def plot_losses(summary: dict[str, dict[str, Any]], setup: Setup, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    window = max(1, setup.max_steps // 25)  # moving average: single steps are noisy
+    for name, s in summary.items():
+        if s["status"] != "ok":
+            continue
+        curve = torch.tensor(s["mean_train_losses"])
+        smooth = curve.unfold(0, window, 1).mean(1) if len(curve) >= window else curve
+        tokens = (torch.arange(len(smooth)) + len(curve) - len(smooth) + 1) * setup.batch_size * setup.seq_len
+        axis.plot(tokens.numpy(), smooth.numpy(), label=f"{name} (val ppl {s['perplexity_mean']:.1f})")
+    axis.set_xlabel("training tokens")
+    axis.set_ylabel(f"train token loss (mean over seeds, moving average of {window} steps)")
+    axis.set_title("compare_lm.py: same data, tokenizer, optimizer, schedule, budget and seeds")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def replace_section(document: str, title: str, body: str) -> str:
+    """Replace the `## ` section headed `title` (up to the next `## ` heading) with `body`, or append it."""
+    lines = document.splitlines()
+    try:
+        start = lines.index(title)
+    except ValueError:
+        return document.rstrip("\n") + ("\n\n" if document.strip() else "") + body.rstrip("\n") + "\n"
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"^#{1,2} ", lines[i])), len(lines))
+    new_lines = lines[:start] + body.rstrip("\n").splitlines() + ([""] if end < len(lines) else []) + lines[end:]
+    return "\n".join(new_lines) + "\n"
+
+
+def environment() -> dict[str, Any]:
+    import transformers  # noqa: PLC0415
+
+    import uoe  # noqa: PLC0415
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor() or "unknown",
+    ) if Path("/proc/cpuinfo").is_file() else platform.processor()  # fmt: skip
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "uoe": uoe.__version__,
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "uoe_uncommitted_changes": bool(git("status", "--porcelain", "--", "uoe")),
+    }
+
+
+def results_section(
+    summary: dict, setup: Setup, env: dict, data_info: dict, command: str, load: dict, configs: dict, wall: float
+) -> str:
+    """The markdown section of RESULTS.md: command, device, setup, matching rule, table, claim, notes."""
+    widths = ", ".join(
+        f"{name} {getattr(configs[name], 'moe_intermediate_size', None) or configs[name].intermediate_size}"
+        for name in MOE_BASELINES
+        if name in configs
+    )
+    head_dim = setup.hidden_size // setup.num_heads
+    seeds = next((s["seeds"] for s in summary.values() if s["status"] == "ok"), [])
+    uncommitted = ", with uncommitted changes in uoe/" if env["uoe_uncommitted_changes"] else ""
+    busy = max(load["start"][0], load["end"][0]) > 1.0
+    load_note = (
+        ": other processes were running on this 2-core machine, so tokens/s are lower and noisier" if busy else ""
+    )
+    eval_blocks = min(setup.eval_blocks, data_info["validation_tokens"] // setup.seq_len)
+    failed = ", ".join(f"{n} ({s['status']})" for n, s in summary.items() if s["status"] != "ok")
+    lines = [
+        SECTION_TITLE,
+        "",
+        f"Command: `{command}` ({wall / 60:.1f} min wall time, {env['date']}).",
+        f"Device: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, no GPU.",
+        f"Versions: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"uoe {env['uoe']} (commit {env['git_commit']}{uncommitted}).",
+        f"Load average (1 min): {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end{load_note}.",
+        "",
+        f"Setup, identical for every model: Shakespeare (`uoe.data`, {data_info['train_tokens']:,} training tokens; "
+        f"validation = the held-out works {', '.join(data_info['validation_works'])}), one byte-level BPE of "
+        f"{setup.vocab_size} tokens; blocks of {setup.seq_len} tokens, batch {setup.batch_size}, {setup.max_steps} "
+        f"steps = {setup.tokens:,} training tokens per run; AdamW (lr {setup.learning_rate}, betas 0.9/0.95, weight "
+        f"decay {setup.weight_decay} on matrices), linear warmup over {setup.warmup_steps} steps then cosine to 0, gradient "
+        f'clipping 1.0, float32, SDPA attention, MoE experts `experts_implementation="{EXPERTS_IMPLEMENTATION}"`; '
+        f"seeds {', '.join(map(str, seeds))} (initialisation and batch order). Validation perplexity on {eval_blocks} "
+        f"evenly spaced blocks, token cross-entropy only (unigram baseline of this tokenizer: "
+        f"{data_info['unigram_perplexity']:.1f}).",
+        "",
+        f"Matching rule: width {setup.hidden_size}, {setup.num_layers} layers, {setup.num_heads} heads of {head_dim} "
+        f"(no GQA), vocabulary {setup.vocab_size}, sequence {setup.seq_len} for all; `llama` has the dense MLP width "
+        f"{setup.intermediate_size}, i.e. it is UoE at full routing; UoE selects {setup.attention_top_k}/"
+        f"{setup.num_heads} heads and {setup.top_k}/{setup.num_experts} MLP slices of "
+        f"{setup.intermediate_size // setup.num_experts}; the MoE baselines route top-{setup.top_k} of "
+        f"{setup.num_experts} experts, per-expert width solved to match UoE's total parameters ({widths}). "
+        f"DeepSeek-V3: MLA (q rank {setup.hidden_size // 2}, kv rank {setup.hidden_size // 4}, q/k head "
+        f"{head_dim} + {head_dim // 2} RoPE, v head {head_dim}), 1 shared expert, 4 expert groups of which the best 2 "
+        f"are kept, first layer dense (width {setup.intermediate_size}), `routed_scaling_factor=1`. Load balancing: "
+        f"Mixtral, Qwen3-MoE and UoE add their Switch aux loss x {setup.aux_coef}; DeepSeek-V3 uses its "
+        f"aux-loss-free bias update (gamma = {DEEPSEEK_BIAS_UPDATE_SPEED}), done by this script.",
+        "",
+        markdown_table(summary),
+        "",
+        claim_statement(summary),
+        "",
+        "FLOPs: forward, per token, a multiply-add = 2, LM head included. *Analytic* is the active compute with causal "
+        "attention ((L+1)/2 keys per query; `uoe.estimate_flops_per_token` for UoE). *Counted* is "
+        "`torch.utils.flop_counter.FlopCounterMode` on one forward of a training batch with eager attention, which "
+        "executes the whole L x L score matrix: it sees what the code executes. For Llama, Mixtral, Qwen3-MoE and "
+        "DeepSeek-V3 it equals the analytic figure with full instead of causal attention (their eager experts run "
+        "only the routed tokens). UoE's reference implementation computes every head and every MLP slice and masks "
+        "the unselected ones, so its count is the dense model's (about Llama's): its analytic savings need sparse "
+        "kernels (issue 4), which are not used here, and for the same reason UoE is not faster than dense in "
+        "tokens/s on this CPU.",
+        "",
+        "Parameters are totals (embeddings and LM head included). Peak RSS delta: each (model, seed) runs in a fresh "
+        "process; just before the model is built (data loaded) the process's peak-RSS counter is reset to its "
+        "current RSS (Linux `/proc/self/clear_refs`), and the delta is the peak RSS (`VmHWM`) after training, "
+        "evaluation and FLOP counting minus that RSS, i.e. what the model, gradients, AdamW state and activations "
+        "add (max over seeds). Tokens/s: training tokens / wall "
+        "time of the training loop (mean over seeds).",
+        "",
+        f"Models that could not run: {failed or 'none, all six ran'}. transformers' default `grouped_mm` experts are "
+        "not used: on this CPU they fail for DeepSeek-V3's matched float32 expert width (\"strides should be "
+        'multiple of 16 bytes") and FlopCounterMode does not count them.',
+        "",
+        "![training loss curves](compare_lm_loss.png)",
+        "",
+        "Raw results (per seed, with loss curves): `benchmarks/results/compare_lm.json`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models and data (a few minutes on 2 CPU cores)")
+    parser.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma-separated subset of {MODEL_NAMES}")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (>= 2 for a spread)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--max_steps", type=int, help="training steps per run (default: the mode's)")
+    budget.add_argument("--tokens", type=int, help="training tokens per run (rounded down to whole batches)")
+    parser.add_argument("--eval_blocks", type=int, help="validation blocks (default: the mode's)")
+    parser.add_argument("--output", default=str(BENCHMARKS / "results" / "compare_lm.json"), help="raw JSON results")
+    parser.add_argument("--plot", default=str(BENCHMARKS / "compare_lm_loss.png"), help="loss-curve PNG")
+    parser.add_argument("--results_md", default=str(BENCHMARKS / "RESULTS.md"), help="markdown file to update")
+    parser.add_argument("--work_dir", default=str(ROOT / "runs" / "compare_lm"), help="data cache and worker files")
+    parser.add_argument("--run_timeout", type=float, default=1800, help="seconds before a single run is abandoned")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker:
+        return args
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown or not models:
+        parser.error(f"--models: unknown model(s) {unknown or models}; allowed: {', '.join(MODEL_NAMES)}")
+    args.models = tuple(dict.fromkeys(models))
+    try:
+        args.seeds = tuple(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not args.seeds:
+        parser.error("--seeds: give at least one seed")
+    for flag in ("max_steps", "tokens", "eval_blocks"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag}: must be an integer >= 1, got {getattr(args, flag)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args._worker:
+        worker_main(Path(args._worker))
+        return {}
+    wall_start, load_start = time.perf_counter(), os.getloadavg()
+    setup = dataclasses.replace(QUICK if args.quick else FULL)
+    if args.max_steps is not None:
+        setup.max_steps = args.max_steps
+    if args.tokens is not None:
+        setup.max_steps = max(1, args.tokens // (setup.batch_size * setup.seq_len))
+    if args.eval_blocks is not None:
+        setup.eval_blocks = args.eval_blocks
+    setup.warmup_steps = min(setup.warmup_steps, max(1, setup.max_steps // 10))
+    command = shlex.join([".venv/bin/python", "benchmarks/compare_lm.py", *(sys.argv[1:] if argv is None else argv)])
+
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[compare_lm] {'quick' if args.quick else 'full'} mode: {setup}", flush=True)
+    data_path, data_info = prepare_data(work_dir, setup)
+    print(f"[compare_lm] data: {data_info}", flush=True)
+    configs = build_configs(setup, args.models)
+    for name, config in configs.items():
+        print(f"[compare_lm] {name}: {count_parameters(config):,} parameters, "
+              f"{analytic_flops_per_token(config, setup.seq_len) / 1e6:.3f} M active FLOPs/token", flush=True)  # fmt: skip
+
+    runs = []
+    for seed in args.seeds:  # seed-major, so a stopped run still has every model for the first seed
+        for name in args.models:
+            result = run_worker(name, configs[name], setup, seed, data_path, work_dir, args.run_timeout)
+            runs.append(result)
+            if result["status"] == "ok":
+                print(f"[compare_lm] {name} seed {seed}: val ppl {result['validation_perplexity']:.2f}, "
+                      f"{result['tokens_per_second']:,.0f} tokens/s, {result['train_seconds']:.0f} s, "
+                      f"peak RSS Δ {result['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+            else:
+                print(f"[compare_lm] {name} seed {seed}: {result['status']}", flush=True)
+
+    summary = summarize(runs, args.models)
+    load = {"start": load_start, "end": os.getloadavg()}
+    env = environment()
+    wall = time.perf_counter() - wall_start
+    section = results_section(summary, setup, env, data_info, command, load, configs, wall)
+    print("\n" + markdown_table(summary) + "\n\n" + claim_statement(summary), flush=True)
+
+    plot_losses(summary, setup, Path(args.plot))
+    results_md = Path(args.results_md)
+    if Path(args.plot).resolve().parent != results_md.resolve().parent:  # keep the image link valid
+        section = section.replace("(compare_lm_loss.png)", f"({os.path.relpath(args.plot, results_md.parent)})")
+    results_md.parent.mkdir(parents=True, exist_ok=True)
+    results_md.write_text(
+        replace_section(results_md.read_text() if results_md.is_file() else "", SECTION_TITLE, section)
+    )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": command, "mode": "quick" if args.quick else "full", "setup": dataclasses.asdict(setup),
+        "environment": env, "load_average": load, "data": data_info, "wall_seconds": wall,
+        "configs": {name: config.to_dict() for name, config in configs.items()},
+        "summary": summary, "runs": runs,
+    }  # fmt: skip
+    output.write_text(json.dumps(record, indent=1))
+    print(f"[compare_lm] wrote {results_md}, {args.plot}, {output} in {wall / 60:.1f} min", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()

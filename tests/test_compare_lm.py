@@ -1,0 +1,156 @@
+"""benchmarks/compare_lm.py: the quick mode end to end, the matching rule, the analytic FLOPs, RESULTS.md handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from uoe import estimate_flops_per_token
+
+from .test_examples import offline_env
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "compare_lm.py"
+ALL_MODELS = ("llama", "mixtral", "deepseek_v3", "qwen3_moe", "uoe_union", "uoe_weighted")
+
+
+def load_compare_lm():
+    if "compare_lm" in sys.modules:
+        return sys.modules["compare_lm"]
+    spec = importlib.util.spec_from_file_location("compare_lm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare_lm"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def compare_lm():
+    return load_compare_lm()
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(compare_lm):
+    return dataclasses.replace(compare_lm.QUICK, vocab_size=256, seq_len=32)
+
+
+@pytest.mark.slow
+def test_quick_mode_reports_every_model(tmp_path):
+    """The quick mode on a tiny budget: every model trains, and the table, JSON, PNG and RESULTS.md have all six."""
+    results_md = tmp_path / "RESULTS.md"
+    other = "# Benchmarks\n\n## Kernels (bench_kernels.py)\n\nkernel table\n\n## Vision\n\nvision table\n"
+    results_md.write_text(other)
+    command = [
+        sys.executable, str(SCRIPT), "--quick", "--max_steps", "3", "--seeds", "0", "--eval_blocks", "4",
+        "--output", str(tmp_path / "out.json"), "--plot", str(tmp_path / "loss.png"),
+        "--results_md", str(results_md), "--work_dir", str(tmp_path / "work"),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+
+    record = json.loads((tmp_path / "out.json").read_text())
+    assert record["mode"] == "quick" and record["setup"]["max_steps"] == 3
+    assert list(record["summary"]) == list(ALL_MODELS)
+    for name, summary in record["summary"].items():
+        assert summary["status"] == "ok", (name, summary["status"])
+        assert math.isfinite(summary["perplexity_mean"]) and summary["perplexity_mean"] > 1.0, name
+        assert summary["parameters"] > 0 and summary["flops_analytic"] > 0 and summary["flops_counted"] > 0, name
+        assert summary["tokens_per_second"] > 0 and summary["peak_rss_mb"] >= 0, name
+        assert len(summary["mean_train_losses"]) == 3
+    assert [run["model"] for run in record["runs"]] == list(ALL_MODELS)
+    assert record["environment"]["torch"] == torch.__version__
+
+    document = results_md.read_text()
+    assert document.startswith(other.rstrip("\n"))  # the other sections are kept
+    section = document[document.index("## LM comparison (compare_lm.py)") :]
+    for name in ALL_MODELS:
+        assert f"\n| {name} | " in section, f"{name} missing from the RESULTS.md table"
+        assert f"\n| {name} | " in result.stdout, f"{name} missing from the printed table"
+    assert "could not run**" not in section
+    assert "Paper's claim" in section and "0.8x" in section
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_matching_rule(compare_lm, tiny_setup):
+    configs = compare_lm.build_configs(tiny_setup)
+    params = {name: compare_lm.count_parameters(config) for name, config in configs.items()}
+    uoe = params["uoe_union"]
+    assert params["uoe_weighted"] == uoe
+    routers = tiny_setup.num_layers * tiny_setup.hidden_size * (tiny_setup.num_heads + tiny_setup.num_experts)
+    assert params["llama"] == uoe - routers  # Llama is UoE at full routing, without the routers
+    for name in ("mixtral", "qwen3_moe", "deepseek_v3"):
+        assert abs(params[name] - uoe) / uoe < 0.01, (name, params[name], uoe)
+        config = configs[name]
+        assert config.num_experts_per_tok == tiny_setup.top_k
+        assert config.num_key_value_heads == config.num_attention_heads == tiny_setup.num_heads
+    assert configs["mixtral"].num_local_experts == configs["qwen3_moe"].num_experts == tiny_setup.num_experts
+    assert configs["deepseek_v3"].n_routed_experts == tiny_setup.num_experts
+    assert configs["uoe_union"].gate_mode == "union" and configs["uoe_weighted"].gate_mode == "weighted"
+
+
+@pytest.mark.parametrize("setup_name", ["QUICK", "FULL"])
+def test_uoe_at_full_routing_has_the_dense_llama_flops(compare_lm, setup_name):
+    setup = getattr(compare_lm, setup_name)
+    configs = compare_lm.build_configs(setup, ("llama", "uoe_union"))
+    llama = compare_lm.analytic_flops_per_token(configs["llama"], setup.seq_len)
+    full = dataclasses.replace(setup, attention_top_k=setup.num_heads, top_k=setup.num_experts)
+    uoe_full = compare_lm.build_configs(full, ("uoe_union",))["uoe_union"]
+    assert uoe_full.is_full_routing
+    uoe_full_flops = compare_lm.analytic_flops_per_token(uoe_full, setup.seq_len)
+    assert uoe_full_flops == pytest.approx(llama, rel=0.01)
+    routers = setup.num_layers * 2 * setup.hidden_size * (setup.num_heads + setup.num_experts)
+    assert uoe_full_flops == pytest.approx(llama + routers, rel=1e-12)  # the only difference: UoE's routers
+    # Without routers, uoe.flops' dense figure is exactly the Llama count of this script.
+    assert estimate_flops_per_token(configs["uoe_union"], setup.seq_len).dense == pytest.approx(llama, rel=1e-12)
+    assert compare_lm.analytic_flops_per_token(configs["uoe_union"], setup.seq_len) < 0.8 * llama
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen3_moe", "deepseek_v3"])
+def test_analytic_flops_match_the_flop_counter(compare_lm, tiny_setup, name):
+    """With full attention (what eager attention executes) the analytic count equals FlopCounterMode's: the dense
+    model exactly, the MoEs because their eager experts run exactly the routed (and shared) experts per token."""
+    config = compare_lm.build_configs(tiny_setup, (name,))[name]
+    torch.manual_seed(0)
+    model = compare_lm.instantiate(config)
+    ids = torch.randint(0, tiny_setup.vocab_size, (2, tiny_setup.seq_len))
+    counted = compare_lm.counted_flops_per_token(model, ids)
+    analytic = compare_lm.analytic_flops_per_token(config, tiny_setup.seq_len, attention="full")
+    assert counted == pytest.approx(analytic, rel=0.02)
+    assert model.config._attn_implementation == "sdpa"  # counting does not leave eager attention behind
+    causal = compare_lm.analytic_flops_per_token(config, tiny_setup.seq_len)
+    assert causal < analytic
+
+
+def test_replace_section_keeps_the_other_sections(compare_lm):
+    title = compare_lm.SECTION_TITLE
+    document = "# Results\n\nintro\n\n## Kernels\n\nk\n"
+    appended = compare_lm.replace_section(document, title, f"{title}\n\nfirst\n")
+    assert appended == f"# Results\n\nintro\n\n## Kernels\n\nk\n\n{title}\n\nfirst\n"
+    with_vision = appended + "\n## Vision\n\nv\n"
+    replaced = compare_lm.replace_section(with_vision, title, f"{title}\n\nsecond\n### sub\n")
+    assert replaced == f"# Results\n\nintro\n\n## Kernels\n\nk\n\n{title}\n\nsecond\n### sub\n\n## Vision\n\nv\n"
+    assert compare_lm.replace_section("", title, f"{title}\n\nx\n") == f"{title}\n\nx\n"
+
+
+def test_bad_arguments_name_the_parameter(compare_lm, capsys):
+    for argv, message in (
+        (["--models", "llama,gpt2"], "--models: unknown model(s) ['gpt2']; allowed: llama, mixtral"),
+        (["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
+        (["--max_steps", "0"], "--max_steps: must be an integer >= 1"),
+        (["--max_steps", "3", "--tokens", "100"], "not allowed with argument"),
+    ):
+        with pytest.raises(SystemExit):
+            compare_lm.parse_args(argv)
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`attention` must be 'causal' or 'full'"):
+        compare_lm.analytic_flops_per_token(compare_lm.build_configs(compare_lm.QUICK, ("llama",))["llama"], 8, "half")
