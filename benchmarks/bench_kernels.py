@@ -1,4 +1,5 @@
-"""Benchmark the UoE Triton kernels on a CUDA GPU (bfloat16) and record the results in benchmarks/RESULTS.md.
+"""Benchmark the UoE Triton kernels on a CUDA GPU (bfloat16) and record the results in their section of
+benchmarks/RESULTS.md.
 
 UoME experts, per shape (tokens, d_model, experts, top-k; intermediate size 4 * d_model split over the
 experts, SwiGLU), forward and forward+backward:
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import replace_section  # benchmarks/harness.py, next to this script
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -50,6 +52,7 @@ QUICK_UOME_SHAPES = [(4096, 1024, 8, 2), (4096, 2048, 8, 2)]
 QUICK_SMHA_SHAPES = [(1, 4096, 16, 64)]
 TARGET_D_MODEL, TARGET_SEQ = 2048, 4096  # issue 4's targets: UoME at d_model >= 2048, SMHA at seq 4096
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS_HEADING = "## Kernel benchmarks (bench_kernels.py, CUDA)"
 
 
 def refuse(message: str) -> None:
@@ -218,17 +221,17 @@ def main() -> None:
 
     uome_shapes, smha_shapes = (QUICK_UOME_SHAPES, QUICK_SMHA_SHAPES) if args.quick else (UOME_SHAPES, SMHA_SHAPES)
 
-    report = ["# UoE kernel benchmarks", "", *environment(), ""]
+    report = [*environment(), ""]
     targets: list[str] = []
 
-    report += ["## UoME experts (SwiGLU, intermediate 4 x d_model split over the experts)", ""]
+    report += ["### UoME experts (SwiGLU, intermediate 4 x d_model split over the experts)", ""]
     header = ["impl", "fwd ms", "fwd TFLOP/s", "fwd % dense", "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd+bwd % dense"]
     for tokens, hidden, experts, top_k in uome_shapes:
         rows, results = bench_uome(tokens, hidden, experts, top_k)
         title = f"tokens {tokens}, d_model {hidden}, experts {experts}, top-k {top_k}"
         table = markdown_table(header, rows)
         print(f"\n{title}\n{table}", flush=True)
-        report += [f"### {title}", "", table, ""]
+        report += [f"#### {title}", "", table, ""]
         if hidden >= TARGET_D_MODEL:
             speedup = results["grouped_mm fwd+bwd"] / results["kernel fwd+bwd"]
             dense = 100 * results["dense GEMM fwd+bwd"] / results["kernel fwd+bwd"]
@@ -239,7 +242,7 @@ def main() -> None:
             )
         torch.cuda.empty_cache()
 
-    report += ["## SMHA selective attention (causal) vs dense SDPA over all heads", ""]
+    report += ["### SMHA selective attention (causal) vs dense SDPA over all heads", ""]
     header = ["selection", "impl", "fwd ms", "fwd MiB", "fwd+bwd ms", "fwd+bwd MiB"]
     for batch, seq, heads, head_dim in smha_shapes:
         rows = []
@@ -267,11 +270,12 @@ def main() -> None:
         title = f"batch {batch}, seq {seq}, {heads} heads of {head_dim}"
         table = markdown_table(header, rows)
         print(f"\n{title}\n{table}", flush=True)
-        report += [f"### {title}", "", table, ""]
+        report += [f"#### {title}", "", table, ""]
 
-    report += ["## Targets (issue 4)", "", *(targets or ["- (no shape of the targets in this run)"]), ""]
+    report += ["### Targets (issue 4)", "", *(targets or ["- (no shape of the targets in this run)"]), ""]
     print("\n" + "\n".join(targets))
-    args.output.write_text("\n".join(report))
+    # Only this script's section of the file is replaced; the CPU comparisons keep theirs.
+    replace_section(args.output, RESULTS_HEADING, "\n".join(report))
     print(f"\nwrote {args.output}")
 
 
