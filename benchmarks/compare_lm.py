@@ -2,7 +2,8 @@
 """UoE against transformers' own language models on the same data, budget and seeds (issue 6, LM half).
 
     .venv/bin/python benchmarks/compare_lm.py --quick     # tiny models, a few minutes on 2 CPU cores
-    .venv/bin/python benchmarks/compare_lm.py             # the full CPU comparison (~30 minutes on 2 cores)
+    .venv/bin/python benchmarks/compare_lm.py --from_json benchmarks/results/compare_lm.json  # re-report
+    .venv/bin/python benchmarks/compare_lm.py             # the full CPU comparison (15 minutes on 2 idle cores)
 
 Models: dense `LlamaForCausalLM`, `MixtralForCausalLM` (top-2), `DeepseekV3ForCausalLM`, `Qwen3MoeForCausalLM`
 and `UoEForCausalLM` with `gate_mode="union"` and `"weighted"`. Every model is built from a config (nothing comes
@@ -36,15 +37,15 @@ routers); DeepSeek-V3 uses no auxiliary loss but the aux-loss-free bias update o
 `e_score_correction_bias += gamma * sign(mean load - expert load)`, gamma = 0.001), which transformers leaves to the
 training code, so it is done here. Validation perplexity is exp of the token cross-entropy only.
 
-Measured per (model, seed), each in a fresh subprocess: validation perplexity, training tokens/s (wall time of the
-training loop), and peak memory = the process's peak RSS after the run minus its RSS just before the model is
-built (data loaded; the kernel's peak-RSS counter is reset at that point), i.e. what the model, its gradients, the
-optimizer state and the activations add. FLOPs per token
-(forward, a multiply-add = 2): analytic active FLOPs (`analytic_flops_per_token`, `uoe.estimate_flops_per_token` for
-UoE, causal attention averaging (L+1)/2 keys per query, LM head included) and the FLOPs `FlopCounterMode` counts in
-one forward of a training batch with eager attention, which executes the full L x L score matrix. The counter sees
-what the code runs: the MoE baselines' eager experts compute only the routed tokens, so they count ~active FLOPs;
-UoE's reference path computes every expert and head and masks, so it counts its dense FLOPs.
+Measured per (model, seed), each in a fresh subprocess: validation perplexity, training tokens/s (from the median
+step time), and peak memory = the process's peak RSS after the run minus its RSS just before the model is built (data
+loaded; the kernel's peak-RSS counter is reset at that point), i.e. what the model, its gradients, the optimizer state
+and the activations add. FLOPs per token (forward, a multiply-add = 2): analytic active FLOPs
+(`analytic_flops_per_token`; `uoe.estimate_flops_per_token` for UoE; causal attention averaging (L+1)/2 keys per
+query; LM head included) and the FLOPs `FlopCounterMode` counts in one forward of a training batch with eager
+attention, which executes the full L x L score matrix. The counter sees what the code runs: the MoE baselines' eager
+experts compute only the routed tokens, so they count ~active FLOPs; UoE's reference path computes every expert and
+head and masks, so it counts its dense FLOPs.
 
 Results: a table on stdout, a section of `benchmarks/RESULTS.md` (other sections are kept), loss curves in
 `benchmarks/compare_lm_loss.png`, raw results in `benchmarks/results/compare_lm.json`.
@@ -63,6 +64,7 @@ import platform
 import re
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -106,9 +108,9 @@ class Setup:
     attention_top_k: int = 2  # UoE's SMHA heads per token
     seq_len: int = 128
     batch_size: int = 16
-    max_steps: int = 100  # sized for ~30 minutes for 6 models x 2 seeds on 2 busy CPU cores
+    max_steps: int = 500  # 6 models x 2 seeds: ~15 minutes on 2 idle CPU cores (longer when they are shared)
     learning_rate: float = 3e-3
-    warmup_steps: int = 10
+    warmup_steps: int = 25
     weight_decay: float = 0.1
     aux_coef: float = 0.01
     eval_blocks: int = 160  # validation blocks, evenly spaced over the held-out works
@@ -445,9 +447,11 @@ def train_and_evaluate(name: str, config, setup: Setup, seed: int, data_path: Pa
     balancer = DeepseekBiasBalancer(model) if config.model_type == "deepseek_v3" else None
     router_kwargs = {"output_router_logits": True} if config.model_type in ("mixtral", "qwen3_moe", "uoe") else {}
 
-    losses, aux_losses = [], []
+    losses, aux_losses, step_seconds = [], [], []
+    load_start = os.getloadavg()[0]
     start = time.perf_counter()
     for step in range(setup.max_steps):
+        step_start = time.perf_counter()
         batch = train_blocks[order[step * setup.batch_size : (step + 1) * setup.batch_size]]
         outputs = model(input_ids=batch, **router_kwargs)
         token_loss = F.cross_entropy(outputs.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
@@ -463,7 +467,9 @@ def train_and_evaluate(name: str, config, setup: Setup, seed: int, data_path: Pa
         if balancer is not None:
             balancer.step()
         losses.append(token_loss.item())
+        step_seconds.append(time.perf_counter() - step_start)
     train_seconds = time.perf_counter() - start
+    load_end = os.getloadavg()[0]
 
     model.eval()
     total, count = 0.0, 0
@@ -486,7 +492,11 @@ def train_and_evaluate(name: str, config, setup: Setup, seed: int, data_path: Pa
         "validation_perplexity": math.exp(validation_loss),
         "validation_tokens": count,
         "train_seconds": train_seconds,
-        "tokens_per_second": setup.tokens / train_seconds,
+        # The median step is robust to bursts of load from other processes; the wall-time mean is not.
+        "tokens_per_second": setup.batch_size * setup.seq_len / statistics.median(step_seconds),
+        "tokens_per_second_wall": setup.tokens / train_seconds,
+        "load_average_start": load_start,
+        "load_average_end": load_end,
         "peak_rss_mb": peak_rss_mb() - baseline_rss,
         "baseline_rss_mb": baseline_rss,
         "peak_rss_reset": peak_was_reset,
@@ -563,6 +573,8 @@ def summarize(runs: list[dict], names: tuple[str, ...]) -> dict[str, dict[str, A
             "flops_analytic_full_attention": mine[0]["flops_analytic_full_attention"],
             "flops_counted": mine[0]["flops_counted"],
             "tokens_per_second": sum(r["tokens_per_second"] for r in mine) / len(mine),
+            "tokens_per_second_wall": sum(r["tokens_per_second_wall"] for r in mine) / len(mine),
+            "max_load_average": max(max(r["load_average_start"], r["load_average_end"]) for r in mine),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
             "mean_train_losses": curves.mean(0).tolist(),
         }
@@ -572,7 +584,7 @@ def summarize(runs: list[dict], names: tuple[str, ...]) -> dict[str, dict[str, A
 def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     rows = [
         "| model | class | parameters | active FLOPs/token (analytic) | FLOPs/token counted (executed) "
-        "| val. perplexity (mean ± std, [min, max]) | train tokens/s | peak RSS Δ (MB) |",
+        "| val. perplexity (mean ± std, [min, max]) | train tokens/s (median step) | peak RSS Δ (MB) |",
         "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for name, s in summary.items():
@@ -613,6 +625,12 @@ def claim_statement(summary: dict[str, dict[str, Any]]) -> str:
             f"vs {best_name}{within}) at {ratio:.2f}x its active FLOPs: "
             f"{'lower' if lower else 'not lower'} perplexity, {'<=' if cheaper else '>'} 0.8x FLOPs → {verdict}."
         )
+        others = [
+            f"{moe}: {s['perplexity_mean'] - m['perplexity_mean']:+.2f} perplexity at "
+            f"{s['flops_analytic'] / m['flops_analytic']:.2f}x FLOPs"
+            for moe, m in moes.items()
+        ]
+        lines.append(f"  - against each MoE baseline: {'; '.join(others)}.")
     return "\n".join(lines)
 
 
@@ -684,28 +702,34 @@ def environment() -> dict[str, Any]:
     }
 
 
-def results_section(
-    summary: dict, setup: Setup, env: dict, data_info: dict, command: str, load: dict, configs: dict, wall: float
-) -> str:
+def results_section(record: dict[str, Any], summary: dict[str, dict[str, Any]], setup: Setup) -> str:
     """The markdown section of RESULTS.md: command, device, setup, matching rule, table, claim, notes."""
+    env, data_info, configs, wall = record["environment"], record["data"], record["configs"], record["wall_seconds"]
+    command, load = record["command"], record["load_average"]
     widths = ", ".join(
-        f"{name} {getattr(configs[name], 'moe_intermediate_size', None) or configs[name].intermediate_size}"
+        f"{name} {configs[name].get('moe_intermediate_size') or configs[name]['intermediate_size']}"
         for name in MOE_BASELINES
         if name in configs
     )
     head_dim = setup.hidden_size // setup.num_heads
     seeds = next((s["seeds"] for s in summary.values() if s["status"] == "ok"), [])
     uncommitted = ", with uncommitted changes in uoe/" if env["uoe_uncommitted_changes"] else ""
-    busy = max(load["start"][0], load["end"][0]) > 1.0
+    # The load average counts this benchmark's own threads too; more than one beyond them means competition.
+    run_loads = [max(r["load_average_start"], r["load_average_end"]) for r in record["runs"] if r["status"] == "ok"]
+    busiest = max(run_loads, default=0.0)
+    threads = env["torch_threads"]
     load_note = (
-        ": other processes were running on this 2-core machine, so tokens/s are lower and noisier" if busy else ""
+        f"; at most {busiest:.2f} during the runs, of which this benchmark's {threads} threads are about {threads}"
     )
+    load_note += ": the machine was otherwise about idle" if busiest <= threads + 1 else ""
+    if busiest > threads + 1:
+        load_note += "; other processes were competing for the cores, so tokens/s are lower and noisier"
     eval_blocks = min(setup.eval_blocks, data_info["validation_tokens"] // setup.seq_len)
     failed = ", ".join(f"{n} ({s['status']})" for n, s in summary.items() if s["status"] != "ok")
     lines = [
         SECTION_TITLE,
         "",
-        f"Command: `{command}` ({wall / 60:.1f} min wall time, {env['date']}).",
+        f"Command: `{command}` ({wall / 60:.1f} min wall time, finished {env['date']}).",
         f"Device: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, no GPU.",
         f"Versions: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"uoe {env['uoe']} (commit {env['git_commit']}{uncommitted}).",
@@ -751,8 +775,9 @@ def results_section(
         "process; just before the model is built (data loaded) the process's peak-RSS counter is reset to its "
         "current RSS (Linux `/proc/self/clear_refs`), and the delta is the peak RSS (`VmHWM`) after training, "
         "evaluation and FLOP counting minus that RSS, i.e. what the model, gradients, AdamW state and activations "
-        "add (max over seeds). Tokens/s: training tokens / wall "
-        "time of the training loop (mean over seeds).",
+        "add (max over seeds). Tokens/s: tokens of a batch / the median time of a training step (forward, backward, "
+        "clipping, AdamW step), mean over seeds; the median keeps bursts of load from other processes out of it "
+        "(the wall-time means and each run's load average are in the JSON).",
         "",
         f"Models that could not run: {failed or 'none, all six ran'}. transformers' default `grouped_mm` experts are "
         "not used: on this CPU they fail for DeepSeek-V3's matched float32 expert width (\"strides should be "
@@ -784,9 +809,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results_md", default=str(BENCHMARKS / "RESULTS.md"), help="markdown file to update")
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "compare_lm"), help="data cache and worker files")
     parser.add_argument("--run_timeout", type=float, default=1800, help="seconds before a single run is abandoned")
+    parser.add_argument(
+        "--from_json", help="re-write the table, PNG and RESULTS.md section from a saved JSON, without training"
+    )
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._worker:
+    if args._worker or args.from_json:
         return args
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
@@ -811,6 +839,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args._worker:
         worker_main(Path(args._worker))
         return {}
+    if args.from_json:
+        record = json.loads(Path(args.from_json).read_text())
+        return write_reports(record, Path(args.plot), Path(args.results_md), Path(args.output))
     wall_start, load_start = time.perf_counter(), os.getloadavg()
     setup = dataclasses.replace(QUICK if args.quick else FULL)
     if args.max_steps is not None:
@@ -839,36 +870,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.append(result)
             if result["status"] == "ok":
                 print(f"[compare_lm] {name} seed {seed}: val ppl {result['validation_perplexity']:.2f}, "
-                      f"{result['tokens_per_second']:,.0f} tokens/s, {result['train_seconds']:.0f} s, "
-                      f"peak RSS Δ {result['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+                      f"{result['tokens_per_second']:,.0f} tokens/s (median step), {result['train_seconds']:.0f} s, "
+                      f"peak RSS Δ {result['peak_rss_mb']:.0f} MB, load {result['load_average_start']:.1f}"
+                      f"->{result['load_average_end']:.1f}", flush=True)  # fmt: skip
             else:
                 print(f"[compare_lm] {name} seed {seed}: {result['status']}", flush=True)
 
-    summary = summarize(runs, args.models)
-    load = {"start": load_start, "end": os.getloadavg()}
-    env = environment()
-    wall = time.perf_counter() - wall_start
-    section = results_section(summary, setup, env, data_info, command, load, configs, wall)
-    print("\n" + markdown_table(summary) + "\n\n" + claim_statement(summary), flush=True)
+    record = {
+        "command": command, "mode": "quick" if args.quick else "full", "setup": dataclasses.asdict(setup),
+        "environment": environment(), "load_average": {"start": load_start, "end": os.getloadavg()},
+        "data": data_info, "wall_seconds": time.perf_counter() - wall_start,
+        "configs": {name: config.to_dict() for name, config in configs.items()}, "runs": runs,
+    }  # fmt: skip
+    return write_reports(record, Path(args.plot), Path(args.results_md), Path(args.output))
 
-    plot_losses(summary, setup, Path(args.plot))
-    results_md = Path(args.results_md)
-    if Path(args.plot).resolve().parent != results_md.resolve().parent:  # keep the image link valid
-        section = section.replace("(compare_lm_loss.png)", f"({os.path.relpath(args.plot, results_md.parent)})")
+
+def write_reports(record: dict[str, Any], plot: Path, results_md: Path, output: Path | None) -> dict[str, Any]:
+    """Summarise the runs of `record`, print the table and write the PNG, the RESULTS.md section and the JSON."""
+    setup = Setup(**record["setup"])
+    summary = summarize(record["runs"], tuple(record["configs"]))
+    record["summary"] = summary
+    print("\n" + markdown_table(summary) + "\n\n" + claim_statement(summary), flush=True)
+    plot_losses(summary, setup, plot)
+    section = results_section(record, summary, setup)
+    if plot.resolve() != (results_md.parent / "compare_lm_loss.png").resolve():  # keep the image link valid
+        section = section.replace("(compare_lm_loss.png)", f"({os.path.relpath(plot, results_md.parent)})")
     results_md.parent.mkdir(parents=True, exist_ok=True)
     results_md.write_text(
         replace_section(results_md.read_text() if results_md.is_file() else "", SECTION_TITLE, section)
     )
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": command, "mode": "quick" if args.quick else "full", "setup": dataclasses.asdict(setup),
-        "environment": env, "load_average": load, "data": data_info, "wall_seconds": wall,
-        "configs": {name: config.to_dict() for name, config in configs.items()},
-        "summary": summary, "runs": runs,
-    }  # fmt: skip
-    output.write_text(json.dumps(record, indent=1))
-    print(f"[compare_lm] wrote {results_md}, {args.plot}, {output} in {wall / 60:.1f} min", flush=True)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(record, indent=1))
+    print(f"[compare_lm] wrote {results_md}, {plot}, {output} ({record['wall_seconds'] / 60:.1f} min)", flush=True)
     return record
 
 

@@ -78,7 +78,17 @@ def test_quick_mode_reports_every_model(tmp_path):
         assert f"\n| {name} | " in result.stdout, f"{name} missing from the printed table"
     assert "could not run**" not in section
     assert "Paper's claim" in section and "0.8x" in section
+    assert "![training loss curves](loss.png)" in section
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Re-reporting from the JSON replaces the section in place: one LM section, the others untouched.
+    load_compare_lm().main(
+        ["--from_json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "loss2.png"),
+         "--results_md", str(results_md), "--output", str(tmp_path / "out2.json")]
+    )  # fmt: skip
+    rewritten = results_md.read_text()
+    assert rewritten.count("## LM comparison (compare_lm.py)") == 1 and rewritten.startswith(other.rstrip("\n"))
+    assert rewritten.replace("loss2.png", "loss.png") == document
 
 
 def test_matching_rule(compare_lm, tiny_setup):
