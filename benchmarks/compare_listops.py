@@ -34,7 +34,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -505,23 +504,16 @@ def main(argv: list[str] | None = None) -> int:
             "label": majority,
             "test_accuracy": float((data["test_y"] == majority).float().mean()),
         },
-        "runs": {name: [] for name in args.model_list},
     }
-    for seed in args.seed_list:
-        for name in args.model_list:
-            t0 = time.perf_counter()
-            try:
-                run = run_one(name, seed, data, args)
-                print(
-                    f"{name} seed {seed}: accuracy {run['accuracy']:.4f}, train loss {run['first_loss']:.3f} -> "
-                    f"{run['final_loss']:.3f}, {run['train_examples_per_s']:.1f} train seq/s, "
-                    f"{time.perf_counter() - t0:.0f}s, load {os.getloadavg()[0]:.2f}",
-                    flush=True,
-                )
-            except Exception as error:  # a model that cannot run is reported, not dropped
-                traceback.print_exc()
-                run = {"seed": seed, "error": f"{type(error).__name__}: {error}"}
-            results["runs"][name].append(run)
+    results["runs"] = harness.run_grid(
+        lambda name, seed: run_one(name, seed, data, args),
+        args.model_list,
+        args.seed_list,
+        lambda run: (
+            f"accuracy {run['accuracy']:.4f}, train loss {run['first_loss']:.3f} -> {run['final_loss']:.3f}, "
+            f"{run['train_examples_per_s']:.1f} train seq/s"
+        ),
+    )
     results["environment"]["loadavg_end"] = list(os.getloadavg())
     results["wall_seconds"] = time.perf_counter() - start
     results["summary"] = summarize(results, args.model_list)

@@ -41,7 +41,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -542,22 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         "uoe_active_flops": uoe_flops_per_image(uoe_config())["active"],
         "uoe_dense_equivalent_flops": uoe_flops_per_image(uoe_config())["dense"],
         "not_run": {},
-        "runs": {name: [] for name in args.model_list},
     }
-    for seed in args.seed_list:
-        for name in args.model_list:
-            t0 = time.perf_counter()
-            try:
-                run = run_one(name, seed, data, args)
-                print(
-                    f"{name} seed {seed}: accuracy {run['accuracy']:.4f}, {run['train_examples_per_s']:.0f} train "
-                    f"images/s, {time.perf_counter() - t0:.0f}s, load {os.getloadavg()[0]:.2f}",
-                    flush=True,
-                )
-            except Exception as error:  # a model that cannot run is reported, not dropped
-                traceback.print_exc()
-                run = {"seed": seed, "error": f"{type(error).__name__}: {error}"}
-            results["runs"][name].append(run)
+    results["runs"] = harness.run_grid(
+        lambda name, seed: run_one(name, seed, data, args),
+        args.model_list,
+        args.seed_list,
+        lambda run: f"accuracy {run['accuracy']:.4f}, {run['train_examples_per_s']:.0f} train images/s",
+    )
     results["environment"]["loadavg_end"] = list(os.getloadavg())
     results["wall_seconds"] = time.perf_counter() - start
     results["summary"] = summarize(results, args.model_list)

@@ -13,6 +13,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -243,3 +244,28 @@ def load_note(load_start: list[float], load_end: list[float], cores: int | None)
             "lower and noisier than on an idle machine (accuracy and FLOPs are unaffected)."
         )
     return text
+
+
+def run_grid(
+    run_one: Callable[[str, int], dict], names: list[str], seeds: list[int], describe: Callable[[dict], str]
+) -> dict[str, list[dict]]:
+    """Run every model for every seed (seed-major, so a slow spell of the machine hits all models alike).
+
+    A run that raises is recorded as `{"seed": ..., "error": ...}` and reported, not dropped.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for seed in seeds:
+        for name in names:
+            started = time.perf_counter()
+            try:
+                run = run_one(name, seed)
+                print(
+                    f"{name} seed {seed}: {describe(run)}, {time.perf_counter() - started:.0f}s, "
+                    f"load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+            except Exception as error:  # a model that cannot run is reported, not dropped
+                traceback.print_exc()
+                run = {"seed": seed, "error": f"{type(error).__name__}: {error}"}
+            runs[name].append(run)
+    return runs

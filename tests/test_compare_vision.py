@@ -151,3 +151,19 @@ def test_replace_section_keeps_other_sections(tmp_path):
     assert text.count(cv.SECTION) == 1 and "second" in text and "first" not in text
     assert "LM table stays." in text and "kernel text" in text and "listops" in text
     assert text.index("## Kernels") < text.index(cv.SECTION) < text.index("## ListOps")
+
+
+def test_run_grid_runs_seed_major_and_records_failures(capsys):
+    calls = []
+
+    def run_one(name, seed):
+        calls.append((name, seed))
+        if name == "broken":
+            raise RuntimeError("no kernel for this shape")
+        return {"seed": seed, "accuracy": 0.5}
+
+    runs = harness.run_grid(run_one, ["ok", "broken"], [0, 1], lambda run: f"accuracy {run['accuracy']}")
+    assert calls == [("ok", 0), ("broken", 0), ("ok", 1), ("broken", 1)]
+    assert runs["ok"] == [{"seed": 0, "accuracy": 0.5}, {"seed": 1, "accuracy": 0.5}]
+    assert runs["broken"] == [{"seed": s, "error": "RuntimeError: no kernel for this shape"} for s in (0, 1)]
+    assert "ok seed 1: accuracy 0.5" in capsys.readouterr().out
