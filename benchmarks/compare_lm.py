@@ -61,7 +61,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import shlex
 import statistics
@@ -73,6 +72,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (benchmarks/harness.py: the RESULTS.md section writer shared by the comparisons)
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -660,18 +662,6 @@ def plot_losses(summary: dict[str, dict[str, Any]], setup: Setup, path: Path) ->
     plt.close(figure)
 
 
-def replace_section(document: str, title: str, body: str) -> str:
-    """Replace the `## ` section headed `title` (up to the next `## ` heading) with `body`, or append it."""
-    lines = document.splitlines()
-    try:
-        start = lines.index(title)
-    except ValueError:
-        return document.rstrip("\n") + ("\n\n" if document.strip() else "") + body.rstrip("\n") + "\n"
-    end = next((i for i in range(start + 1, len(lines)) if re.match(r"^#{1,2} ", lines[i])), len(lines))
-    new_lines = lines[:start] + body.rstrip("\n").splitlines() + ([""] if end < len(lines) else []) + lines[end:]
-    return "\n".join(new_lines) + "\n"
-
-
 def environment() -> dict[str, Any]:
     import transformers  # noqa: PLC0415
 
@@ -895,10 +885,7 @@ def write_reports(record: dict[str, Any], plot: Path, results_md: Path, output: 
     section = results_section(record, summary, setup)
     if plot.resolve() != (results_md.parent / "compare_lm_loss.png").resolve():  # keep the image link valid
         section = section.replace("(compare_lm_loss.png)", f"({os.path.relpath(plot, results_md.parent)})")
-    results_md.parent.mkdir(parents=True, exist_ok=True)
-    results_md.write_text(
-        replace_section(results_md.read_text() if results_md.is_file() else "", SECTION_TITLE, section)
-    )
+    harness.replace_section(results_md, SECTION_TITLE, section.removeprefix(SECTION_TITLE))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(record, indent=1))

@@ -141,17 +141,6 @@ def test_analytic_flops_match_the_flop_counter(compare_lm, tiny_setup, name):
     assert causal < analytic
 
 
-def test_replace_section_keeps_the_other_sections(compare_lm):
-    title = compare_lm.SECTION_TITLE
-    document = "# Results\n\nintro\n\n## Kernels\n\nk\n"
-    appended = compare_lm.replace_section(document, title, f"{title}\n\nfirst\n")
-    assert appended == f"# Results\n\nintro\n\n## Kernels\n\nk\n\n{title}\n\nfirst\n"
-    with_vision = appended + "\n## Vision\n\nv\n"
-    replaced = compare_lm.replace_section(with_vision, title, f"{title}\n\nsecond\n### sub\n")
-    assert replaced == f"# Results\n\nintro\n\n## Kernels\n\nk\n\n{title}\n\nsecond\n### sub\n\n## Vision\n\nv\n"
-    assert compare_lm.replace_section("", title, f"{title}\n\nx\n") == f"{title}\n\nx\n"
-
-
 def test_bad_arguments_name_the_parameter(compare_lm, capsys):
     for argv, message in (
         (["--models", "llama,gpt2"], "--models: unknown model(s) ['gpt2']; allowed: llama, mixtral"),
