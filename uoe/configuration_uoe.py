@@ -13,8 +13,9 @@ ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_EMBEDDING_TYPES = ("rope", "learned")
 ROUTING_BACKENDS = ("auto", "triton", "reference")
-# The KV cache output field: `cache` from transformers 5.24 on, `past_key_values` before.
-_CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`; earlier 5.x
+# releases pass and read `past_key_values`. The models accept both names and fill whichever field exists.
+CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -92,7 +93,7 @@ class UoEConfig(PreTrainedConfig):
     """
 
     model_type = "uoe"
-    keys_to_ignore_at_inference = [_CACHE_FIELD]
+    keys_to_ignore_at_inference = [CACHE_FIELD]
 
     def __init__(
         self,

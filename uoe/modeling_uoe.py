@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_uoe import UoEConfig
+from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
 from .kernels_common import require_kernels, triton_importable
 from .kernels_smha import selective_attention
@@ -56,6 +56,15 @@ def use_routing_kernels(config: UoEConfig, tensor: torch.Tensor) -> bool:
         require_kernels(tensor, 'routing_backend="triton"')
         return True
     return tensor.device.type == "cuda" and triton_importable()
+
+
+def use_attention_kernels(attention: nn.Module, tensor: torch.Tensor) -> bool:
+    """Whether a selective-attention module runs the SMHA kernel: `use_routing_kernels`, except that attention
+    dropout while training keeps the reference path (the kernel has no dropout; `"triton"` refuses dropout > 0 at
+    config construction)."""
+    return use_routing_kernels(attention.config, tensor) and not (
+        attention.training and attention.attention_dropout > 0
+    )
 
 
 def routed_experts_forward(
@@ -184,11 +193,6 @@ def prepare_uoe_cache(cache: Cache, num_layers: int) -> Cache:
     if cache.layer_class_to_replicate is not None:
         cache.layer_class_to_replicate = UoECacheLayer
     return cache
-
-
-# transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`; earlier 5.x
-# releases pass and read `past_key_values`. The model accepts both names and fills whichever field exists.
-CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -406,7 +410,7 @@ class UoESelectiveAttention(nn.Module):
             key_selected = cache_layer.update_routing("head_selected", selected)
             cache_layer.update_routing("attention_router_logits", router_logits)
 
-        if use_routing_kernels(self.config, query) and not (self.training and self.attention_dropout > 0):
+        if use_attention_kernels(self, query):
             # Work and memory follow the selected (token, head) pairs; unselected heads come back as 0.
             attn_output = selective_attention(
                 query,
@@ -419,24 +423,33 @@ class UoESelectiveAttention(nn.Module):
                 scaling=self.scaling,
                 attend_self=True,
             )
-            attn_output = attn_output * head_gates.to(attn_output.dtype)[..., None]
-            return self.o_proj(attn_output.reshape(batch_size, seq_len, -1)), None, aux
+            attn_weights = None
+        else:
+            attn_output, attn_weights = self._masked_attention(
+                query, key, value, key_selected, routing.key_mask, **kwargs
+            )
+        # Union of the selected heads: unselected heads are multiplied by 0, selected ones by their gate.
+        attn_output = attn_output * head_gates.to(attn_output.dtype)[..., None]
+        attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
+        return attn_output, attn_weights, aux
 
+    def _masked_attention(self, query, key, value, key_selected, key_mask, **kwargs):
+        """The reference path: the configured attention function with the selective (per-head) mask."""
         implementation = self.config._attn_implementation
-        key_length = key.shape[2]
+        key_length, query_length = key.shape[2], query.shape[2]
         # With every head selected and no padding this is plain causal attention: let SDPA use its
         # causal kernels instead of a materialised mask.
         dense_causal = (
             self.top_k == self.num_heads
-            and routing.key_mask is None
+            and key_mask is None
             and implementation == "sdpa"
-            and (key_length == seq_len or seq_len == 1)
+            and (key_length == query_length or query_length == 1)
         )
         attention_mask = (
-            None if dense_causal else selective_attention_mask(key_selected, routing.key_mask, seq_len, query.dtype)
+            None if dense_causal else selective_attention_mask(key_selected, key_mask, query_length, query.dtype)
         )
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        attn_output, attn_weights = attention_interface(
+        return attention_interface(
             self,
             query,
             key,
@@ -446,10 +459,6 @@ class UoESelectiveAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        # Union of the selected heads: unselected heads are multiplied by 0, selected ones by their gate.
-        attn_output = attn_output * head_gates.to(attn_output.dtype)[..., None]
-        attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
-        return attn_output, attn_weights, aux
 
 
 @use_experts_implementation

@@ -42,7 +42,7 @@ from .modeling_uoe import (
     rotate_half,
     route,
     routed_experts_forward,
-    use_routing_kernels,
+    use_attention_kernels,
 )
 from .routing import capacity_slots, dense_gates, patch_mean, router_scores
 
@@ -250,21 +250,21 @@ class UoEVisionSelectiveAttention(nn.Module):
         if position_embeddings is not None:
             cos, sin = (t.unsqueeze(1) for t in position_embeddings)
             query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
-        if use_routing_kernels(self.config, query) and not (self.training and self.attention_dropout > 0):
+        selected = token_gates != 0
+        if use_attention_kernels(self, query):
             # Bidirectional selective attention over each head's selected tokens; unselected heads come back 0.
-            selected = token_gates != 0
             attn_output = selective_attention(query, key, value, selected, selected, causal=False, scaling=self.scaling)
-            attn_output = attn_output * token_gates.to(attn_output.dtype)[..., None]
-            return self.o_proj(attn_output.reshape(batch_size, seq_len, -1)), None
-        mask = None
-        if self.top_k < self.num_heads:
-            # key j is visible in head h iff it selected h; the diagonal keeps unselected queries' rows finite
-            # (their outputs are multiplied by a zero gate afterwards).
-            allowed = (token_gates != 0).transpose(1, 2)[:, :, None, :]
-            allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=hidden_states.device)
-            mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-            mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
-        attn_output, attn_weights = self._attention(query, key, value, mask)  # (batch, seq, heads, head_dim)
+            attn_weights = None
+        else:
+            mask = None
+            if self.top_k < self.num_heads:
+                # key j is visible in head h iff it selected h; the diagonal keeps unselected queries' rows finite
+                # (their outputs are multiplied by a zero gate afterwards).
+                allowed = selected.transpose(1, 2)[:, :, None, :]
+                allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=hidden_states.device)
+                mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+                mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
+            attn_output, attn_weights = self._attention(query, key, value, mask)  # (batch, seq, heads, head_dim)
         attn_output = attn_output * token_gates.to(attn_output.dtype)[..., None]
         return self.o_proj(attn_output.reshape(batch_size, seq_len, -1)), attn_weights
 
