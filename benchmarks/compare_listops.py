@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -325,6 +324,11 @@ def summarize(results: dict, names: list[str]) -> list[dict]:
     return rows
 
 
+def probe_length(results: dict) -> int | None:
+    """Length of the test expression the FLOP counter ran on (the median one; the same for every model)."""
+    return next((row["probe_length"] for row in results["summary"] if row["runs"]), None)
+
+
 def markdown(results: dict) -> str:
     env, cfg = results["environment"], results["settings"]
     rows = []
@@ -364,7 +368,7 @@ def markdown(results: dict) -> str:
             "final train loss",
             "parameters",
             "FLOPs/sequence (analytic, mean)",
-            f"counted / analytic FLOPs at length {results['probe_length']}",
+            f"counted / analytic FLOPs at length {probe_length(results)}",
             "train sequences/s",
             "eval sequences/s",
         ],
@@ -399,8 +403,7 @@ def markdown(results: dict) -> str:
             if padding
             else "- Padding: n/a.",
             f"- Label distribution (test): {results['test_label_counts']}.",
-            "- One torch thread (`--threads 1`, the default): on this shared 2-core machine two OpenMP threads made "
-            "training 3-4x slower.",
+            harness.THREADS_NOTE,
             f"- {results['load_note']}",
             *(["", "Models that did not run:", *failed] if failed else []),
             "",
@@ -409,59 +412,27 @@ def markdown(results: dict) -> str:
     )
 
 
+def _check_listops_arguments(args) -> None:
+    harness.check_positive("min_length", args.min_length)
+    if args.max_length < args.min_length:
+        raise ValueError(f"--max_length must be >= --min_length ({args.min_length}), got {args.max_length}.")
+    if args.max_depth < 2:
+        raise ValueError(f"--max_depth must be >= 2, got {args.max_depth}.")
+    if args.max_args < 2:
+        raise ValueError(f"--max_args must be >= 2, got {args.max_args}.")
+
+
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small budget (a few minutes on 2 CPU cores)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
-    parser.add_argument("--seeds", default=None, help="comma-separated integers (default: quick 0, full 0,1)")
-    parser.add_argument("--train_samples", type=int, default=None)
-    parser.add_argument("--test_samples", type=int, default=None)
+    harness.add_common_arguments(
+        parser, MODELS, batch_size=32, eval_batch_size=100, lr=1e-3, weight_decay=0.01, json_stem="listops"
+    )
     parser.add_argument("--min_length", type=int, default=None, help="shortest expression in tokens")
     parser.add_argument("--max_length", type=int, default=None, help="longest expression in tokens")
     parser.add_argument("--max_depth", type=int, default=10)
     parser.add_argument("--max_args", type=int, default=10)
     parser.add_argument("--data_seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--eval_batch_size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight_decay", type=float, default=0.01)
-    parser.add_argument("--warmup_steps", type=int, default=50)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: on a shared 2-core machine, 2 OpenMP threads ran 3-4x slower)",
-    )
-    parser.add_argument(
-        "--results_md", default=str(harness.DEFAULT_RESULTS_MD), help="markdown file whose section is replaced"
-    )
-    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/listops_<mode>.json)")
-    args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    for key, value in MODES[mode].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.mode = mode
-    try:
-        args.model_list = harness.parse_choices("models", args.models, MODELS)
-        args.seed_list = harness.parse_int_list("seeds", args.seeds)
-        for name in ("train_samples", "test_samples", "min_length", "epochs", "batch_size", "eval_batch_size", "lr"):
-            harness.check_positive(name, getattr(args, name))
-        harness.check_positive("weight_decay", args.weight_decay, allow_zero=True)
-        harness.check_positive("warmup_steps", args.warmup_steps, allow_zero=True)
-        if args.max_length < args.min_length:
-            raise ValueError(f"--max_length must be >= --min_length ({args.min_length}), got {args.max_length}.")
-        if args.max_depth < 2:
-            raise ValueError(f"--max_depth must be >= 2, got {args.max_depth}.")
-        if args.max_args < 2:
-            raise ValueError(f"--max_args must be >= 2, got {args.max_args}.")
-        harness.check_positive("threads", args.threads)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.output is None:
-        args.output = str(harness.RESULTS_DIR / f"listops_{mode}.json")
-    return args
+    return harness.parse_common_arguments(parser, argv, MODES, MODELS, _check_listops_arguments)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,21 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "compare_listops",
         "environment": env,
         "settings": {
-            "mode": args.mode,
-            "models": args.model_list,
-            "seeds": args.seed_list,
-            "train_samples": args.train_samples,
-            "test_samples": args.test_samples,
-            "min_length": args.min_length,
-            "max_length": args.max_length,
-            "max_depth": args.max_depth,
-            "max_args": args.max_args,
-            "data_seed": args.data_seed,
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "weight_decay": args.weight_decay,
-            "warmup_steps": args.warmup_steps,
+            **harness.common_settings(args),
+            **{key: getattr(args, key) for key in ("min_length", "max_length", "max_depth", "max_args", "data_seed")},
         },
         "mean_test_length": statistics.fmean(test_lengths),
         "train_label_counts": data["train_labels"],
@@ -514,19 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['train_examples_per_s']:.1f} train seq/s"
         ),
     )
-    results["environment"]["loadavg_end"] = list(os.getloadavg())
-    results["wall_seconds"] = time.perf_counter() - start
-    results["summary"] = summarize(results, args.model_list)
-    probe_lengths = [row["probe_length"] for row in results["summary"] if row["runs"]]
-    results["probe_length"] = probe_lengths[0] if probe_lengths else None
-    results["load_note"] = harness.load_note(env["loadavg_start"], env["loadavg_end"], env["cpu_count"])
-    results["json_path"] = harness.display_path(args.output)
-    harness.write_json(Path(args.output), results)
-    text = markdown(results)
-    if args.results_md and args.results_md.lower() != "none":
-        harness.replace_section(Path(args.results_md), SECTION, text)
-    print(text)
-    return 1 if any(row["failed"] for row in results["summary"]) else 0
+    return harness.finish_run(results, args, start, summarize, markdown, SECTION)
 
 
 if __name__ == "__main__":

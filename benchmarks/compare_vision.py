@@ -38,7 +38,6 @@ import argparse
 import functools
 import importlib.util
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -432,7 +431,6 @@ def markdown(results: dict) -> str:
     )
     seeds = ", ".join(str(s) for s in cfg["seeds"])
     failed = [f"- {row['model']}: {'; '.join(row['failed'])}" for row in results["summary"] if row["failed"]]
-    not_run = [f"- {name}: {reason}" for name, reason in results.get("not_run", {}).items()]
     return "\n".join(
         [
             f"Mode `{cfg['mode']}`, {env['date_utc']}, `{env['command']}`; {env['device']} ({env['cpu']}, "
@@ -459,11 +457,9 @@ def markdown(results: dict) -> str:
             "only the kept slots are computed (plus dense CLS).",
             "- Throughput is measured on this shared CPU with PyTorch eager kernels; it reflects these "
             "implementations here, not what the FLOPs would allow.",
-            "- One torch thread (`--threads 1`, the default): on this shared 2-core machine two OpenMP threads made "
-            "training 3-4x slower.",
+            harness.THREADS_NOTE,
             f"- {results['load_note']}",
             *(["", "Models that did not run:", *failed] if failed else []),
-            *(["", "Not run in this harness:", *not_run] if not_run else []),
             "",
             f"Raw results: `{results['json_path']}`.",
         ]
@@ -472,47 +468,11 @@ def markdown(results: dict) -> str:
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small budget (a few minutes on 2 CPU cores)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
-    parser.add_argument("--seeds", default=None, help="comma-separated integers (default: quick 0, full 0,1)")
-    parser.add_argument("--train_samples", type=int, default=None)
-    parser.add_argument("--test_samples", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--eval_batch_size", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight_decay", type=float, default=0.05)
-    parser.add_argument("--warmup_steps", type=int, default=50)
+    harness.add_common_arguments(
+        parser, MODELS, batch_size=128, eval_batch_size=500, lr=2e-3, weight_decay=0.05, json_stem="vision"
+    )
     parser.add_argument("--fashion_mnist_dir", default=None)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: on a shared 2-core machine, 2 OpenMP threads ran 3-4x slower)",
-    )
-    parser.add_argument(
-        "--results_md", default=str(harness.DEFAULT_RESULTS_MD), help="markdown file whose section is replaced"
-    )
-    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/vision_<mode>.json)")
-    args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    for key, value in MODES[mode].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.mode = mode
-    try:
-        args.model_list = harness.parse_choices("models", args.models, MODELS)
-        args.seed_list = harness.parse_int_list("seeds", args.seeds)
-        for name in ("train_samples", "test_samples", "epochs", "batch_size", "eval_batch_size", "lr"):
-            harness.check_positive(name, getattr(args, name))
-        harness.check_positive("weight_decay", args.weight_decay, allow_zero=True)
-        harness.check_positive("warmup_steps", args.warmup_steps, allow_zero=True)
-        harness.check_positive("threads", args.threads)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.output is None:
-        args.output = str(harness.RESULTS_DIR / f"vision_{mode}.json")
-    return args
+    return harness.parse_common_arguments(parser, argv, MODES, MODELS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,25 +482,13 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment()
     data = load_data(args.fashion_mnist_dir, args.train_samples, args.test_samples)
     print(f"data: {len(data['train_y'])} train / {len(data['test_y'])} test images", flush=True)
+    uoe_flops = uoe_flops_per_image(uoe_config())
     results = {
         "benchmark": "compare_vision",
         "environment": env,
-        "settings": {
-            "mode": args.mode,
-            "models": args.model_list,
-            "seeds": args.seed_list,
-            "train_samples": args.train_samples,
-            "test_samples": args.test_samples,
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "weight_decay": args.weight_decay,
-            "warmup_steps": args.warmup_steps,
-            "subset_seed": SUBSET_SEED,
-        },
-        "uoe_active_flops": uoe_flops_per_image(uoe_config())["active"],
-        "uoe_dense_equivalent_flops": uoe_flops_per_image(uoe_config())["dense"],
-        "not_run": {},
+        "settings": {**harness.common_settings(args), "subset_seed": SUBSET_SEED},
+        "uoe_active_flops": uoe_flops["active"],
+        "uoe_dense_equivalent_flops": uoe_flops["dense"],
     }
     results["runs"] = harness.run_grid(
         lambda name, seed: run_one(name, seed, data, args),
@@ -548,17 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed_list,
         lambda run: f"accuracy {run['accuracy']:.4f}, {run['train_examples_per_s']:.0f} train images/s",
     )
-    results["environment"]["loadavg_end"] = list(os.getloadavg())
-    results["wall_seconds"] = time.perf_counter() - start
-    results["summary"] = summarize(results, args.model_list)
-    results["load_note"] = harness.load_note(env["loadavg_start"], env["loadavg_end"], env["cpu_count"])
-    results["json_path"] = harness.display_path(args.output)
-    harness.write_json(Path(args.output), results)
-    text = markdown(results)
-    if args.results_md and args.results_md.lower() != "none":
-        harness.replace_section(Path(args.results_md), SECTION, text)
-    print(text)
-    return 1 if any(row["failed"] for row in results["summary"]) else 0
+    return harness.finish_run(results, args, start, summarize, markdown, SECTION)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ tables, and replacing one section of benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -269,3 +270,105 @@ def run_grid(
                 run = {"seed": seed, "error": f"{type(error).__name__}: {error}"}
             runs[name].append(run)
     return runs
+
+
+# -- command line and the end of a run, shared by compare_vision.py and compare_listops.py -----------------------
+
+THREADS_NOTE = (
+    "- One torch thread (`--threads 1`, the default): on this shared 2-core machine two OpenMP threads made "
+    "training 3-4x slower."
+)
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    models: tuple[str, ...],
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    lr: float,
+    weight_decay: float,
+    json_stem: str,
+) -> None:
+    """The arguments every comparison takes: mode, models, seeds, data sizes, optimizer, threads, outputs.
+    `None` defaults are filled from the script's `MODES` table by `parse_common_arguments`."""
+    parser.add_argument("--quick", action="store_true", help="small budget (a few minutes on 2 CPU cores)")
+    parser.add_argument("--models", default=",".join(models), help=f"comma-separated subset of {list(models)}")
+    parser.add_argument("--seeds", default=None, help="comma-separated integers (default: quick 0, full 0,1)")
+    parser.add_argument("--train_samples", type=int, default=None)
+    parser.add_argument("--test_samples", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--eval_batch_size", type=int, default=eval_batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--weight_decay", type=float, default=weight_decay)
+    parser.add_argument("--warmup_steps", type=int, default=50)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core machine, 2 OpenMP threads ran 3-4x slower)",
+    )
+    parser.add_argument("--results_md", default=str(DEFAULT_RESULTS_MD), help="markdown file whose section is replaced")
+    parser.add_argument(
+        "--output", default=None, help=f"JSON path (default benchmarks/results/{json_stem}_<mode>.json)"
+    )
+    parser.set_defaults(json_stem=json_stem)
+
+
+def parse_common_arguments(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    modes: dict[str, dict],
+    models: tuple[str, ...],
+    extra_checks: Callable[[argparse.Namespace], None] | None = None,
+) -> argparse.Namespace:
+    """Parse, fill the mode's defaults, validate (a bad value exits with a message naming the argument)."""
+    args = parser.parse_args(argv)
+    args.mode = "quick" if args.quick else "full"
+    for key, value in modes[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.model_list = parse_choices("models", args.models, models)
+        args.seed_list = parse_int_list("seeds", args.seeds)
+        for name in ("train_samples", "test_samples", "epochs", "batch_size", "eval_batch_size", "lr", "threads"):
+            check_positive(name, getattr(args, name))
+        check_positive("weight_decay", args.weight_decay, allow_zero=True)
+        check_positive("warmup_steps", args.warmup_steps, allow_zero=True)
+        if extra_checks is not None:
+            extra_checks(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.output is None:
+        args.output = str(RESULTS_DIR / f"{args.json_stem}_{args.mode}.json")
+    return args
+
+
+def common_settings(args: argparse.Namespace) -> dict:
+    """The settings every comparison records with its results."""
+    keys = ("mode", "train_samples", "test_samples", "epochs", "batch_size", "lr", "weight_decay", "warmup_steps")
+    return {"models": args.model_list, "seeds": args.seed_list, **{key: getattr(args, key) for key in keys}}
+
+
+def finish_run(
+    results: dict,
+    args: argparse.Namespace,
+    started: float,
+    summarize: Callable[[dict, list[str]], list[dict]],
+    markdown: Callable[[dict], str],
+    section: str,
+) -> int:
+    """Summarise, write the JSON and the RESULTS.md section, print the section; exit status 1 if a run failed."""
+    env = results["environment"]
+    env["loadavg_end"] = list(os.getloadavg())
+    results["wall_seconds"] = time.perf_counter() - started
+    results["summary"] = summarize(results, args.model_list)
+    results["load_note"] = load_note(env["loadavg_start"], env["loadavg_end"], env["cpu_count"])
+    results["json_path"] = display_path(args.output)
+    write_json(Path(args.output), results)
+    text = markdown(results)
+    if args.results_md and args.results_md.lower() != "none":
+        replace_section(Path(args.results_md), section, text)
+    print(text)
+    return 1 if any(row["failed"] for row in results["summary"]) else 0
