@@ -135,30 +135,55 @@ def bench_uome(tokens: int, hidden: int, experts: int, top_k: int) -> tuple[list
     flops = 2 * rows_in * hidden * 3 * inner
 
     results: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    try:  # the autotuned kernel at this shape against transformers' path (bf16 both)
+        with torch.no_grad():
+            results["kernel vs grouped_mm"] = max_rel_diff(impls["kernel"](), impls["grouped_mm"]())
+    except Exception as error:
+        failure(error)
     for name, fn in impls.items():
         inputs = [dense_in, dense_w] if name == "dense GEMM" else params
-        with torch.no_grad():
-            results[f"{name} fwd"] = bench(fn)
-        out = fn()
-        grad = torch.randn_like(out)
-        results[f"{name} fwd+bwd"] = bench(
-            lambda fn=fn, inputs=inputs, grad=grad: torch.autograd.grad(fn(), inputs, grad)
-        )
+        try:
+            with torch.no_grad():
+                results[f"{name} fwd"] = bench(fn)
+            out = fn()
+            grad = torch.randn_like(out)
+            results[f"{name} fwd+bwd"] = bench(
+                lambda fn=fn, inputs=inputs, grad=grad: torch.autograd.grad(fn(), inputs, grad)
+            )
+        except Exception as error:  # one failing implementation is reported in its row, the others still run
+            errors[name] = failure(error)
     rows = []
     for name in impls:
+        if name in errors:
+            rows.append([name, errors[name]] + [""] * 5)
+            continue
         row = [name]
         for mode, mode_flops in (("fwd", flops), ("fwd+bwd", 3 * flops)):
             ms = results[f"{name} {mode}"]
-            dense_ms = results[f"dense GEMM {mode}"]
+            dense_ms = results.get(f"dense GEMM {mode}", float("nan"))
             row += [f"{ms:.3f}", f"{mode_flops / ms / 1e9:.1f}", f"{100 * dense_ms / ms:.0f}%"]
         rows.append(row)
     return rows, results
 
 
+def max_rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float32."""
+    actual, expected = actual.float(), expected.float()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def failure(error: Exception) -> str:
+    """A table cell for an implementation that raised (printed in full to stderr)."""
+    print(f"bench_kernels.py: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    torch.cuda.empty_cache()
+    return f"failed: {type(error).__name__}"
+
+
 # -- SMHA ----------------------------------------------------------------------------------------
 
 
-def bench_smha(batch: int, seq: int, heads: int, head_dim: int, fraction: float) -> dict[str, float]:
+def bench_smha(batch: int, seq: int, heads: int, head_dim: int, fraction: float) -> dict[str, float | str]:
     from uoe.kernels_smha import selective_attention
 
     q, k, v = (
@@ -171,18 +196,27 @@ def bench_smha(batch: int, seq: int, heads: int, head_dim: int, fraction: float)
         "kernel": lambda: selective_attention(q, k, v, selected, selected, causal=True),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
-    results = {}
+    results: dict[str, float | str] = {}
+    if fraction == 1.0:  # every head selected: the kernel computes exactly dense causal attention
+        try:
+            with torch.no_grad():
+                results["kernel vs sdpa"] = max_rel_diff(impls["kernel"](), impls["sdpa"]().transpose(1, 2))
+        except Exception as error:
+            failure(error)
     for name, fn in impls.items():
-        with torch.no_grad():
-            results[f"{name} fwd ms"] = bench(fn)
-            results[f"{name} fwd MiB"] = peak_memory_mib(fn)
-        grad = torch.randn_like(fn())
+        try:
+            with torch.no_grad():
+                results[f"{name} fwd ms"] = bench(fn)
+                results[f"{name} fwd MiB"] = peak_memory_mib(fn)
+            grad = torch.randn_like(fn())
 
-        def step(fn=fn, grad=grad):
-            return torch.autograd.grad(fn(), (q, k, v), grad)
+            def step(fn=fn, grad=grad):
+                return torch.autograd.grad(fn(), (q, k, v), grad)
 
-        results[f"{name} fwd+bwd ms"] = bench(step)
-        results[f"{name} fwd+bwd MiB"] = peak_memory_mib(step)
+            results[f"{name} fwd+bwd ms"] = bench(step)
+            results[f"{name} fwd+bwd MiB"] = peak_memory_mib(step)
+        except Exception as error:  # reported in the row; the other implementation still runs
+            results[f"{name} error"] = failure(error)
     return results
 
 
@@ -230,9 +264,13 @@ def main() -> None:
         rows, results = bench_uome(tokens, hidden, experts, top_k)
         title = f"tokens {tokens}, d_model {hidden}, experts {experts}, top-k {top_k}"
         table = markdown_table(header, rows)
+        if "kernel vs grouped_mm" in results:
+            table += f"\n\nkernel output vs grouped_mm: max rel. difference {results['kernel vs grouped_mm']:.1e}"
         print(f"\n{title}\n{table}", flush=True)
         report += [f"#### {title}", "", table, ""]
-        if hidden >= TARGET_D_MODEL:
+        if hidden >= TARGET_D_MODEL and all(
+            f"{name} fwd+bwd" in results for name in ("kernel", "grouped_mm", "dense GEMM")
+        ):
             speedup = results["grouped_mm fwd+bwd"] / results["kernel fwd+bwd"]
             dense = 100 * results["dense GEMM fwd+bwd"] / results["kernel fwd+bwd"]
             ok = speedup >= 1.3 and dense >= 70
@@ -245,10 +283,13 @@ def main() -> None:
     report += ["### SMHA selective attention (causal) vs dense SDPA over all heads", ""]
     header = ["selection", "impl", "fwd ms", "fwd MiB", "fwd+bwd ms", "fwd+bwd MiB"]
     for batch, seq, heads, head_dim in smha_shapes:
-        rows = []
+        rows, agreement = [], ""
         for fraction in (0.25, 0.5, 1.0):
             results = bench_smha(batch, seq, heads, head_dim, fraction)
             for name in ("kernel", "sdpa"):
+                if f"{name} error" in results:
+                    rows.append([f"{fraction:.0%}", name, results[f"{name} error"], "", "", ""])
+                    continue
                 rows.append(
                     [f"{fraction:.0%}", name]
                     + [
@@ -257,7 +298,7 @@ def main() -> None:
                         for unit in ("ms", "MiB")
                     ]
                 )
-            if fraction == 0.5 and seq == TARGET_SEQ:
+            if fraction == 0.5 and seq == TARGET_SEQ and not any(key.endswith("error") for key in results):
                 time_ratio = results["kernel fwd+bwd ms"] / results["sdpa fwd+bwd ms"]
                 memory_ratio = results["kernel fwd+bwd MiB"] / max(results["sdpa fwd+bwd MiB"], 1e-9)
                 ok = time_ratio <= 0.6 and memory_ratio <= 0.6
@@ -266,9 +307,15 @@ def main() -> None:
                     f"{time_ratio:.2f}x and memory {memory_ratio:.2f}x dense SDPA (target <= 0.6x each): "
                     f"{'MET' if ok else 'NOT MET'}"
                 )
+            if "kernel vs sdpa" in results:
+                agreement = (
+                    f"kernel output vs SDPA at 100% selection: max rel. difference {results['kernel vs sdpa']:.1e}"
+                )
             torch.cuda.empty_cache()
         title = f"batch {batch}, seq {seq}, {heads} heads of {head_dim}"
         table = markdown_table(header, rows)
+        if agreement:
+            table += f"\n\n{agreement}"
         print(f"\n{title}\n{table}", flush=True)
         report += [f"#### {title}", "", table, ""]
 

@@ -6,6 +6,9 @@ program finds its expert from the expert offsets itself, so the launch grid is a
 (`cdiv(S, BLOCK_M) + E` row tiles) and nothing is read back to the host. Tiles past the last expert exit
 at once. Every output element has exactly one writer: no atomics, so results are deterministic.
 
+Counts that change from call to call (experts, top-k, rows) are not specialised on (`do_not_specialize`), so
+a new routing does not compile a new kernel variant; strides and widths are, for aligned vector loads.
+
 Kernels (the plain PyTorch reference of each job sits next to its caller in `kernels_uome`):
   `_up_kernel`         pre = x[token] @ W1[e]^T (+ b1[e]);  hidden = act(pre)
   `_down_kernel`       pair_out[pair] = gate[pair] * (hidden @ W2[e]^T)
@@ -111,7 +114,7 @@ def _gelu_grad(x):
 
 
 @triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["H", "INNER"])
-@triton.jit
+@triton.jit(do_not_specialize=["num_experts", "top_k"])
 def _up_kernel(
     x_ptr, w_ptr, b_ptr, pair_ptr, offsets_ptr, pre_ptr, hid_ptr,
     H, INNER, num_experts, top_k,
@@ -159,7 +162,7 @@ def _up_kernel(
 
 
 @triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["H", "INNER"])
-@triton.jit
+@triton.jit(do_not_specialize=["num_experts"])
 def _down_kernel(
     hid_ptr, w_ptr, pair_ptr, gate_ptr, offsets_ptr, out_ptr,
     H, INNER, num_experts,
@@ -195,7 +198,7 @@ def _down_kernel(
 
 # each config writes d_gate partials for its own number of column tiles: start every trial from zeros
 @triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["H", "INNER"], reset_to_zero=["dgate_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["num_experts", "top_k", "num_rows"])
 def _down_bwd_kernel(
     grad_ptr, w_ptr, pair_ptr, gate_ptr, offsets_ptr, pre_ptr, hid_ptr, dpre_ptr, dgate_ptr,
     H, INNER, num_experts, top_k, num_rows,
@@ -243,7 +246,7 @@ def _down_bwd_kernel(
 
 
 @triton.autotune(configs=_configs(_GEMM_CONFIGS), key=["H", "F"])
-@triton.jit
+@triton.jit(do_not_specialize=["num_experts"])
 def _up_bwd_kernel(
     dpre_ptr, w_ptr, pair_ptr, offsets_ptr, out_ptr,
     H, F, num_experts,
@@ -272,7 +275,7 @@ def _up_bwd_kernel(
 
 
 @triton.autotune(configs=_configs(_WGRAD_CONFIGS), key=["M", "N"])
-@triton.jit
+@triton.jit(do_not_specialize=["top_k"])
 def _weight_grad_kernel(
     a_ptr, b_ptr, pair_ptr, scale_ptr, offsets_ptr, c_ptr, bias_ptr,
     M, N, top_k,
