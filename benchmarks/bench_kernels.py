@@ -15,7 +15,12 @@ or 100% of the heads, forward and forward+backward: the kernel (`uoe.kernels_smh
 against dense `scaled_dot_product_attention(is_causal=True)` over all heads (flash attention), ms and
 peak extra memory.
 
+Each table also gives the largest relative difference of the kernel's output from transformers' `grouped_mm`
+(UoME) and from SDPA at 100% selection (SMHA, where both compute the same attention), so the autotuned kernels
+are checked at every benchmarked shape. An implementation that raises is reported in its row; the others run.
+
 Usage: python benchmarks/bench_kernels.py [--quick] [--output benchmarks/RESULTS.md]
+(`bash scripts/gpu_check.sh` runs the GPU tests first, then this.)
 Needs a CUDA GPU with Triton; exits with status 2 and a message otherwise.
 """
 

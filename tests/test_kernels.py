@@ -68,6 +68,13 @@ def test_compact_selection_lists_selected_positions_in_order():
     assert compact.index.is_contiguous() and compact.cumulative.is_contiguous()
 
 
+def test_compact_selection_op_passes_opcheck():
+    """`compact_selection` runs as the custom op `uoe::compact_selection` (opaque to torch.compile)."""
+    selected = torch.rand(2, 3, 17, generator=torch.Generator().manual_seed(2)) < 0.4
+    torch.library.opcheck(torch.ops.uoe.compact_selection.default, (selected,))
+    torch.library.opcheck(torch.ops.uoe.compact_selection.default, (torch.zeros(2, 0, dtype=torch.bool),))
+
+
 # -- references against the model's own paths ------------------------------------------------------
 
 

@@ -196,22 +196,29 @@ def test_selective_attention_compile_fullgraph_on_gpu():
 # -- whole models with routing_backend ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_causal_lm_auto_backend_on_gpu_matches_reference(dtype):
-    """`routing_backend="auto"` runs the kernels on CUDA; logits, loss and gradients match the reference path
-    (bf16 within 2e-2 of the float32 reference)."""
+    """`routing_backend="auto"` runs the kernels on CUDA; logits, loss and gradients match the float32 reference
+    path: within 1e-4 in float32. In bfloat16 the whole model rounds (weights, activations, every layer), which
+    the kernels do not control: there the kernels must be within 2e-2 of the float32 reference, or no further from
+    it than 1.25x the distance of the reference path run in bfloat16 itself."""
     input_ids = torch.randint(0, 61, (2, 40), device="cuda")
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :9] = 0
+    runs = [("reference", torch.float32), ("auto", dtype)] + [("reference", dtype)] * (dtype != torch.float32)
     results = {}
-    for backend, run_dtype in (("reference", torch.float32), ("auto", dtype)):
+    for backend, run_dtype in runs:
         model = tiny_model(routing_backend=backend).cuda().to(run_dtype).train()
         out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
         out.loss.backward()
-        results[backend] = [out.logits.float(), out.loss.float()] + [p.grad.float() for p in model.parameters()]
-    for name, a, e in zip(["logits", "loss"] + ["grad"] * 100, results["auto"], results["reference"], strict=False):
-        error = max_rel_error(a, e)
-        assert error <= TOLERANCE[dtype], f"{name}: max relative error {error:.2e}"
+        results[backend, run_dtype] = [out.logits, out.loss] + [p.grad for p in model.parameters()]
+    expected = results["reference", torch.float32]
+    names = ["logits", "loss"] + [f"grad {name}" for name, _ in tiny_model().named_parameters()]
+    for i, (name, actual) in enumerate(zip(names, results["auto", dtype], strict=True)):
+        error, limit = max_rel_error(actual, expected[i]), TOLERANCE[dtype]
+        if dtype != torch.float32:
+            limit = max(limit, 1.25 * max_rel_error(results["reference", dtype][i], expected[i]))
+        assert error <= limit, f"{name}: max relative error {error:.2e} (limit {limit:.2e})"
 
 
 def test_decoder_layer_with_kernels_compiles_fullgraph_on_gpu():

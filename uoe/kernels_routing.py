@@ -60,9 +60,33 @@ class CompactSelection(NamedTuple):
 
 def compact_selection(selected: torch.Tensor) -> CompactSelection:
     """Compact a boolean `(..., T)` selection: per leading index, the selected positions in order."""
+    return CompactSelection(*torch.ops.uoe.compact_selection(selected))
+
+
+def _compact_selection(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # a stable sort of "not selected" flags moves the selected positions to the front, keeping their order
     index = torch.sort((~selected).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
     cumulative = selected.to(torch.int32).cumsum(-1, dtype=torch.int32)
-    count = cumulative[..., -1] if selected.shape[-1] > 0 else cumulative.new_zeros(selected.shape[:-1])
+    count = cumulative[..., -1].clone() if selected.shape[-1] > 0 else cumulative.new_zeros(selected.shape[:-1])
     # the kernels index these as dense (..., T) arrays
-    return CompactSelection(index.contiguous(), count.contiguous(), cumulative.contiguous())
+    return index.contiguous(), count.contiguous(), cumulative.contiguous()
+
+
+def _compact_selection_fake(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = selected.shape
+    return (
+        selected.new_empty(shape, dtype=torch.int32),
+        selected.new_empty(shape[:-1], dtype=torch.int32),
+        selected.new_empty(shape, dtype=torch.int32),
+    )
+
+
+# An opaque op for torch.compile: Inductor's own code for this sort + cumsum (a split scan over long rows) fails
+# to compile with torch 2.11 / Triton 3.6 ("'R0_BLOCK' is not in list"), and there is nothing here to fuse.
+if not hasattr(torch.ops.uoe, "compact_selection"):  # a second copy of this file (remote code) reuses the op
+    torch.library.custom_op(
+        "uoe::compact_selection",
+        _compact_selection,
+        mutates_args=(),
+        schema="(Tensor selected) -> (Tensor, Tensor, Tensor)",
+    ).register_fake(_compact_selection_fake)
