@@ -328,7 +328,8 @@ def main() -> None:
     print("\n" + "\n".join(targets))
     # Only this script's section of the file is replaced; the CPU comparisons keep theirs.
     replace_section(args.output, RESULTS_HEADING, "\n".join(report))
-    print(f"\nwrote {args.output}")
+    written = args.output.resolve()
+    print(f"\nwrote {written.relative_to(ROOT) if written.is_relative_to(ROOT) else written}")
 
 
 if __name__ == "__main__":

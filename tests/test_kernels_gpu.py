@@ -212,8 +212,8 @@ def test_causal_lm_auto_backend_on_gpu_matches_reference(dtype):
         out = model(input_ids, attention_mask=attention_mask, labels=input_ids)
         out.loss.backward()
         results[backend, run_dtype] = [out.logits, out.loss] + [p.grad for p in model.parameters()]
+    names = ["logits", "loss"] + [f"grad {name}" for name, _ in model.named_parameters()]
     expected = results["reference", torch.float32]
-    names = ["logits", "loss"] + [f"grad {name}" for name, _ in tiny_model().named_parameters()]
     for i, (name, actual) in enumerate(zip(names, results["auto", dtype], strict=True)):
         error, limit = max_rel_error(actual, expected[i]), TOLERANCE[dtype]
         if dtype != torch.float32:
