@@ -14,7 +14,7 @@ def test_dense_estimate_matches_flop_counter_on_the_reference_path():
     # dense FLOPs. The counter charges attention for every (query, key) pair although half are
     # masked, so compare with the estimate at full (not causal-average) context.
     seq_len = 24
-    model = tiny_model(attention_top_k=4, mlp_top_k=4)
+    model = tiny_model(attention_top_k=4, mlp_top_k=4, routing_backend="masked")
     model.set_attn_implementation("eager")  # explicit matmuls, which the counter sees
     input_ids = torch.randint(0, 61, (1, seq_len))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -27,6 +27,21 @@ def test_dense_estimate_matches_flop_counter_on_the_reference_path():
     )
     routers = estimate.breakdown["routers"]  # not in `dense`: the dense model has no routers
     assert counted == pytest.approx(estimate.dense + causal_to_full + routers, rel=1e-6)
+
+
+def test_gathered_path_computes_the_estimated_active_projections():
+    """The gathered path's grouped products (q/k/v, o_proj and the MLP experts) run exactly the estimate's active
+    projection and MLP FLOPs: a path that computed unselected pairs would count more."""
+    seq_len, batch = 24, 3
+    model = tiny_model(routing_backend="gathered")
+    input_ids = torch.randint(0, 61, (batch, seq_len))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids)
+    grouped = sum(count for op, count in counter.get_flop_counts()["Global"].items() if "grouped_mm" in str(op))
+    b = estimate_flops_per_token(model.config, seq_len).breakdown
+    assert grouped == pytest.approx((b["attention_projections"] + b["mlp"]) * batch * seq_len, rel=1e-9)
+    dense = estimate_flops_per_token(tiny_config(attention_top_k=4, mlp_top_k=4), seq_len).breakdown
+    assert grouped < 0.6 * (dense["attention_projections"] + dense["mlp"]) * batch * seq_len
 
 
 def test_active_fraction_follows_the_routing():

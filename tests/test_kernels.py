@@ -20,7 +20,6 @@ from uoe.kernels_uome import (
     uome_experts,
     uome_experts_reference,
 )
-from uoe.modeling_uoe import eager_attention_forward, selective_attention_mask
 
 from .helpers import tiny_model
 
@@ -95,25 +94,89 @@ def test_uome_reference_equals_model_experts(mlp_type):
     assert max_rel_error(actual, expected) < 1e-5
 
 
-def test_smha_reference_with_attend_self_equals_model_selective_attention():
-    """The model masks with `selective_attention_mask` (padded queries attend to themselves) and zeroes
-    unselected heads; the reference with `attend_self=True` is the same function."""
-    torch.manual_seed(3)
-    batch, heads, q_len, k_len, head_dim = 2, 4, 9, 14, 8  # keys longer than queries: a cache
-    query = torch.randn(batch, heads, q_len, head_dim)
-    key = torch.randn(batch, heads, k_len, head_dim)
-    value = torch.randn(batch, heads, k_len, head_dim)
-    key_selected = torch.rand(batch, k_len, heads) < 0.5
-    query_selected = key_selected[:, -q_len:]
+def packed_segment_ids(lengths: list[list[int]]) -> torch.Tensor:
+    """`(batch, T)` int64 ids of rows packing sequences of the given lengths (decreasing ids: only equality counts)."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(row), 0, -1), torch.tensor(row)) for row in lengths])
+
+
+def attention_by_definition(query, key, value, query_selected, key_selected, key_mask, segment_ids, causal, scaling):
+    """Float64 loops over (batch, head, query), independent of the reference's dense masking."""
+    batch, heads, q_len, head_dim = query.shape
+    k_len = key.shape[2]
+    out = torch.zeros(batch, q_len, heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_len):
+                p = i + k_len - q_len
+                keys = [
+                    j
+                    for j in range(k_len)
+                    if key_selected[b, j, h]
+                    and key_mask[b, j]
+                    and (j <= p or not causal)
+                    and segment_ids[b, j] == segment_ids[b, p]
+                ]
+                if not query_selected[b, i, h] or not keys:
+                    continue
+                scores = torch.stack([scaling * query[b, h, i].double() @ key[b, h, j].double() for j in keys])
+                weights = torch.softmax(scores, dim=0)
+                out[b, i, h] = sum(w * value[b, h, j].double() for w, j in zip(weights, keys, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_smha_reference_with_segments_equals_plain_loop(causal):
+    """Packed sequences (several segments per row), a KV-cache offset (Tk > Tq) and key padding: the reference
+    equals the definition computed by plain loops in float64 within 1e-5 (relative, normwise)."""
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, q_len, k_len, head_dim = 2, 3, 10, 16, 8  # queries at key positions 6..15
+    query = torch.randn(batch, heads, q_len, head_dim, generator=generator)
+    key, value = torch.randn(2, batch, heads, k_len, head_dim, generator=generator).unbind(0)
+    key_selected = torch.rand(batch, k_len, heads, generator=generator) < 0.6
+    query_selected = torch.rand(batch, q_len, heads, generator=generator) < 0.7  # not tied to the keys' selection
+    segment_ids = packed_segment_ids([[5, 4, 7], [3, 12, 1]])  # segments start in the cache and among the queries
     key_mask = torch.ones(batch, k_len, dtype=torch.bool)
-    key_mask[0, :4] = False  # left padding
-    key_mask[1, -2:] = False  # right padding: padded queries that selected a head
-    mask = selective_attention_mask(key_selected, key_mask, q_len, torch.float32)
-    module = torch.nn.Module().eval()
-    expected, _ = eager_attention_forward(module, query, key, value, mask, scaling=head_dim**-0.5)
-    expected = expected * query_selected[..., None]
-    actual = selective_attention_reference(query, key, value, query_selected, key_selected, key_mask, attend_self=True)
-    assert max_rel_error(actual, expected) < 1e-5
+    key_mask[0, 10] = False  # a query token that is padding
+    key_mask[1, :2] = False
+    key_selected[1, 15, 0], query_selected[1, 9, 0] = False, True  # selected, alone in its segment, no key: 0
+    expected = attention_by_definition(
+        query, key, value, query_selected, key_selected, key_mask, segment_ids, causal, head_dim**-0.5
+    )
+    actual = selective_attention_reference(
+        query, key, value, query_selected, key_selected, key_mask, segment_ids, causal
+    )
+    assert max_rel_error(actual.double(), expected) < 1e-5
+    assert torch.all(actual[1, 9, 0] == 0) and torch.all(actual[~query_selected] == 0)
+    # the segments matter here: ignoring them is far off
+    unsegmented = selective_attention_reference(query, key, value, query_selected, key_selected, key_mask, None, causal)
+    assert max_rel_error(unsegmented.double(), expected) > 1e-2
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_smha_reference_with_one_segment_equals_no_segment_ids(causal):
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 3, 7, 8, generator=generator)
+    key, value = torch.randn(2, 2, 3, 12, 8, generator=generator).unbind(0)
+    key_selected = torch.rand(2, 12, 3, generator=generator) < 0.5
+    args = (query, key, value, key_selected[:, 5:], key_selected)
+    one_segment = torch.full((2, 12), 7, dtype=torch.int32)
+    expected = selective_attention_reference(*args, segment_ids=None, causal=causal)
+    assert torch.equal(selective_attention_reference(*args, segment_ids=one_segment, causal=causal), expected)
+
+
+def test_smha_inputs_are_validated():
+    query, key, value = torch.zeros(3, 1, 2, 4, 8).unbind(0)
+    selected = torch.ones(1, 4, 2, dtype=torch.bool)
+    args = (query, key, value, selected, selected)
+    with pytest.raises(ValueError, match=r"segment_ids must be \(batch, Tk\)"):
+        selective_attention_reference(*args, segment_ids=torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="segment_ids must be an integer tensor"):
+        selective_attention_reference(*args, segment_ids=torch.zeros(1, 4))
+    # Tk = 3 < Tq = 4: allowed without causality, but then no query has a key position for its segment id
+    short = (query, *torch.zeros(2, 1, 2, 3, 8).unbind(0), selected, selected[:, :3])
+    assert selective_attention_reference(*short, causal=False).shape == (1, 4, 2, 8)
+    with pytest.raises(ValueError, match="segment_ids need at least as many keys as queries"):
+        selective_attention_reference(*short, segment_ids=torch.zeros(1, 3, dtype=torch.long), causal=False)
 
 
 def test_smha_reference_with_full_selection_is_causal_sdpa():
@@ -134,7 +197,7 @@ def test_kernels_unavailable_on_cpu_without_interpreter_raise_clear_errors(monke
     assert not kernels_available(tensor)
     with pytest.raises(KernelsUnavailableError, match="CPU|Triton is not installed"):
         require_kernels(tensor, 'routing_backend="triton"')
-    with pytest.raises(KernelsUnavailableError, match='routing_backend="reference"'):
+    with pytest.raises(KernelsUnavailableError, match='routing_backend="auto"`, `"gathered"` or `"masked"`'):
         uome_experts(
             tensor, torch.zeros(2, 8, 4), torch.zeros(2, 4, 4), torch.zeros(4, 1, dtype=torch.long), tensor[:, :1]
         )
@@ -188,11 +251,16 @@ def test_uoe_triton_experts_implementation_registers_and_loads(tmp_path, monkeyp
 
 
 def test_routing_backend_is_validated_at_construction():
-    with pytest.raises(ValueError, match=r"`routing_backend` must be one of \['auto', 'triton', 'reference'\]"):
+    with pytest.raises(
+        ValueError, match=r"`routing_backend` must be one of \['auto', 'gathered', 'masked', 'triton'\], got 'cuda'"
+    ):
         tiny_model(routing_backend="cuda")
     with pytest.raises(ValueError, match='routing_backend="triton"` needs `attention_dropout=0`'):
         tiny_model(routing_backend="triton", attention_dropout=0.1)
     assert tiny_model().config.routing_backend == "auto"
+    # uoe 0.1's name of the masked reference is still understood, with a warning
+    with pytest.warns(FutureWarning, match='"reference"` is now called "masked"'):
+        assert tiny_model(routing_backend="reference").config.routing_backend == "masked"
 
 
 def test_forced_triton_backend_raises_where_kernels_cannot_run(monkeypatch):
@@ -202,9 +270,9 @@ def test_forced_triton_backend_raises_where_kernels_cannot_run(monkeypatch):
         model(torch.randint(0, 61, (1, 5)))
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_auto_and_reference_backends_never_call_the_kernels_on_cpu(backend, monkeypatch):
-    """On CPU tensors (no interpreter) "auto" is the reference path: a kernel call would be a bug."""
+@pytest.mark.parametrize("backend", ["auto", "gathered", "masked"])
+def test_pytorch_backends_never_call_the_kernels_on_cpu(backend, monkeypatch):
+    """On CPU tensors (no interpreter) "auto" is the gathered path: a kernel call would be a bug."""
     import uoe.modeling_uoe as modeling
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -216,5 +284,5 @@ def test_auto_and_reference_backends_never_call_the_kernels_on_cpu(backend, monk
     monkeypatch.setattr(modeling, "uoe_triton_experts_forward", forbidden)
     input_ids = torch.randint(0, 61, (2, 7))
     logits = tiny_model(routing_backend=backend)(input_ids).logits
-    expected = tiny_model(routing_backend="reference")(input_ids).logits
+    expected = tiny_model(routing_backend="masked" if backend == "masked" else "gathered")(input_ids).logits
     assert torch.equal(logits, expected)

@@ -124,7 +124,13 @@ def test_model_with_uoe_triton_experts_on_gpu_matches_eager(mlp_type):
 # -- SMHA ----------------------------------------------------------------------------------------
 
 
-def attention_case(batch, heads, q_len, k_len, head_dim, dtype, fraction=0.5, padding=True, seed=0):
+def packed_segment_ids(lengths: list[list[int]]) -> torch.Tensor:
+    """`(batch, T)` int64 ids of rows packing sequences of the given lengths (decreasing ids: only equality counts)."""
+    rows = [torch.repeat_interleave(torch.arange(len(row), 0, -1), torch.tensor(row)) for row in lengths]
+    return torch.stack(rows).cuda()
+
+
+def attention_case(batch, heads, q_len, k_len, head_dim, dtype, fraction=0.5, padding=True, segments=None, seed=0):
     generator = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v = (
         torch.randn(batch, heads, length, head_dim, device="cuda", generator=generator).to(dtype).requires_grad_(True)
@@ -136,41 +142,44 @@ def attention_case(batch, heads, q_len, k_len, head_dim, dtype, fraction=0.5, pa
         key_mask = torch.ones(batch, k_len, dtype=torch.bool, device="cuda")
         key_mask[0, :17] = False
         key_mask[-1, -9:] = False
-    return q, k, v, key_selected[:, k_len - q_len :], key_selected, key_mask
+    segment_ids = packed_segment_ids(segments) if segments is not None else None
+    return q, k, v, key_selected[:, k_len - q_len :], key_selected, key_mask, segment_ids
 
 
 def run_attention(case, options, fn, upcast=False):
-    q, k, v, query_selected, key_selected, key_mask = case
+    q, k, v, query_selected, key_selected, key_mask, segment_ids = case
     tensors = [q, k, v]
     if upcast:
         tensors = [t.detach().float().requires_grad_(True) for t in tensors]
-    out = fn(*tensors, query_selected, key_selected, key_mask, **options)
+    out = fn(*tensors, query_selected, key_selected, key_mask, segment_ids, **options)
     grad = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
     return [out, *torch.autograd.grad(out, tensors, grad.to(out.dtype))]
 
 
-ATTENTION_CASES = {
-    "causal_d64": ((2, 8, 300, 300, 64), dict(causal=True)),
-    "causal_attend_self_d128": ((2, 4, 257, 257, 128), dict(causal=True, attend_self=True)),
-    "bidirectional_d64": ((2, 8, 300, 300, 64), dict(causal=False)),
-    "cache_d128": ((2, 4, 77, 400, 128), dict(causal=True, attend_self=True)),
-    "decode_d64": ((3, 8, 1, 333, 64), dict(causal=True)),
+ATTENTION_CASES = {  # (shape, options, packed segment lengths per row or None)
+    "causal_d64": ((2, 8, 300, 300, 64), dict(causal=True), None),
+    "causal_segments_d128": ((2, 4, 257, 257, 128), dict(causal=True), [[100, 1, 140, 16], [257]]),
+    "bidirectional_d64": ((2, 8, 300, 300, 64), dict(causal=False), None),
+    "bidirectional_segments_d64": ((2, 8, 300, 300, 64), dict(causal=False), [[64, 200, 36], [1, 299]]),
+    "cache_segments_d128": ((2, 4, 77, 400, 128), dict(causal=True), [[300, 50, 50], [390, 10]]),
+    "decode_d64": ((3, 8, 1, 333, 64), dict(causal=True), None),
+    "decode_segments_d64": ((3, 8, 1, 333, 64), dict(causal=True), [[332, 1], [100, 233], [333]]),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(ATTENTION_CASES))
 def test_selective_attention_on_gpu_matches_reference(name, dtype):
-    shape, options = ATTENTION_CASES[name]
-    case = attention_case(*shape, dtype)
+    shape, options, segments = ATTENTION_CASES[name]
+    case = attention_case(*shape, dtype, segments=segments)
     actual = run_attention(case, options, selective_attention)
     expected = run_attention(case, options, selective_attention_reference, upcast=True)
     check(actual, [e.to(dtype) for e in expected], dtype, ["out", "d_q", "d_k", "d_v"])
 
 
 def test_selective_attention_on_gpu_is_deterministic_and_does_not_synchronise():
-    case = attention_case(2, 8, 1024, 1024, 64, torch.bfloat16)
-    options = dict(causal=True, attend_self=True)
+    case = attention_case(2, 8, 1024, 1024, 64, torch.bfloat16, segments=[[300, 424, 300], [1024]])
+    options = dict(causal=True)
     first = run_attention(case, options, selective_attention)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -181,8 +190,9 @@ def test_selective_attention_on_gpu_is_deterministic_and_does_not_synchronise():
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-def test_selective_attention_compile_fullgraph_on_gpu():
-    case = attention_case(2, 4, 200, 200, 64, torch.bfloat16)
+@pytest.mark.parametrize("segments", [None, [[50, 150], [120, 1, 79]]], ids=["one_segment", "segments"])
+def test_selective_attention_compile_fullgraph_on_gpu(segments):
+    case = attention_case(2, 4, 200, 200, 64, torch.bfloat16, segments=segments)
     options = dict(causal=True)
     compiled = torch.compile(selective_attention, fullgraph=True)
     check(
@@ -205,7 +215,7 @@ def test_causal_lm_auto_backend_on_gpu_matches_reference(dtype):
     input_ids = torch.randint(0, 61, (2, 40), device="cuda")
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :9] = 0
-    runs = [("reference", torch.float32), ("auto", dtype)] + [("reference", dtype)] * (dtype != torch.float32)
+    runs = [("masked", torch.float32), ("auto", dtype)] + [("masked", dtype)] * (dtype != torch.float32)
     results = {}
     for backend, run_dtype in runs:
         model = tiny_model(routing_backend=backend).cuda().to(run_dtype).train()
@@ -213,11 +223,11 @@ def test_causal_lm_auto_backend_on_gpu_matches_reference(dtype):
         out.loss.backward()
         results[backend, run_dtype] = [out.logits, out.loss] + [p.grad for p in model.parameters()]
     names = ["logits", "loss"] + [f"grad {name}" for name, _ in model.named_parameters()]
-    expected = results["reference", torch.float32]
+    expected = results["masked", torch.float32]
     for i, (name, actual) in enumerate(zip(names, results["auto", dtype], strict=True)):
         error, limit = max_rel_error(actual, expected[i]), TOLERANCE[dtype]
         if dtype != torch.float32:
-            limit = max(limit, 1.25 * max_rel_error(results["reference", dtype][i], expected[i]))
+            limit = max(limit, 1.25 * max_rel_error(results["masked", dtype][i], expected[i]))
         assert error <= limit, f"{name}: max relative error {error:.2e} (limit {limit:.2e})"
 
 
@@ -227,7 +237,7 @@ def test_decoder_layer_with_kernels_compiles_fullgraph_on_gpu():
     model = tiny_model(routing_backend="triton").cuda()
     hidden = torch.randn(2, 33, 32, device="cuda")
     rotary = model.model.rotary_emb(hidden, torch.arange(33, device="cuda")[None].expand(2, -1))
-    routing = RoutingInputs(source_index=None, token_mask=None, key_mask=None)
+    routing = RoutingInputs(source_index=None, token_mask=None)
     layer = model.model.layers[0]
     expected = layer(hidden, rotary, routing)[0]
     actual = torch.compile(layer, fullgraph=True)(hidden, rotary, routing)[0]

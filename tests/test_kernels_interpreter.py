@@ -202,7 +202,12 @@ def test_model_with_uoe_triton_experts_matches_eager(mlp_type):
 # -- SMHA selective attention ---------------------------------------------------------------------
 
 
-def make_attention_case(batch, heads, q_len, k_len, head_dim, fraction=0.5, padding=False, seed=0):
+def packed_segment_ids(lengths: list[list[int]]) -> torch.Tensor:
+    """`(batch, T)` int64 ids of rows packing sequences of the given lengths (decreasing ids: only equality counts)."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(row), 0, -1), torch.tensor(row)) for row in lengths])
+
+
+def make_attention_case(batch, heads, q_len, k_len, head_dim, fraction=0.5, padding=False, segments=None, seed=0):
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, q_len, head_dim, generator=generator).requires_grad_(True)
     k = torch.randn(batch, heads, k_len, head_dim, generator=generator).requires_grad_(True)
@@ -214,28 +219,45 @@ def make_attention_case(batch, heads, q_len, k_len, head_dim, fraction=0.5, padd
     key_mask = None
     if padding:
         key_mask = torch.ones(batch, k_len, dtype=torch.bool)
-        key_mask[0, :5] = False  # left padding (selected padded queries see no key without attend_self)
+        key_mask[0, :5] = False  # left padding (selected padded queries see no key)
         key_mask[-1, -3:] = False  # right padding
-    return q, k, v, query_selected, key_selected, key_mask
+    segment_ids = None
+    if segments is not None:
+        segment_ids = packed_segment_ids(segments)
+        # some selected queries whose own key is not selected: alone in a short segment they see no key at all
+        query_selected |= torch.rand(batch, q_len, heads, generator=generator) < 0.2
+    return q, k, v, query_selected, key_selected, key_mask, segment_ids
 
 
+SHORT_SEGMENTS = [1] * 6 + [2, 1, 3, 1, 1, 4, 2]
 ATTENTION_CASES = {
     "causal": ((2, 3, 37, 37, 12), dict(causal=True)),
     "bidirectional": ((2, 3, 37, 37, 12), dict(causal=False)),
     "causal_padded": ((2, 3, 33, 33, 16, 0.5, True), dict(causal=True)),
-    "causal_padded_attend_self": ((2, 3, 33, 33, 16, 0.5, True), dict(causal=True, attend_self=True)),
     "bidirectional_padded": ((2, 3, 30, 30, 8, 0.6, True), dict(causal=False)),
-    "bidirectional_padded_attend_self": ((2, 2, 30, 30, 8, 0.6, True), dict(causal=False, attend_self=True)),
-    "cache_keys_longer": ((2, 3, 13, 45, 16, 0.5, True), dict(causal=True, attend_self=True)),
+    "cache_keys_longer_padded": ((2, 3, 13, 45, 16, 0.5, True), dict(causal=True)),
     "decode_one_query": ((2, 4, 1, 30, 16), dict(causal=True)),
     "full_selection_48": ((1, 2, 48, 48, 16, 1.1), dict(causal=True)),
     "sparse_selection": ((1, 4, 40, 40, 16, 0.25), dict(causal=True, scaling=0.3)),
+    # packed sequences; BLOCK_M = BLOCK_N = 16 under the interpreter, so segments cross block boundaries
+    "causal_segments": ((2, 3, 37, 37, 12, 0.5, False, [[10, 1, 20, 6], [37]]), dict(causal=True)),
+    "bidirectional_segments": ((2, 3, 37, 37, 12, 0.5, False, [[16, 5, 16], [1, 30, 6]]), dict(causal=False)),
+    "causal_padded_segments": ((2, 3, 33, 33, 16, 0.5, True, [[5, 12, 16], [20, 10, 3]]), dict(causal=True)),
+    "bidirectional_padded_segments": ((2, 2, 30, 30, 8, 0.6, True, [[3, 27], [14, 1, 15]]), dict(causal=False)),
+    "cache_segments": ((2, 3, 13, 45, 16, 0.5, True, [[20, 15, 10], [44, 1]]), dict(causal=True)),
+    "bidirectional_cache_segments": ((2, 3, 13, 45, 16, 0.5, False, [[33, 2, 10], [40, 5]]), dict(causal=False)),
+    # row 0: the query is a one-token segment (attends itself, or nothing where its own key is unselected)
+    "decode_one_query_segments": ((2, 4, 1, 30, 16, 0.5, False, [[29, 1], [10, 20]], 1), dict(causal=True)),
+    # row 0: every token its own segment (d_q, d_k are 0 there up to rounding); row 1: short segments
+    "one_token_segments": ((2, 3, 20, 20, 8, 0.7, False, [[1] * 20, SHORT_SEGMENTS]), dict(causal=True)),
+    "one_token_segments_bidirectional": ((2, 3, 20, 20, 8, 0.7, False, [[1] * 20, SHORT_SEGMENTS]), dict(causal=False)),
+    "sparse_segments": ((1, 4, 40, 40, 16, 0.25, False, [[7, 9, 3, 21]]), dict(causal=True, scaling=0.3)),
 }
 
 
 def run_attention(inputs, options, fn):
-    q, k, v, query_selected, key_selected, key_mask = inputs
-    out = fn(q, k, v, query_selected, key_selected, key_mask, **options)
+    q, k, v, query_selected, key_selected, key_mask, segment_ids = inputs
+    out = fn(q, k, v, query_selected, key_selected, key_mask, segment_ids, **options)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
 
@@ -248,13 +270,24 @@ def test_selective_attention_matches_reference(name):
     expected = run_attention(inputs, options, selective_attention_reference)
     for label, a, e in zip(["out", "d_q", "d_k", "d_v"], actual, expected, strict=True):
         assert_close(a, e, f"{name} {label}")
-    # unselected (query, head) pairs are exactly 0
+    # unselected (query, head) pairs, and selected ones without any allowed key, are exactly 0
     assert torch.all(actual[0][~inputs[3]] == 0)
+    assert torch.all(actual[0][expected[0].abs().amax(-1) == 0] == 0)
+
+
+def test_selective_attention_with_one_segment_equals_no_segment_ids():
+    """`SEGMENTED` with a single segment per row takes the same arithmetic as no segment ids: equal results."""
+    q, k, v, query_selected, key_selected, key_mask, _ = make_attention_case(2, 3, 13, 45, 16, padding=True)
+    one_segment = torch.full((2, 45), 3, dtype=torch.int32)
+    inputs = (q, k, v, query_selected, key_selected, key_mask)
+    first = run_attention((*inputs, None), dict(causal=True), selective_attention)
+    second = run_attention((*inputs, one_segment), dict(causal=True), selective_attention)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 def test_selective_attention_with_one_selection_tensor_for_queries_and_keys():
     """The model passes the same selection twice (no cache, no padding): compacted once, same results."""
-    q, k, v, _, selected, _ = make_attention_case(1, 2, 40, 40, 16)
+    q, k, v, _, selected, _, _ = make_attention_case(1, 2, 40, 40, 16)
     assert_close(
         selective_attention(q, k, v, selected, selected),
         selective_attention_reference(q, k, v, selected, selected),
@@ -267,44 +300,48 @@ def test_selective_attention_with_one_selection_tensor_for_queries_and_keys():
 
 
 def test_selective_attention_reads_strided_inputs():
-    """The model's query/key/value are `(batch, seq, heads, dim)` projections viewed as `(batch, heads, seq, dim)`."""
+    """The model's query/key/value are `(batch, seq, heads, dim)` projections viewed as `(batch, heads, seq, dim)`;
+    segment ids may be any integer dtype and non-contiguous."""
     generator = torch.Generator().manual_seed(9)
     leaves = [torch.randn(2, length, 3, 16, generator=generator, requires_grad=True) for length in (21, 29, 29)]
     q, k, v = (leaf.transpose(1, 2) for leaf in leaves)
     key_selected = torch.rand(2, 29, 3, generator=generator) < 0.5
     key_mask = torch.ones(2, 29, dtype=torch.bool)
     key_mask[1, :4] = False
+    segment_ids = packed_segment_ids([[4, 25], [12, 12, 5]]).T.contiguous().T  # int64, column-major
     results = []
     for fn in (selective_attention, selective_attention_reference):
-        out = fn(q, k, v, key_selected[:, 8:], key_selected, key_mask, attend_self=True)
+        out = fn(q, k, v, key_selected[:, 8:], key_selected, key_mask, segment_ids)
         results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
     for label, actual, expected in zip(["out", "d_q", "d_k", "d_v"], *results, strict=True):
         assert_close(actual, expected, label)
 
 
 def test_selective_attention_is_deterministic():
-    inputs = make_attention_case(2, 3, 37, 37, 12, padding=True)
-    options = dict(causal=True, attend_self=True)
+    inputs = make_attention_case(2, 3, 37, 37, 12, padding=True, segments=[[10, 27], [17, 3, 17]])
+    options = dict(causal=True)
     first = run_attention(inputs, options, selective_attention)
     second = run_attention(inputs, options, selective_attention)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-@pytest.mark.parametrize("attend_self", [False, True])
-def test_smha_ops_pass_opcheck(attend_self):
-    q, k, v, query_selected, key_selected, key_mask = make_attention_case(1, 2, 20, 24, 16, padding=True)
-    key_list = key_selected if attend_self else key_selected & key_mask[..., None]
+@pytest.mark.parametrize("segmented", [False, True], ids=["one_segment", "segments"])
+def test_smha_ops_pass_opcheck(segmented):
+    q, k, v, query_selected, key_selected, key_mask, segment_ids = make_attention_case(
+        1, 2, 20, 24, 16, padding=True, segments=[[9, 4, 11]]
+    )
+    key_list = key_selected & key_mask[..., None]
     metadata = (*compact_selection(query_selected.transpose(1, 2)), *compact_selection(key_list.transpose(1, 2)))
-    mask = key_mask if attend_self else None
-    torch.library.opcheck(torch.ops.uoe.smha_forward.default, (q, k, v, *metadata, mask, True, 0.25))
-    out, lse = torch.ops.uoe.smha_forward(q, k, v, *metadata, mask, True, 0.25)
-    args = (torch.randn(out.shape), q.detach(), k.detach(), v.detach(), out.detach(), lse, *metadata, mask)
+    seg = segment_ids.to(torch.int32) if segmented else None
+    torch.library.opcheck(torch.ops.uoe.smha_forward.default, (q, k, v, *metadata, seg, True, 0.25))
+    out, lse = torch.ops.uoe.smha_forward(q, k, v, *metadata, seg, True, 0.25)
+    args = (torch.randn(out.shape), q.detach(), k.detach(), v.detach(), out.detach(), lse, *metadata, seg)
     torch.library.opcheck(torch.ops.uoe.smha_backward.default, (*args, True, 0.25))
 
 
 def test_selective_attention_compile_fullgraph():
-    inputs = make_attention_case(1, 2, 24, 24, 16, padding=True)
-    options = dict(causal=True, attend_self=True)
+    inputs = make_attention_case(1, 2, 24, 24, 16, padding=True, segments=[[6, 11, 7]])
+    options = dict(causal=True)
     compiled = torch.compile(selective_attention, fullgraph=True, backend="aot_eager")
     actual = run_attention(inputs, options, compiled)
     expected = run_attention(inputs, options, selective_attention_reference)
@@ -344,7 +381,6 @@ def kernel_calls(monkeypatch):
     """Counts the model's calls into the SMHA and UoME kernels (a silent fallback would make the comparisons
     below compare the reference with itself)."""
     import uoe.modeling_uoe as modeling
-    import uoe.modeling_uoe_vision as modeling_vision
 
     calls = {"attention": 0, "experts": 0}
 
@@ -355,9 +391,7 @@ def kernel_calls(monkeypatch):
 
         return wrapper
 
-    attention = counted("attention", modeling.selective_attention)
-    for module in (modeling, modeling_vision):
-        monkeypatch.setattr(module, "selective_attention", attention)
+    monkeypatch.setattr(modeling, "selective_attention", counted("attention", modeling.selective_attention))
     monkeypatch.setattr(modeling, "uoe_triton_experts_forward", counted("experts", modeling.uoe_triton_experts_forward))
     return calls
 
@@ -386,7 +420,7 @@ def test_causal_lm_with_triton_backend_matches_reference(overrides, kernel_calls
     attention_mask = torch.ones(2, 11, dtype=torch.long)
     attention_mask[1, :4] = 0
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
-    expected = model_loss_and_grads(tiny_model(routing_backend="reference", **overrides).train(), **inputs)
+    expected = model_loss_and_grads(tiny_model(routing_backend="masked", **overrides).train(), **inputs)
     assert kernel_calls == {"attention": 0, "experts": 0}
     actual = model_loss_and_grads(tiny_model(routing_backend="triton", **overrides).train(), **inputs)
     assert kernel_calls == {"attention": 2, "experts": 2}  # two layers
@@ -401,7 +435,7 @@ def test_causal_lm_with_triton_backend_decodes_like_the_full_pass(kernel_calls):
     """KV-cache decoding through the kernels (keys longer than queries) equals the reference full pass."""
     torch.manual_seed(9)
     input_ids = torch.randint(0, 61, (2, 12))
-    reference = tiny_model(routing_backend="reference")
+    reference = tiny_model(routing_backend="masked")
     model = tiny_model(routing_backend="triton")
     with torch.no_grad():
         expected = reference(input_ids).logits
@@ -427,7 +461,7 @@ def test_image_classifier_with_triton_backend_matches_reference(kernel_calls):
 
     pixels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(11))
     labels = torch.tensor([0, 2, 1])
-    expected = model_loss_and_grads(build("reference"), pixel_values=pixels, labels=labels)
+    expected = model_loss_and_grads(build("masked"), pixel_values=pixels, labels=labels)
     actual = model_loss_and_grads(build("triton"), pixel_values=pixels, labels=labels)
     assert kernel_calls == {"attention": 2, "experts": 4}  # per layer: attention; experts for CLS and patches
     assert_close(actual[0], expected[0], "logits")
@@ -444,11 +478,11 @@ def test_decoder_layer_with_triton_backend_compiles_fullgraph():
     graph; forward and input gradient equal the eager reference layer."""
     from uoe.modeling_uoe import RoutingInputs
 
-    reference_model, model = tiny_model(routing_backend="reference"), tiny_model(routing_backend="triton")
+    reference_model, model = tiny_model(routing_backend="masked"), tiny_model(routing_backend="triton")
     hidden = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(12))
     positions = torch.arange(9)[None].expand(2, -1)
     rotary = model.model.rotary_emb(hidden, positions)
-    routing = RoutingInputs(source_index=None, token_mask=None, key_mask=None)
+    routing = RoutingInputs(source_index=None, token_mask=None)
 
     def run(layer):
         x = hidden.clone().requires_grad_(True)

@@ -15,7 +15,6 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 
 import uoe
 from uoe import UoEConfig, UoEForImageClassification, UoEImageProcessor
-from uoe.modeling_uoe_vision import UoEGELUBiasExperts
 
 from .remote_code import logits_without_uoe
 
@@ -246,34 +245,42 @@ def test_estimated_flops_half_at_capacity_half():
     assert dense.active_fraction > 0.97  # only the routers on top of the dense model
 
 
-def test_unselected_pairs_are_not_computed():
+def test_unselected_pairs_are_not_computed(monkeypatch):
+    """The gathered path (the CPU default) computes exactly the kept (token, expert) pairs: per layer, attention
+    projects CLS in every head plus each head's kept patches, and the MLP the same for its experts."""
+    import uoe.gathered as gathered
+
     model = vision_model(data_capacity=0.5, routing_patch_size=2)
     pixel_values = torch.randn(3, 3, 8, 8)
-    num_patches, capacity = 8, 4  # ceil(0.5 * 8)
+    num_patches, capacity, patch_tokens, batch = 8, 4, 2, 3  # capacity = ceil(0.5 * 8)
 
-    rows = []
-    original = UoEGELUBiasExperts.forward_slots
+    computed = []
+    original = gathered.grouped_mm
 
-    def counting(self, slot_states, slot_weights):
-        rows.append((slot_states.shape[:3], int((slot_weights != 0).sum())))
-        return original(self, slot_states, slot_weights)
+    def counting(a, b, offsets):
+        computed.append(int(offsets[-1]))
+        return original(a, b, offsets)
 
-    UoEGELUBiasExperts.forward_slots = counting
-    try:
-        with torch.no_grad():
-            out = model(pixel_values, output_router_logits=True)
-    finally:
-        UoEGELUBiasExperts.forward_slots = original
-    # Per layer, the expert product ran on (batch, experts, capacity * routing_patch_size) rows: half the image
-    # tokens per expert instead of all of them, and the rows that carry output are exactly the kept pairs.
-    assert [shape for shape, _ in rows] == [torch.Size([3, 4, capacity * 2])] * 2
-    for (_, live_rows), logits in zip(rows, out.router_logits[1::2], strict=True):
-        chosen = torch.zeros(3, num_patches, 4, dtype=torch.bool).scatter(-1, logits.topk(2, dim=-1).indices, True)
-        kept_pairs = chosen.sum(1).clamp(max=capacity).sum()  # per image and expert: min(#chose, capacity)
-        assert live_rows == int(kept_pairs) * 2  # x tokens per routing patch
+    monkeypatch.setattr(gathered, "grouped_mm", counting)
+    with torch.no_grad():
+        out = model(pixel_values, output_router_logits=True)
+    # per layer: q/k/v (one product) and o_proj; the MLP's CLS block (up, down), then its image block (up, down)
+    assert len(computed) == 2 * (2 + 4)
+    for layer in range(2):
+        attention_logits, mlp_logits = out.router_logits[2 * layer : 2 * layer + 2]
+        kept = []
+        for logits in (attention_logits, mlp_logits):
+            chosen = torch.zeros(batch, num_patches, 4, dtype=torch.bool).scatter(-1, logits.topk(2, -1).indices, True)
+            kept.append(int(chosen.sum(1).clamp(max=capacity).sum()) * patch_tokens)  # min(#chose, capacity) each
+        rows = computed[6 * layer : 6 * layer + 6]
+        assert rows[:2] == [batch * 4 + kept[0]] * 2  # CLS in all 4 heads + the kept image pairs
+        assert rows[2:4] == [batch * 4] * 2  # CLS through all 4 experts
+        assert rows[4:] == [kept[1]] * 2
+        assert max(kept) < batch * 16 * 2  # data selection dropped some of the 96 token-choice pairs
 
     # Counted matmul FLOPs of the whole forward: about half of the same model without data selection at full
     # routing (the dense ViT), as the analytic estimate says.
+    monkeypatch.setattr(gathered, "grouped_mm", original)
     dense = vision_model(attention_top_k=4, mlp_top_k=4)
     counts = []
     for m in (model, dense):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 from transformers import PreTrainedConfig
 from transformers.modeling_outputs import MoeModelOutputWithPast
@@ -12,7 +13,9 @@ MLP_TYPES = ("swiglu", "gelu")
 ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_EMBEDDING_TYPES = ("rope", "learned")
-ROUTING_BACKENDS = ("auto", "triton", "reference")
+ROUTING_BACKENDS = ("auto", "gathered", "masked", "triton")
+# Name used before the gathered path existed (uoe 0.1): the masked reference.
+_LEGACY_ROUTING_BACKENDS = {"reference": "masked"}
 # transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`; earlier 5.x
 # releases pass and read `past_key_values`. The models accept both names and fill whichever field exists.
 CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -83,13 +86,15 @@ class UoEConfig(PreTrainedConfig):
         image_size: Side of the (square) input image in pixels; image models only.
         patch_size: Side of one image patch (= one token) in pixels; must divide `image_size`.
         num_channels: Channels of the input images.
-        routing_backend: Who computes the routed blocks. `"reference"`: the plain PyTorch path (the UoME experts
-            follow `experts_implementation`, `"eager"` by default). `"triton"`: the Triton kernels for SMHA
-            attention and the UoME experts (CUDA, or CPU under `TRITON_INTERPRET=1`); a forward where they cannot
-            run raises an error. `"auto"` (default): the kernels on CUDA tensors when Triton is installed and the
-            reference path everywhere else; on CUDA an explicitly chosen `experts_implementation` (e.g.
-            `"grouped_mm"`) still wins for the experts, and attention dropout during training uses the reference
-            attention (the kernels have no dropout).
+        routing_backend: Who computes the routed blocks (all compute the same function).
+            `"masked"`: the readable reference: every head and MLP expert on every token, unselected ones
+            multiplied by 0 (dense cost). `"gathered"`: PyTorch ops on any device; only the selected (token,
+            expert) pairs are gathered and computed (grouped products, attention over each head's compacted
+            tokens). `"triton"`: the Triton kernels for SMHA attention and the UoME experts (CUDA, or CPU under
+            `TRITON_INTERPRET=1`); a forward where they cannot run raises an error. `"auto"` (default): the kernels
+            on CUDA tensors when Triton is installed, the gathered path everywhere else (and for attention with
+            dropout while training: the kernels have no dropout). An explicitly chosen `experts_implementation`
+            (e.g. `"eager"` or `"grouped_mm"`) decides the UoME experts whatever the backend.
     """
 
     model_type = "uoe"
@@ -175,6 +180,14 @@ class UoEConfig(PreTrainedConfig):
         _check_choice("router_score_func", router_score_func, ROUTER_SCORE_FUNCS)
         _check_choice("norm_type", norm_type, NORM_TYPES)
         _check_choice("position_embedding_type", position_embedding_type, POSITION_EMBEDDING_TYPES)
+        if routing_backend in _LEGACY_ROUTING_BACKENDS:
+            replacement = _LEGACY_ROUTING_BACKENDS[routing_backend]
+            warnings.warn(
+                f'`routing_backend="{routing_backend}"` is now called "{replacement}"; using "{replacement}".',
+                FutureWarning,
+                stacklevel=2,
+            )
+            routing_backend = replacement
         _check_choice("routing_backend", routing_backend, ROUTING_BACKENDS)
         _check_positive_int("patch_size", patch_size)
         _check_positive_int("num_channels", num_channels)
@@ -205,7 +218,7 @@ class UoEConfig(PreTrainedConfig):
         _require(
             not (routing_backend == "triton" and attention_dropout > 0),
             f'`routing_backend="triton"` needs `attention_dropout=0` (the selective-attention kernels have no '
-            f'dropout), got {attention_dropout!r}; use `routing_backend="auto"` or `"reference"`.',
+            f'dropout), got {attention_dropout!r}; use `routing_backend="auto"` or `"gathered"`.',
         )
 
         self.vocab_size = vocab_size

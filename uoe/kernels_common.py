@@ -74,8 +74,8 @@ def require_kernels(tensor: torch.Tensor, feature: str = "The UoE Triton kernels
     reason = kernels_unavailable_reason(tensor)
     if reason is not None:
         raise KernelsUnavailableError(
-            f"{feature} cannot run here: {reason}. Use the reference path instead "
-            '(`routing_backend="reference"` or `"auto"`).'
+            f"{feature} cannot run here: {reason}. Use the PyTorch paths instead "
+            '(`routing_backend="auto"`, `"gathered"` or `"masked"`).'
         )
 
 

@@ -1,10 +1,11 @@
 """SMHA selective attention as `torch.library` custom ops over Triton kernels, next to its PyTorch reference.
 
 Head h is an expert: a query token that selected h attends, in head h, to the key tokens that selected h
-(and, causally, come no later; padding keys excluded). Query tokens that did not select h get output 0
-in head h. `selective_attention_reference` computes this with a dense masked `T x T` softmax;
-`selective_attention` computes the same with FlashAttention-style kernels over each (sequence, head)'s
-list of selected tokens, so time and memory follow the number of selected (token, head) pairs.
+(and, causally, come no later; padding keys excluded; with packed sequences, only keys of its own segment).
+Query tokens that did not select h get output 0 in head h. `selective_attention_reference` computes this
+with a dense masked `T x T` softmax; `selective_attention` computes the same with FlashAttention-style
+kernels over each (sequence, head)'s list of selected tokens, so time and memory follow the number of
+selected (token, head) pairs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _kernels() -> ModuleType:
     return triton_module("kernels_smha_triton")
 
 
-def _check_inputs(query, key, value, query_selected, key_selected, key_mask, causal) -> None:
+def _check_inputs(query, key, value, query_selected, key_selected, key_mask, segment_ids, causal) -> None:
     if (
         query.dim() != 4
         or key.shape != value.shape
@@ -46,30 +47,37 @@ def _check_inputs(query, key, value, query_selected, key_selected, key_mask, cau
         )
     if key_mask is not None and key_mask.shape != (batch, k_len):
         raise ValueError(f"key_mask must be (batch, Tk) = {(batch, k_len)}, got {tuple(key_mask.shape)}")
+    if segment_ids is not None:
+        if segment_ids.shape != (batch, k_len):
+            raise ValueError(f"segment_ids must be (batch, Tk) = {(batch, k_len)}, got {tuple(segment_ids.shape)}")
+        if segment_ids.dtype == torch.bool or segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex:
+            raise ValueError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
+        if k_len < q_len:
+            raise ValueError(f"segment_ids need at least as many keys as queries (got Tk={k_len} < Tq={q_len})")
     if causal and k_len < q_len:
         raise ValueError(f"causal attention needs at least as many keys as queries (got Tk={k_len} < Tq={q_len})")
 
 
 def _allowed_mask(
-    query_selected_len: int,
+    query_len: int,
     key_selected: torch.Tensor,
     key_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     causal: bool,
-    attend_self: bool,
 ) -> torch.Tensor:
     """`(batch, heads, Tq, Tk)` bool: which keys each query may attend to (before query selection)."""
     k_len = key_selected.shape[1]
     device = key_selected.device
-    query_pos = torch.arange(k_len - query_selected_len, k_len, device=device)[:, None]
+    query_pos = torch.arange(k_len - query_len, k_len, device=device)[:, None]
     key_pos = torch.arange(k_len, device=device)[None, :]
     allowed = key_selected.transpose(1, 2)[:, :, None, :]
     if causal:
         allowed = allowed & (key_pos <= query_pos)
     if key_mask is not None:
-        key_ok = key_mask[:, None, None, :]
-        if attend_self:
-            key_ok = key_ok | (key_pos == query_pos)
-        allowed = allowed & key_ok
+        allowed = allowed & key_mask[:, None, None, :]
+    if segment_ids is not None:
+        same_segment = segment_ids[:, k_len - query_len :, None] == segment_ids[:, None, :]  # (batch, Tq, Tk)
+        allowed = allowed & same_segment[:, None]
     return allowed
 
 
@@ -80,35 +88,35 @@ def selective_attention_reference(
     query_selected: torch.Tensor,
     key_selected: torch.Tensor,
     key_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     causal: bool = True,
     scaling: float | None = None,
-    attend_self: bool = False,
 ) -> torch.Tensor:
     """Selective attention by definition, with a dense masked softmax (what `selective_attention` computes).
 
-    For query i and head h with `query_selected[b, i, h]`: softmax over keys j with `key_selected[b, j, h]`,
-    `j <= i + Tk - Tq` if `causal`, and `key_mask[b, j]` (or, with `attend_self`, `j == i + Tk - Tq`),
-    of `scaling * q.k`, applied to the values. Unselected (query, head) pairs, and selected ones with no
-    allowed key, output 0.
+    For query i (at key position `p = i + Tk - Tq`) and head h with `query_selected[b, i, h]`: softmax over
+    keys j with `key_selected[b, j, h]`, `key_mask[b, j]`, `j <= p` if `causal` and
+    `segment_ids[b, j] == segment_ids[b, p]`, of `scaling * q.k`, applied to the values. Unselected
+    (query, head) pairs, and selected ones with no allowed key, output 0.
 
     Args:
         query: `(batch, heads, Tq, head_dim)`.
-        key, value: `(batch, heads, Tk, head_dim)`, `Tk >= Tq` when causal; the last `Tq` keys are the
-            queries' own tokens (earlier keys come from a cache).
+        key, value: `(batch, heads, Tk, head_dim)`, `Tk >= Tq` when causal or segmented; the last `Tq` keys
+            are the queries' own tokens (earlier keys come from a cache).
         query_selected: `(batch, Tq, heads)` bool.
         key_selected: `(batch, Tk, heads)` bool.
-        key_mask: `(batch, Tk)` bool, False at padding, or `None`.
+        key_mask: `(batch, Tk)` bool, False at padding (those keys are never attended), or `None`.
+        segment_ids: `(batch, Tk)` integer ids of packed sequences (values within int32), or `None` for
+            one sequence per row; a query attends only keys with its own token's id.
         causal: causal by original token index, or bidirectional.
         scaling: score scale, default `head_dim ** -0.5`.
-        attend_self: a selected query may always attend its own key position even if it is padding
-            (the model's convention, which keeps padded query rows finite).
 
     Returns:
         `(batch, Tq, heads, head_dim)`.
     """
-    _check_inputs(query, key, value, query_selected, key_selected, key_mask, causal)
+    _check_inputs(query, key, value, query_selected, key_selected, key_mask, segment_ids, causal)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    allowed = _allowed_mask(query.shape[2], key_selected, key_mask, causal, attend_self)
+    allowed = _allowed_mask(query.shape[2], key_selected, key_mask, segment_ids, causal)
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     # zeroing after the softmax makes rows without any allowed key exactly 0 (and keeps gradients finite)
@@ -122,6 +130,11 @@ def selective_attention_reference(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _int32(segment_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read segment ids as a contiguous int32 `(batch, Tk)` array (a no-op when already one)."""
+    return segment_ids.to(torch.int32).contiguous() if segment_ids is not None else None
+
+
 def _smha_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -132,19 +145,18 @@ def _smha_forward(
     k_index: torch.Tensor,
     k_count: torch.Tensor,
     k_cumulative: torch.Tensor,
-    key_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     causal: bool,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     require_kernels(q, "uoe::smha_forward")
-    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
     return _kernels().attention_forward(
-        q, k, v, q_index, q_count, k_index, k_count, k_cumulative, mask, causal, scaling
+        q, k, v, q_index, q_count, k_index, k_count, k_cumulative, _int32(segment_ids), causal, scaling
     )
 
 
 def _smha_forward_fake(
-    q, k, v, q_index, q_count, q_cumulative, k_index, k_count, k_cumulative, key_mask, causal, scaling
+    q, k, v, q_index, q_count, q_cumulative, k_index, k_count, k_cumulative, segment_ids, causal, scaling
 ):
     batch, heads, q_len, head_dim = q.shape
     return q.new_empty(batch, q_len, heads, head_dim), q.new_empty(batch, heads, q_len, dtype=torch.float32)
@@ -163,12 +175,11 @@ def _smha_backward(
     k_index: torch.Tensor,
     k_count: torch.Tensor,
     k_cumulative: torch.Tensor,
-    key_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     causal: bool,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     require_kernels(q, "uoe::smha_backward")
-    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else None
     return _kernels().attention_backward(
         grad_out.to(q.dtype),
         q,
@@ -182,7 +193,7 @@ def _smha_backward(
         k_index,
         k_count,
         k_cumulative,
-        mask,
+        _int32(segment_ids),
         causal,
         scaling,
     )
@@ -193,16 +204,18 @@ def _smha_backward_fake(grad_out, q, k, v, out, lse, *args):
 
 
 def _smha_setup_context(ctx, inputs, output) -> None:
-    q, k, v, *metadata, key_mask, causal, scaling = inputs
+    q, k, v, *metadata, segment_ids, causal, scaling = inputs
     out, lse = output
     ctx.causal, ctx.scaling = causal, scaling
-    ctx.save_for_backward(q, k, v, out, lse, *metadata, key_mask)
+    ctx.save_for_backward(q, k, v, out, lse, *metadata, segment_ids)
     ctx.mark_non_differentiable(lse)
 
 
 def _smha_autograd_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, *metadata, key_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.uoe.smha_backward(grad_out, q, k, v, out, lse, *metadata, key_mask, ctx.causal, ctx.scaling)
+    q, k, v, out, lse, *metadata, segment_ids = ctx.saved_tensors
+    dq, dk, dv = torch.ops.uoe.smha_backward(
+        grad_out, q, k, v, out, lse, *metadata, segment_ids, ctx.causal, ctx.scaling
+    )
     return (dq, dk, dv) + (None,) * 9
 
 
@@ -215,8 +228,8 @@ if not hasattr(torch.ops.uoe, "smha_forward"):  # a second copy of this file (re
         "uoe::smha_forward",
         _smha_forward,
         mutates_args=(),
-        schema=f"(Tensor q, Tensor k, Tensor v, {_METADATA_SCHEMA}, Tensor? key_mask, bool causal, float scaling) "
-        "-> (Tensor, Tensor)",
+        schema=f"(Tensor q, Tensor k, Tensor v, {_METADATA_SCHEMA}, Tensor? segment_ids, bool causal, "
+        "float scaling) -> (Tensor, Tensor)",
     )
     _forward_op.register_fake(_smha_forward_fake)
     _forward_op.register_autograd(_smha_autograd_backward, setup_context=_smha_setup_context)
@@ -225,7 +238,7 @@ if not hasattr(torch.ops.uoe, "smha_forward"):  # a second copy of this file (re
         _smha_backward,
         mutates_args=(),
         schema=f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_METADATA_SCHEMA}, "
-        "Tensor? key_mask, bool causal, float scaling) -> (Tensor, Tensor, Tensor)",
+        "Tensor? segment_ids, bool causal, float scaling) -> (Tensor, Tensor, Tensor)",
     )
     _backward_op.register_fake(_smha_backward_fake)
 
@@ -237,9 +250,9 @@ def selective_attention(
     query_selected: torch.Tensor,
     key_selected: torch.Tensor,
     key_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     causal: bool = True,
     scaling: float | None = None,
-    attend_self: bool = False,
 ) -> torch.Tensor:
     """SMHA selective attention with the Triton kernels; same arguments and result as
     `selective_attention_reference` (see there), differentiable in query, key and value.
@@ -249,22 +262,11 @@ def selective_attention(
     Raises `KernelsUnavailableError` where the kernels cannot run.
     """
     require_kernels(query, "selective_attention")
-    _check_inputs(query, key, value, query_selected, key_selected, key_mask, causal)
+    _check_inputs(query, key, value, query_selected, key_selected, key_mask, segment_ids, causal)
     scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    key_list = key_selected
-    if key_mask is not None and not attend_self:
-        key_list = key_selected & key_mask[..., None]  # padding keys leave the lists altogether
+    key_list = key_selected if key_mask is None else key_selected & key_mask[..., None]  # padding leaves the lists
     queries = compact_selection(query_selected.transpose(1, 2))
     # self-attention without cache or key padding (the model passes one tensor twice): one compaction
     keys = queries if key_list is query_selected else compact_selection(key_list.transpose(1, 2))
-    out, _ = torch.ops.uoe.smha_forward(
-        query,
-        key,
-        value,
-        *queries,
-        *keys,
-        key_mask if attend_self else None,
-        causal,
-        scaling,
-    )
+    out, _ = torch.ops.uoe.smha_forward(query, key, value, *queries, *keys, _int32(segment_ids), causal, scaling)
     return out

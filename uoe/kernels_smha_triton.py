@@ -10,6 +10,8 @@ and scattered to the original `(batch, head, token)` layout through the lists, s
 Causality uses the original token indices (query i sits at key position `i + offset`, `offset = Tk - Tq`,
 as with a KV cache); since the lists are sorted, a query block only visits keys up to
 `k_cumulative[last query + offset]` and a key block only queries from `q_cumulative[first key - offset - 1]`.
+With packed sequences (`SEGMENTED`), query i and key j must also share a segment id, `seg[i + offset] == seg[j]`
+(`seg` int32 `(B, Tk)`, contiguous); this only removes keys, so the block bounds above stay valid.
 
   `_smha_fwd_kernel`   out, log-sum-exp (base 2) per selected query
   `_smha_bwd_dkdv_kernel` dK, dV per key block (loops over the queries that can see it)
@@ -69,15 +71,16 @@ _BWD_Q_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 
 
 
 @triton.jit
-def _allowed(qi, q_ok, kj, k_ok, km_ptr, offset, CAUSAL: tl.constexpr, ATTEND_SELF: tl.constexpr):
-    """Mask `[queries, keys]` of a block: both in their lists, causal by original index, and (when padding
-    keys stay in the list for `attend_self`) key not padding unless it is the query's own position."""
+def _allowed(qi, q_ok, kj, k_ok, seg_ptr, offset, CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr):
+    """Mask `[queries, keys]` of a block: both in their lists, causal by original index, and (packed
+    sequences) in the same segment; `seg_ptr` points at the sequence's row of segment ids."""
     allowed = q_ok[:, None] & k_ok[None, :]
     if CAUSAL:
         allowed = allowed & (kj[None, :] <= qi[:, None] + offset)
-    if ATTEND_SELF:
-        key_ok = tl.load(km_ptr + kj, mask=k_ok, other=0) != 0
-        allowed = allowed & (key_ok[None, :] | (kj[None, :] == qi[:, None] + offset))
+    if SEGMENTED:
+        q_seg = tl.load(seg_ptr + qi + offset, mask=q_ok, other=0)
+        k_seg = tl.load(seg_ptr + kj, mask=k_ok, other=0)
+        allowed = allowed & (q_seg[:, None] == k_seg[None, :])
     return allowed
 
 
@@ -85,10 +88,10 @@ def _allowed(qi, q_ok, kj, k_ok, km_ptr, offset, CAUSAL: tl.constexpr, ATTEND_SE
 @triton.jit
 def _smha_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    q_idx_ptr, q_cnt_ptr, k_idx_ptr, k_cnt_ptr, k_cum_ptr, km_ptr,
+    q_idx_ptr, q_cnt_ptr, k_idx_ptr, k_cnt_ptr, k_cum_ptr, seg_ptr,
     H, Tq, Tk, D, offset, scale_log2,
-    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, sot, soh, sod, smb,
-    CAUSAL: tl.constexpr, ATTEND_SELF: tl.constexpr, PRECISION: tl.constexpr,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, sot, soh, sod, ssb,
+    CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
@@ -120,7 +123,7 @@ def _smha_fwd_kernel(
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + kj[:, None] * skt + d[None, :] * skd, mask=kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        allowed = _allowed(qi, q_ok, kj, k_ok, km_ptr + b * smb, offset, CAUSAL, ATTEND_SELF)
+        allowed = _allowed(qi, q_ok, kj, k_ok, seg_ptr + b * ssb, offset, CAUSAL, SEGMENTED)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, _max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet stay at 0
@@ -140,11 +143,11 @@ def _smha_fwd_kernel(
 @triton.jit
 def _smha_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    q_idx_ptr, q_cnt_ptr, q_cum_ptr, k_idx_ptr, k_cnt_ptr, km_ptr,
+    q_idx_ptr, q_cnt_ptr, q_cum_ptr, k_idx_ptr, k_cnt_ptr, seg_ptr,
     H, Tq, Tk, D, offset, scale_log2, scale,
-    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdot, sdoh, sdod, smb,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdot, sdoh, sdod, ssb,
     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
-    CAUSAL: tl.constexpr, ATTEND_SELF: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
@@ -182,7 +185,7 @@ def _smha_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + bh * Tq + qpos, mask=q_ok, other=0.0)
         delta = tl.load(delta_ptr + (b * Tq + qi) * H + h, mask=q_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        allowed = _allowed(qi, q_ok, kj, k_ok, km_ptr + b * smb, offset, CAUSAL, ATTEND_SELF)
+        allowed = _allowed(qi, q_ok, kj, k_ok, seg_ptr + b * ssb, offset, CAUSAL, SEGMENTED)
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -196,11 +199,11 @@ def _smha_bwd_dkdv_kernel(
 @triton.jit
 def _smha_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    q_idx_ptr, q_cnt_ptr, k_idx_ptr, k_cnt_ptr, k_cum_ptr, km_ptr,
+    q_idx_ptr, q_cnt_ptr, k_idx_ptr, k_cnt_ptr, k_cum_ptr, seg_ptr,
     H, Tq, Tk, D, offset, scale_log2, scale,
-    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdot, sdoh, sdod, smb,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdob, sdot, sdoh, sdod, ssb,
     sdqb, sdqh, sdqt,
-    CAUSAL: tl.constexpr, ATTEND_SELF: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
@@ -235,7 +238,7 @@ def _smha_bwd_dq_kernel(
         k = tl.load(k_base + kj[:, None] * skt + d[None, :] * skd, mask=kv_mask)
         v = tl.load(v_base + kj[:, None] * svt + d[None, :] * svd, mask=kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        allowed = _allowed(qi, q_ok, kj, k_ok, km_ptr + b * smb, offset, CAUSAL, ATTEND_SELF)
+        allowed = _allowed(qi, q_ok, kj, k_ok, seg_ptr + b * ssb, offset, CAUSAL, SEGMENTED)
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -267,25 +270,25 @@ def attention_forward(
     k_index: torch.Tensor,
     k_count: torch.Tensor,
     k_cumulative: torch.Tensor,
-    key_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     causal: bool,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(out [B, Tq, H, D], lse [B, H, Tq] float32, base 2, by list position)`; `key_mask` (int8) only with
-    attend-self semantics (otherwise padding keys are already out of the key lists)."""
+    """`(out [B, Tq, H, D], lse [B, H, Tq] float32, base 2, by list position)`; `segment_ids` int32 `(B, Tk)`
+    contiguous, or `None` for one sequence per row (padding keys are already out of the key lists)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
     out = q.new_zeros(batch, q_len, heads, head_dim)
     lse = torch.zeros(batch, heads, q_len, device=q.device, dtype=torch.float32)
     if out.numel() == 0 or k_len == 0:
         return out, lse
-    mask = key_mask if key_mask is not None else q_count  # dummy pointer
+    seg = segment_ids if segment_ids is not None else q_count  # dummy pointer, never read
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _smha_fwd_kernel[grid](
-        q, k, v, out, lse, q_index, q_count, k_index, k_count, k_cumulative, mask,
+        q, k, v, out, lse, q_index, q_count, k_index, k_count, k_cumulative, seg,
         heads, q_len, k_len, head_dim, k_len - q_len, scaling * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), mask.stride(0),
-        CAUSAL=causal, ATTEND_SELF=key_mask is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(head_dim),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), seg.stride(0),
+        CAUSAL=causal, SEGMENTED=segment_ids is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(head_dim),
     )  # fmt: skip
     return out, lse
 
@@ -303,7 +306,7 @@ def attention_backward(
     k_index: torch.Tensor,
     k_count: torch.Tensor,
     k_cumulative: torch.Tensor,
-    key_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     causal: bool,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,20 +318,20 @@ def attention_backward(
         return dq, dk, dv
     # delta_i = <dO_i, O_i>, the softmax backward's row term (cheap, elementwise)
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, Tq, H)
-    mask = key_mask if key_mask is not None else q_count
+    seg = segment_ids if segment_ids is not None else q_count  # dummy pointer, never read
     common = dict(
-        CAUSAL=causal, ATTEND_SELF=key_mask is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(head_dim)
+        CAUSAL=causal, SEGMENTED=segment_ids is not None, PRECISION=_precision(q.dtype), BLOCK_D=_block_d(head_dim)
     )
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), mask.stride(0))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), seg.stride(0))
     sizes = (heads, q_len, k_len, head_dim, k_len - q_len, scaling * LOG2E, scaling)
     grid_kv = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * heads)  # noqa: E731
     _smha_bwd_dkdv_kernel[grid_kv](
-        q, k, v, grad_out, lse, delta, dk, dv, q_index, q_count, q_cumulative, k_index, k_count, mask,
+        q, k, v, grad_out, lse, delta, dk, dv, q_index, q_count, q_cumulative, k_index, k_count, seg,
         *sizes, *strides, *dk.stride()[:3], *dv.stride()[:3], **common,
     )  # fmt: skip
     grid_q = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     _smha_bwd_dq_kernel[grid_q](
-        q, k, v, grad_out, lse, delta, dq, q_index, q_count, k_index, k_count, k_cumulative, mask,
+        q, k, v, grad_out, lse, delta, dq, q_index, q_count, k_index, k_count, k_cumulative, seg,
         *sizes, *strides, *dq.stride()[:3], **common,
     )  # fmt: skip
     return dq, dk, dv

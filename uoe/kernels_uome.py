@@ -405,13 +405,20 @@ def experts_activation(experts: nn.Module) -> str | None:
 
 
 def uoe_triton_experts_forward(
-    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    pair_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """transformers experts back-end `"uoe_triton"` (`self` is a `@use_experts_implementation` experts module).
 
+    `pair_keep` (`(tokens, top_k)` bool, optional) zeroes the weights of dropped pairs (they are still computed).
     Layouts the kernels do not cover (transposed or interleaved weights, post-expert norms, expert
     parallelism, other activations) fall back to transformers' `grouped_mm` back-end.
     """
+    if pair_keep is not None:
+        top_k_weights = top_k_weights * pair_keep.to(top_k_weights.dtype)
     activation = experts_activation(self)
     if (
         activation is None

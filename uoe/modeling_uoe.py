@@ -3,13 +3,15 @@
 A UoE layer is a dense transformer layer split by equivalent decomposition: each attention head is an
 expert, and the MLP is cut into `num_mlp_experts` slices of its hidden units. Routers pick experts per
 routing patch and the selected experts' outputs are summed, so at full routing the layer *is* the dense
-layer. This file is the plain PyTorch reference path.
+layer. `UoESelectiveAttention` and `UoESparseMLP` serve the causal LM and the bidirectional encoder
+(`modeling_uoe_vision`); each runs on one of three paths that compute the same function (`routing_backend`):
+the masked reference, the gathered path (`gathered.py`) and the Triton kernels.
 """
 
-from __future__ import annotations
-
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ExpertsInterface
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -28,56 +31,103 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
+from .gathered import (
+    Slots,
+    combine_pairs,
+    compact_heads,
+    from_lists,
+    gather_heads,
+    gathered_experts_forward,
+    head_lists,
+    list_attention,
+    output_projection,
+    project_pairs,
+    rotate_pairs,
+    slots_to_dense,
+    sort_pairs,
+    to_dense_heads,
+    to_lists,
+)
 from .kernels_common import require_kernels, triton_importable
 from .kernels_smha import selective_attention
 from .kernels_uome import register_uoe_experts_kernels, uoe_triton_experts_forward
 from .routing import (
+    capacity_keep,
     dense_gates,
     gather_patch_logits,
     load_balancing_loss,
+    packed_segment_ids,
+    patch_mean,
     patch_source_index,
     router_scores,
     router_z_loss,
     select_top_k,
 )
 
-# `experts_implementation="uoe_triton"` selects the UoME kernels through transformers' experts interface.
-register_uoe_experts_kernels()
+# ---------------------------------------------------------------------------------------------------------------------
+# Execution paths
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-def use_routing_kernels(config: UoEConfig, tensor: torch.Tensor) -> bool:
-    """Whether a routed block runs the Triton kernels on `tensor` (see `UoEConfig.routing_backend`).
+def resolve_routing_backend(backend: str, tensor: torch.Tensor) -> str:
+    """The path (`"masked"`, `"gathered"` or `"triton"`) that `routing_backend` means for `tensor`'s device.
 
     Decided from the config and the device only: no synchronisation, and constant under `torch.compile`.
     """
-    if config.routing_backend == "reference":
-        return False
-    if config.routing_backend == "triton":
+    if backend in ("masked", "gathered"):
+        return backend
+    if backend == "triton":
         require_kernels(tensor, 'routing_backend="triton"')
-        return True
-    return tensor.device.type == "cuda" and triton_importable()
+        return "triton"
+    return "triton" if tensor.device.type == "cuda" and triton_importable() else "gathered"
 
 
-def use_attention_kernels(attention: nn.Module, tensor: torch.Tensor) -> bool:
-    """Whether a selective-attention module runs the SMHA kernel: `use_routing_kernels`, except that attention
-    dropout while training keeps the reference path (the kernel has no dropout; `"triton"` refuses dropout > 0 at
-    config construction)."""
-    return use_routing_kernels(attention.config, tensor) and not (
-        attention.training and attention.attention_dropout > 0
-    )
+def attention_path(attention: nn.Module, tensor: torch.Tensor) -> str:
+    """`resolve_routing_backend` for an SMHA module. With `"auto"`, a non-SDPA `attn_implementation` (e.g.
+    `"eager"`, which returns attention maps) runs the masked reference through that attention function, and
+    training with attention dropout leaves the kernels (which have no dropout) for the gathered path."""
+    config = attention.config
+    path = resolve_routing_backend(config.routing_backend, tensor)
+    if config.routing_backend != "auto":
+        return path
+    if config._attn_implementation != "sdpa":
+        return "masked"
+    if path == "triton" and attention.training and attention.attention_dropout > 0:
+        return "gathered"
+    return path
+
+
+# The experts implementations that take `pair_keep` (the others get dropped pairs as zero weights).
+UOE_EXPERTS_IMPLEMENTATIONS = ("uoe", "uoe_gathered", "uoe_triton", "eager")
 
 
 def routed_experts_forward(
-    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    pair_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run a stacked experts module: the UoME kernels where `routing_backend` asks for them, else the module
-    itself (which follows `experts_implementation`)."""
-    config = experts.config
-    if use_routing_kernels(config, hidden_states) and (
-        config.routing_backend == "triton" or config._experts_implementation in (None, "eager")
-    ):
-        return uoe_triton_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
-    return experts(hidden_states, top_k_index, top_k_weights)
+    """Experts back-end `"uoe"` (the UoE models' default): the path `config.routing_backend` picks for the device.
+
+    `"masked"` runs the module's own forward (every expert on every token), `"gathered"` the gathered experts,
+    `"triton"` the UoME kernels. Modules without `routing_backend` in their config follow `"auto"`.
+    """
+    path = resolve_routing_backend(getattr(self.config, "routing_backend", "auto"), hidden_states)
+    if path == "gathered":
+        return gathered_experts_forward(self, hidden_states, top_k_index, top_k_weights, pair_keep)
+    if path == "triton":
+        return uoe_triton_experts_forward(self, hidden_states, top_k_index, top_k_weights, pair_keep)
+    masked_forward = type(self).forward.__wrapped__  # the class's own forward, under @use_experts_implementation
+    if pair_keep is not None:
+        return masked_forward(self, hidden_states, top_k_index, top_k_weights, pair_keep)
+    return masked_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+# `experts_implementation=` "uoe" (default), "uoe_gathered" and "uoe_triton" through transformers' experts interface.
+ExpertsInterface.register("uoe", routed_experts_forward)
+ExpertsInterface.register("uoe_gathered", gathered_experts_forward)
+register_uoe_experts_kernels()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,17 +256,18 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
 
 @dataclass
 class RoutingInputs:
-    """Per-forward routing context shared by all layers.
+    """Per-forward routing context shared by all layers of the causal model.
 
     source_index: `(batch, seq)` index of the token routing each token's patch (see
         `routing.patch_source_index`), or `None` when every token routes itself.
-    token_mask: `(batch, seq)` bool, False at padding, or `None` (no padding).
-    key_mask: `(batch, past + seq)` bool padding mask over the keys, or `None`.
+    token_mask: `(batch, seq)` bool, False at padding, or `None` (no padding). Padding selects no expert.
+    segment_ids: `(batch, seq)` packed-sequence id of each token (attention stays inside a sequence), or `None`
+        (one sequence per row).
     """
 
     source_index: torch.Tensor | None
     token_mask: torch.Tensor | None
-    key_mask: torch.Tensor | None
+    segment_ids: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -303,26 +354,33 @@ def eager_attention_forward(
 
 
 def selective_attention_mask(
-    key_selected: torch.Tensor, key_mask: torch.Tensor | None, query_length: int, dtype: torch.dtype
+    key_selected: torch.Tensor,
+    query_length: int,
+    causal: bool,
+    dtype: torch.dtype,
+    query_segments: torch.Tensor | None = None,
+    key_segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Additive `(batch, heads, queries, keys)` mask of causal selective attention.
+    """Additive `(batch, heads, queries, keys)` mask of selective attention (the masked reference).
 
-    Query i may attend key j in head h when j is not later than i, j is not padding and j selected h.
-    Queries that did not select h are discarded afterwards (their gate is 0); they keep the diagonal so
-    no softmax row is empty, which also keeps padded queries finite.
+    Query i may attend key j in head h when j selected h, j is not later than i (`causal`) and both belong to the
+    same packed sequence. Queries that did not select h are discarded afterwards (their gate is 0); every query
+    keeps its own key, so that no softmax row is empty.
 
     Args:
-        key_selected: `(batch, keys, heads)` bool, which heads each key token selected.
-        key_mask: `(batch, keys)` bool padding mask, or `None`.
+        key_selected: `(batch, keys, heads)` bool, which heads each key token selected (padding selects none).
         query_length: number of queries, the last `query_length` keys.
+        query_segments, key_segments: `(batch, queries)` / `(batch, keys)` packed-sequence ids, or `None`.
     """
     key_length = key_selected.shape[1]
     device = key_selected.device
     query_pos = torch.arange(key_length - query_length, key_length, device=device)[:, None]
     key_pos = torch.arange(key_length, device=device)[None, :]
-    allowed = (key_pos <= query_pos)[None, None] & key_selected.transpose(1, 2)[:, :, None, :]
-    if key_mask is not None:
-        allowed = allowed & key_mask[:, None, None, :]
+    allowed = key_selected.transpose(1, 2)[:, :, None, :]
+    if causal:
+        allowed = allowed & (key_pos <= query_pos)[None, None]
+    if key_segments is not None:
+        allowed = allowed & (key_segments[:, None, None, :] == query_segments[:, None, :, None])
     allowed = allowed | (key_pos == query_pos)[None, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
@@ -358,10 +416,71 @@ def route(router_logits: torch.Tensor, top_k: int, config: UoEConfig, token_mask
     return top_index, top_gates, aux
 
 
+class Selection(NamedTuple):
+    """What one routed block decided in a forward pass.
+
+    slots: the experts of every token, as `Slots` tiling the sequence (the encoder's CLS token is its own block).
+    router_logits: the logits tokens were routed with, `(batch, seq, experts)`; per routing patch,
+        `(batch, patches, experts)`, in the encoder.
+    aux: `[load-balancing loss, z-loss]` of the block.
+    max_list_length: a bound on the tokens of one sequence that one expert computes, when the routing fixes
+        one (data selection); `None` otherwise.
+    """
+
+    slots: list[Slots]
+    router_logits: torch.Tensor
+    aux: torch.Tensor
+    max_list_length: int | None
+
+
+def select_experts(
+    router: UoERouter,
+    hidden_states: torch.Tensor,
+    top_k: int,
+    config: UoEConfig,
+    routing: "RoutingInputs | None",
+    cache_layer: "UoECacheLayer | None",
+    cache_name: str,
+) -> Selection:
+    """Route one block. Causal models route every token from its patch's first token (padding selects nothing);
+    the bidirectional encoder routes each patch of image tokens from their mean, sends its CLS token (token 0)
+    through every expert, and with `data_capacity` keeps only each expert's best patches."""
+    if config.is_causal:
+        cached_logits = cache_layer.last_routing(cache_name) if cache_layer is not None else None
+        logits = router(hidden_states, routing.source_index, cached_logits)
+        if cache_layer is not None:
+            cache_layer.update_routing(cache_name, logits)
+        top_index, gates, aux = route(logits, top_k, config, routing.token_mask)
+        keep = None if routing.token_mask is None else routing.token_mask[..., None].expand_as(top_index)
+        return Selection([Slots(top_index, gates, keep)], logits, aux, None)
+
+    batch, patch_size, num_experts = hidden_states.shape[0], config.routing_patch_size, router.num_experts
+    logits = router(patch_mean(hidden_states[:, 1:], patch_size))
+    top_index, gates, aux = route(logits, top_k, config, None)
+    keep, max_list_length = None, None
+    if config.data_capacity is not None:
+        capacity = math.ceil(config.data_capacity * logits.shape[1])
+        # rank by router score (softmax normalises per patch, so logits would rank differently)
+        keep = capacity_keep(router_scores(logits, config.router_score_func), top_index, capacity)
+        max_list_length = 1 + capacity * patch_size
+    if patch_size > 1:
+        top_index, gates = top_index.repeat_interleave(patch_size, 1), gates.repeat_interleave(patch_size, 1)
+        keep = None if keep is None else keep.repeat_interleave(patch_size, 1)
+    every_expert = torch.arange(num_experts, device=hidden_states.device).expand(batch, 1, num_experts)
+    cls = Slots(every_expert, torch.ones(batch, 1, num_experts, device=gates.device, dtype=gates.dtype))
+    return Selection([cls, Slots(top_index, gates, keep)], logits, aux, max_list_length)
+
+
 class UoESelectiveAttention(nn.Module):
-    """Selective Multi-Head Attention: every head is an expert; each token (patch) selects
-    `attention_top_k` heads, and head h runs causal attention over the tokens that selected it.
-    The selected heads' outputs are summed through `o_proj` (whose rows are the heads' slices)."""
+    """Selective Multi-Head Attention: every head is an expert; each token (patch) selects `attention_top_k`
+    heads, and in head h a query that selected h attends the tokens that selected h (causally in the decoder,
+    in both directions in the encoder, within its packed sequence). The selected heads' outputs are summed
+    through `o_proj` (whose columns are the heads' slices).
+
+    Paths (`attention_path`): the masked reference (all heads, per-head mask, unselected heads times 0), the
+    gathered path (q/k/v, attention and output projection of the selected (token, head) pairs only) and the
+    Triton kernel (attention over each head's selected tokens).
+    """
 
     def __init__(self, config: UoEConfig, layer_idx: int):
         super().__init__()
@@ -373,7 +492,7 @@ class UoESelectiveAttention(nn.Module):
         self.num_key_value_groups = 1
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.is_causal = True
+        self.is_causal = config.is_causal
         width = self.num_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
@@ -384,69 +503,82 @@ class UoESelectiveAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        routing: RoutingInputs,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        routing: "RoutingInputs | None" = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        batch_size, seq_len, _ = hidden_states.shape
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Returns `(output, attention weights or None, router logits, aux)`."""
         cache_layer = cache.layers[self.layer_idx] if cache is not None else None
+        selection = select_experts(
+            self.router, hidden_states, self.top_k, self.config, routing, cache_layer, "attention_router_logits"
+        )
+        segment_ids = routing.segment_ids if routing is not None else None
+        path = attention_path(self, hidden_states)
+        if path == "gathered":
+            output = self._gathered(hidden_states, position_embeddings, selection, segment_ids, cache_layer)
+            return output, None, selection.router_logits, selection.aux
 
-        cached_logits = cache_layer.last_routing("attention_router_logits") if cache_layer is not None else None
-        router_logits = self.router(hidden_states, routing.source_index, cached_logits)
-        top_index, top_gates, aux = route(router_logits, self.top_k, self.config, routing.token_mask)
-        head_gates = dense_gates(top_index, top_gates, self.num_heads)  # (batch, seq, heads), 0 = not selected
-        selected = torch.zeros_like(head_gates, dtype=torch.bool).scatter(-1, top_index, True)
-
+        batch_size, seq_len, _ = hidden_states.shape
+        selected, head_gates = slots_to_dense(selection.slots, self.num_heads)  # (batch, seq, heads)
         hidden_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-
-        key_selected = selected
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        key_selected, key_segments = selected, segment_ids
         if cache_layer is not None:
             key, value = cache_layer.update(key, value)
             key_selected = cache_layer.update_routing("head_selected", selected)
-            cache_layer.update_routing("attention_router_logits", router_logits)
+            if segment_ids is not None:
+                key_segments = cache_layer.update_routing("segment_ids", segment_ids)
 
-        if use_attention_kernels(self, query):
-            # Work and memory follow the selected (token, head) pairs; unselected heads come back as 0.
+        if path == "triton":
+            # Work and memory of the attention follow the selected (token, head) pairs; unselected heads are 0.
             attn_output = selective_attention(
                 query,
                 key,
                 value,
                 query_selected=selected,
                 key_selected=key_selected,
-                key_mask=routing.key_mask,
-                causal=True,
+                segment_ids=key_segments,
+                causal=self.is_causal,
                 scaling=self.scaling,
-                attend_self=True,
             )
             attn_weights = None
         else:
+            # every head of every token, no padding, one sequence per row: the dense layer's attention
+            dense = (
+                self.top_k == self.num_heads
+                and (routing is None or routing.token_mask is None)
+                and self.config.data_capacity is None
+                and key_segments is None
+            )
             attn_output, attn_weights = self._masked_attention(
-                query, key, value, key_selected, routing.key_mask, **kwargs
+                query, key, value, key_selected, segment_ids, key_segments, dense, **kwargs
             )
         # Union of the selected heads: unselected heads are multiplied by 0, selected ones by their gate.
         attn_output = attn_output * head_gates.to(attn_output.dtype)[..., None]
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
-        return attn_output, attn_weights, aux
+        return attn_output, attn_weights, selection.router_logits, selection.aux
 
-    def _masked_attention(self, query, key, value, key_selected, key_mask, **kwargs):
+    def _masked_attention(self, query, key, value, key_selected, query_segments, key_segments, dense, **kwargs):
         """The reference path: the configured attention function with the selective (per-head) mask."""
         implementation = self.config._attn_implementation
         key_length, query_length = key.shape[2], query.shape[2]
-        # With every head selected and no padding this is plain causal attention: let SDPA use its
-        # causal kernels instead of a materialised mask.
-        dense_causal = (
-            self.top_k == self.num_heads
-            and key_mask is None
+        # Dense attention needs no mask: let SDPA use its own kernels instead of a materialised mask.
+        no_mask = (
+            dense
             and implementation == "sdpa"
-            and (key_length == query_length or query_length == 1)
+            and (not self.is_causal or key_length == query_length or query_length == 1)
         )
         attention_mask = (
-            None if dense_causal else selective_attention_mask(key_selected, key_mask, query_length, query.dtype)
+            None
+            if no_mask
+            else selective_attention_mask(
+                key_selected, query_length, self.is_causal, query.dtype, query_segments, key_segments
+            )
         )
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         return attention_interface(
@@ -459,6 +591,86 @@ class UoESelectiveAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
+
+    def _gathered(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        selection: Selection,
+        segment_ids: torch.Tensor | None,
+        cache_layer: "UoECacheLayer | None",
+    ) -> torch.Tensor:
+        """The gathered path: only the selected (token, head) pairs are projected, attended and projected back."""
+        batch, seq_len, hidden = hidden_states.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        pairs = sort_pairs(selection.slots, heads, seq_len)
+        rows = hidden_states.reshape(batch * seq_len, hidden).index_select(0, pairs.token)
+        query, key, value = project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
+        if position_embeddings is not None:
+            cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+            query, key = rotate_pairs(query, cos, sin, pairs), rotate_pairs(key, cos, sin, pairs)
+        lists = head_lists(pairs, heads, batch, seq_len, selection.max_list_length)
+        dropout = self.attention_dropout if self.training else 0.0
+        past_length = cache_layer.get_seq_length() if cache_layer is not None else 0
+
+        query_lists = to_lists(query, lists, heads, batch)
+        query_segments = None
+        if segment_ids is not None:
+            token_segments = segment_ids.reshape(-1).index_select(0, pairs.token)[:, None]
+            query_segments = to_lists(token_segments, lists, heads, batch)[..., 0]
+        if cache_layer is not None:
+            # the cache keeps the layout every path reads: (batch, heads, tokens, head_dim), 0 for unselected pairs
+            cached_key, cached_value = cache_layer.update(
+                *(to_dense_heads(x, pairs, batch, seq_len, heads) for x in (key, value))
+            )
+            selected, _ = slots_to_dense(selection.slots, heads)
+            key_selected = cache_layer.update_routing("head_selected", selected)
+            key_segments = None
+            if segment_ids is not None:
+                key_segments = cache_layer.update_routing("segment_ids", segment_ids)
+        if past_length == 0:
+            key_lists, value_lists = to_lists(key, lists, heads, batch), to_lists(value, lists, heads, batch)
+            out = list_attention(
+                query_lists,
+                key_lists,
+                value_lists,
+                lists.count,
+                lists.count,
+                self.is_causal,
+                self.scaling,
+                dropout,
+                query_segment=query_segments,
+                key_segment=query_segments,
+            )
+        else:
+            # Queries: the new pairs; keys: every cached token that selected the head, compacted per list.
+            token_position = (past_length + pairs.token % seq_len)[:, None]
+            query_position = to_lists(token_position, lists, heads, batch)[..., 0]
+            key_index, key_count = compact_heads(key_selected)  # (heads, batch, Lk)
+            key_lists = gather_heads(cached_key, key_index)
+            value_lists = gather_heads(cached_value, key_index)
+            key_segment = None
+            if key_segments is not None:
+                key_segment = key_segments[torch.arange(batch, device=key_index.device)[None, :, None], key_index]
+            out = list_attention(
+                query_lists,
+                key_lists,
+                value_lists,
+                lists.count,
+                key_count,
+                self.is_causal,
+                self.scaling,
+                dropout,
+                query_position=query_position,
+                key_position=key_index,
+                query_segment=query_segments,
+                key_segment=key_segment,
+            )
+        head_rows = from_lists(out.reshape(-1, head_dim), lists) * pairs.gate[:, None].to(out.dtype)
+        output = combine_pairs(output_projection(head_rows, self.o_proj, pairs, heads), pairs, selection.slots)
+        if self.o_proj.bias is not None:
+            output = output + self.o_proj.bias
+        return output.to(hidden_states.dtype)
 
 
 @use_experts_implementation
@@ -479,11 +691,15 @@ class UoESwiGLUExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        pair_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # Reference path: every expert on every token, unselected experts weighted 0. This is the dense
-        # MLP with masked hidden units; sparse back-ends ("grouped_mm", kernels) compute the same function.
-        weights = dense_gates(top_k_index, top_k_weights.to(hidden_states.dtype), self.num_experts)
+        # Masked reference: every expert on every token, unselected (and dropped) experts weighted 0. This is the
+        # dense MLP with masked hidden units; the other back-ends compute the same function sparsely.
+        weights = masked_weights(top_k_index, top_k_weights, pair_keep, self.num_experts, hidden_states.dtype)
         gate, up = torch.einsum("nh,eoh->neo", hidden_states, self.gate_up_proj).chunk(2, dim=-1)
         inner = self.act_fn(gate) * up * weights[..., None]
         return torch.einsum("nei,ehi->nh", inner, self.down_proj)
@@ -503,15 +719,68 @@ class UoEGELUExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        pair_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        weights = dense_gates(top_k_index, top_k_weights.to(hidden_states.dtype), self.num_experts)
+        weights = masked_weights(top_k_index, top_k_weights, pair_keep, self.num_experts, hidden_states.dtype)
         inner = self.act_fn(torch.einsum("nh,eih->nei", hidden_states, self.up_proj)) * weights[..., None]
         return torch.einsum("nei,ehi->nh", inner, self.down_proj)
 
 
+@use_experts_implementation(has_gate=False, has_bias=True)
+class UoEGELUBiasExperts(nn.Module):
+    """UoME experts of a ViT MLP `fc2(gelu(fc1 x + b1)) + b2`, stacked: expert e owns hidden units
+    `[e*I/E, (e+1)*I/E)` with their slice of b1 (`up_proj_bias`). The output bias b2 is shared by all experts
+    and added once by `UoESparseMLP`; `down_proj_bias` is a zero buffer that only exists because
+    transformers' experts back-ends read `down_proj_bias[expert_ids]`."""
+
+    def __init__(self, config: UoEConfig):
+        super().__init__()
+        self.num_experts = config.num_mlp_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.mlp_expert_size
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        if config.mlp_bias:
+            self.up_proj_bias = nn.Parameter(torch.zeros(self.num_experts, self.intermediate_dim))
+        else:
+            self.register_buffer("up_proj_bias", torch.zeros(self.num_experts, self.intermediate_dim), persistent=False)
+        self.register_buffer("down_proj_bias", torch.zeros(self.num_experts, self.hidden_dim), persistent=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        pair_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        weights = masked_weights(top_k_index, top_k_weights, pair_keep, self.num_experts, hidden_states.dtype)
+        inner = torch.einsum("nh,eih->nei", hidden_states, self.up_proj) + self.up_proj_bias
+        inner = self.act_fn(inner) * weights[..., None]
+        return torch.einsum("nei,ehi->nh", inner, self.down_proj) + weights @ self.down_proj_bias
+
+
+def masked_weights(
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    pair_keep: torch.Tensor | None,
+    num_experts: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`(tokens, experts)` weights of the masked reference: each kept slot's weight, 0 elsewhere."""
+    weights = top_k_weights.to(dtype)
+    if pair_keep is not None:
+        weights = weights * pair_keep.to(dtype)
+    return dense_gates(top_k_index, weights, num_experts)
+
+
 class UoESparseMLP(nn.Module):
-    """Union of MLP Experts: each token (patch) selects `mlp_top_k` slices of the MLP."""
+    """Union of MLP Experts: each token (patch) selects `mlp_top_k` slices of the MLP (the encoder's CLS token
+    all of them). The experts follow `experts_implementation`; its default `"uoe"` follows `routing_backend`."""
 
     def __init__(self, config: UoEConfig, layer_idx: int):
         super().__init__()
@@ -519,25 +788,46 @@ class UoESparseMLP(nn.Module):
         self.layer_idx = layer_idx
         self.top_k = config.mlp_top_k
         self.router = UoERouter(config.hidden_size, config.num_mlp_experts)
-        self.experts = UoESwiGLUExperts(config) if config.mlp_type == "swiglu" else UoEGELUExperts(config)
+        if config.mlp_type == "swiglu":
+            self.experts = UoESwiGLUExperts(config)
+        elif config.is_causal:
+            self.experts = UoEGELUExperts(config)
+        else:
+            self.experts = UoEGELUBiasExperts(config)
+        # One output bias for the whole union (one per expert would add it top_k times and break equivalence).
+        self.output_bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.mlp_bias else None
 
     def forward(
-        self, hidden_states: torch.Tensor, routing: RoutingInputs, cache: Cache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch_size, seq_len, hidden_dim = hidden_states.shape
+        self, hidden_states: torch.Tensor, routing: "RoutingInputs | None" = None, cache: Cache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns `(output, router logits, aux)`."""
+        batch_size, _, hidden_dim = hidden_states.shape
         cache_layer = cache.layers[self.layer_idx] if cache is not None else None
-        cached_logits = cache_layer.last_routing("mlp_router_logits") if cache_layer is not None else None
-        router_logits = self.router(hidden_states, routing.source_index, cached_logits)
-        if cache_layer is not None:
-            cache_layer.update_routing("mlp_router_logits", router_logits)
-        top_index, top_gates, aux = route(router_logits, self.top_k, self.config, routing.token_mask)
-        output = routed_experts_forward(
-            self.experts,
-            hidden_states.reshape(-1, hidden_dim),
-            top_index.reshape(-1, self.top_k),
-            top_gates.reshape(-1, self.top_k).to(hidden_states.dtype),
+        selection = select_experts(
+            self.router, hidden_states, self.top_k, self.config, routing, cache_layer, "mlp_router_logits"
         )
-        return output.reshape(batch_size, seq_len, hidden_dim), aux
+        outputs, start = [], 0
+        for block in selection.slots:  # one block, or the encoder's CLS and its routed tokens
+            length, width = block.index.shape[1:]
+            tokens = hidden_states[:, start : start + length].reshape(-1, hidden_dim)
+            keep = None if block.keep is None else block.keep.reshape(-1, width)
+            output = self._experts(
+                tokens, block.index.reshape(-1, width), block.gate.reshape(-1, width).to(hidden_states.dtype), keep
+            )
+            outputs.append(output.view(batch_size, length, hidden_dim))
+            start += length
+        output = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        if self.output_bias is not None:
+            output = output + self.output_bias
+        return output, selection.router_logits, selection.aux
+
+    def _experts(self, hidden_states, top_k_index, top_k_weights, pair_keep):
+        if pair_keep is None:
+            return self.experts(hidden_states, top_k_index, top_k_weights)
+        if self.config._experts_implementation in UOE_EXPERTS_IMPLEMENTATIONS:
+            return self.experts(hidden_states, top_k_index, top_k_weights, pair_keep)
+        # other back-ends compute dropped pairs with weight 0
+        return self.experts(hidden_states, top_k_index, top_k_weights * pair_keep.to(top_k_weights.dtype))
 
 
 class UoEDecoderLayer(GradientCheckpointingLayer):
@@ -559,14 +849,14 @@ class UoEDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _, attention_aux = self.self_attn(
+        hidden_states, _, _, attention_aux = self.self_attn(
             hidden_states, position_embeddings, routing, cache=cache, **kwargs
         )
         hidden_states = residual + hidden_states
 
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states, mlp_aux = self.mlp(hidden_states, routing, cache=cache)
+        hidden_states, _, mlp_aux = self.mlp(hidden_states, routing, cache=cache)
         hidden_states = residual + hidden_states
         return hidden_states, attention_aux + mlp_aux
 
@@ -601,16 +891,21 @@ class UoEPreTrainedModel(PreTrainedModel):
         if isinstance(module, UoESwiGLUExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, UoEGELUExperts):
+        elif isinstance(module, (UoEGELUExperts, UoEGELUBiasExperts)):
             init.normal_(module.up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+            if isinstance(module, UoEGELUBiasExperts):
+                init.zeros_(module.up_proj_bias)
+                init.zeros_(module.down_proj_bias)
+        elif isinstance(module, UoESparseMLP) and module.output_bias is not None:
+            init.zeros_(module.output_bias)
         elif isinstance(module, UoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # transformers defaults to "grouped_mm", which on CPU rejects float32 shapes that are not multiples of
-        # 16 bytes; the reference ("eager") path runs everywhere. Ask for "grouped_mm" explicitly to use it.
-        return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
+        # The default "uoe" follows `routing_backend` (gathered experts on CPU, the kernels on CUDA); an explicit
+        # choice ("eager" = the masked reference, "grouped_mm", "uoe_gathered", "uoe_triton") is obeyed.
+        return super().get_correct_experts_implementation("uoe" if requested_experts is None else requested_experts)
 
 
 def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -694,6 +989,14 @@ class UoEModel(UoEPreTrainedModel):
                     f"({batch_size}, {total_length}), got {tuple(attention_mask.shape)}."
                 )
             attention_mask = attention_mask.bool()
+        segment_ids = None
+        if position_ids is not None and attention_mask is None and past_length == 0:
+            # packed rows (padding-free batches): attention and routing patches stay inside each sequence
+            segment_ids = packed_segment_ids(position_ids.expand(batch_size, -1))
+        elif cache is not None and past_length > 0:
+            cached_segments = cache.layers[0].last_routing("segment_ids")
+            if cached_segments is not None:  # new tokens continue the row's last packed sequence
+                segment_ids = cached_segments[:, None].expand(batch_size, seq_len)
         if position_ids is None:
             if attention_mask is not None:
                 # Positions count real tokens only, so a left-padded sequence gets the positions it has alone.
@@ -703,12 +1006,16 @@ class UoEModel(UoEPreTrainedModel):
         position_ids = position_ids.expand(batch_size, -1)
 
         patch_size = self.config.routing_patch_size
+        source_index = None
+        if patch_size > 1:
+            segment_starts = None
+            if segment_ids is not None and past_length == 0:
+                segment_starts = torch.diff(segment_ids, prepend=segment_ids[:, :1], dim=-1) != 0
+            source_index = patch_source_index(position_ids, patch_size, past_length > 0, segment_starts)
         routing = RoutingInputs(
-            source_index=None
-            if patch_size == 1
-            else patch_source_index(position_ids, patch_size, continues_cache=past_length > 0),
+            source_index=source_index,
             token_mask=attention_mask[:, past_length:] if attention_mask is not None else None,
-            key_mask=attention_mask,
+            segment_ids=segment_ids,
         )
 
         hidden_states = inputs_embeds
@@ -811,7 +1118,7 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         )
 
     @classmethod
-    def from_dense(cls, dense_model: PreTrainedModel, **config_overrides) -> UoEForCausalLM:
+    def from_dense(cls, dense_model: PreTrainedModel, **config_overrides) -> "UoEForCausalLM":
         """Build a UoE model from a transformers `LlamaForCausalLM` by equivalent decomposition.
 
         Attention heads become SMHA experts as they are; the MLP's hidden units are cut into

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 
-def patch_source_index(position_ids: torch.Tensor, patch_size: int, continues_cache: bool) -> torch.Tensor:
+def patch_source_index(
+    position_ids: torch.Tensor, patch_size: int, continues_cache: bool, segment_starts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Index of the token whose router logits decide each token's routing (causal models).
 
     A routing patch is `patch_size` consecutive positions starting at a multiple of `patch_size`, and it
@@ -24,6 +26,8 @@ def patch_source_index(position_ids: torch.Tensor, patch_size: int, continues_ca
         continues_cache: whether earlier tokens of the sequence are in a KV cache. If so, tokens whose
             patch began in the cache get index `-1` (use the cached decision); otherwise the first token
             starts a patch whatever its position.
+        segment_starts: `(batch, seq)` bool, True where a packed sequence begins; a segment's first token
+            always starts a patch, so patches never span two packed sequences.
 
     Returns:
         `(batch, seq)` int64 indices into the current chunk, `-1` meaning "from the cache".
@@ -31,6 +35,8 @@ def patch_source_index(position_ids: torch.Tensor, patch_size: int, continues_ca
     seq_len = position_ids.shape[-1]
     token_index = torch.arange(seq_len, device=position_ids.device).expand_as(position_ids)
     starts_patch = position_ids % patch_size == 0
+    if segment_starts is not None:
+        starts_patch = starts_patch | segment_starts
     if not continues_cache:
         starts_patch = starts_patch | (token_index == 0)
     start_index = torch.where(starts_patch, token_index, torch.full_like(token_index, -1))
@@ -142,7 +148,7 @@ def patch_mean(hidden_states: torch.Tensor, patch_size: int) -> torch.Tensor:
     return hidden_states.view(batch, tokens // patch_size, patch_size, hidden).mean(dim=2)
 
 
-def capacity_slots(scores: torch.Tensor, top_index: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+def capacity_keep(scores: torch.Tensor, top_index: torch.Tensor, capacity: int) -> torch.Tensor:
     """Patch-wise data selection (expert choice) within each sequence: every expert keeps at most `capacity`
     of the patches that selected it, those with the highest scores.
 
@@ -154,11 +160,26 @@ def capacity_slots(scores: torch.Tensor, top_index: torch.Tensor, capacity: int)
         capacity: patches kept per expert and sequence, `1 <= capacity <= patches`.
 
     Returns:
-        `(slots, valid)`, both `(batch, experts, capacity)`: the patch index of each slot and whether that patch
-        selected the expert (a slot is invalid when fewer than `capacity` patches chose the expert).
+        `(batch, patches, top_k)` bool: whether each (patch, selected expert) pair is kept.
     """
     chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top_index, True)
     masked = scores.float().masked_fill(~chosen, float("-inf"))
     _, slots = masked.topk(capacity, dim=1, sorted=False)  # (batch, capacity, experts)
-    valid = chosen.gather(1, slots)
-    return slots.transpose(1, 2), valid.transpose(1, 2)
+    kept = torch.zeros_like(chosen).scatter(1, slots, True) & chosen
+    return kept.gather(-1, top_index)
+
+
+def packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Which packed sequence each token belongs to, from `(batch, seq)` position ids that restart inside a row
+    (padding-free batches, e.g. transformers' `DataCollatorWithFlattening`).
+
+    A token starts a new sequence where its position is not the previous one's plus 1 (transformers' rule for
+    packed rows). Returns `(batch, seq)` int64 ids counting from 0, or `None` when every row is one sequence: that
+    check reads one flag on the host, so under `torch.compile` the ids are always returned.
+    """
+    first = position_ids[:, :1] - 1
+    starts = torch.diff(position_ids, prepend=first, dim=-1) != 1
+    segment_ids = starts.long().cumsum(-1)
+    if not torch.compiler.is_compiling() and not bool(segment_ids[:, -1].any()):
+        return None
+    return segment_ids

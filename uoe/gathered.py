@@ -1,0 +1,491 @@
+"""The gathered execution path of the routed blocks: only the selected (token, expert) pairs are computed.
+
+Plain PyTorch ops, so it runs on every device, under autograd and under `torch.compile`. A routed block's
+selection is a list of `Slots` (each token's experts, gates and whether the pair computes at all); the pairs
+are sorted by expert and every projection is one grouped product over the sorted rows (`grouped_mm`):
+
+- UoME (`gathered_experts_forward`): gather the rows of the pairs, grouped `x @ W1`, activation, times the gate,
+  grouped `@ W2`, and a fixed-order sum of each token's slots (`combine_pairs`);
+- SMHA (`gathered_selective_attention`): grouped q/k/v projections of the selected (token, head) pairs, RoPE at
+  the tokens' original positions, attention over each (head, sequence)'s compacted list of tokens (in position
+  order, so causal in list order is causal in token order), grouped output projection, fixed-order sum.
+
+Nothing is computed for unselected pairs, padding or pairs dropped by data selection. The padded attention
+layout needs the longest list: eager code reads it (one host read per attention block, free on CPU, a sync on
+CUDA); under `torch.compile` the sequence length is the bound, so there is no data-dependent shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grouped products
+# ---------------------------------------------------------------------------------------------------------------------
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _native_grouped_mm(*tensors: torch.Tensor) -> bool:
+    return hasattr(F, "grouped_mm") and all(t.dtype in _NATIVE_DTYPES for t in tensors)
+
+
+def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -x.shape[-1] % multiple
+    return F.pad(x, (0, extra)) if extra else x
+
+
+def _row_groups(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Group of each row (`len(offsets)` for rows past the last group)."""
+    rows = torch.arange(num_rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets, rows, right=True)
+
+
+def _padded_groups(rows: torch.Tensor, offsets: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Rows scattered into a zero-padded `(groups, largest group, width)` batch (fallback only: reads the largest
+    group's size on the host)."""
+    group = _row_groups(offsets, rows.shape[0])
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
+    in_group = group < num_groups
+    group, index = group[in_group].long(), torch.arange(rows.shape[0], device=rows.device)[in_group]
+    position = index - starts[group]
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    capacity = int(counts.max()) if num_groups > 0 else 0
+    padded = rows.new_zeros(num_groups, capacity, rows.shape[1])
+    padded[group, position] = rows[index]
+    return padded, group, position, index
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    num_rows, num_groups = a.shape[0], b.shape[0]
+    if _native_grouped_mm(a, b):
+        # grouped_mm needs 16-byte aligned strides: pad the inner and outer widths with zeros where they are not
+        multiple = 16 // a.element_size()
+        out_width = b.shape[2]
+        if a.shape[1] % multiple or out_width % multiple:
+            a = _pad_last(a, multiple)
+            b = _pad_last(F.pad(b, (0, 0, 0, a.shape[1] - b.shape[1])), multiple)
+        out = F.grouped_mm(a.contiguous(), b, offs=offsets)[:, :out_width]
+    else:  # e.g. float64: a padded batched matmul
+        padded, group, position, index = _padded_groups(a, offsets, num_groups)
+        result = torch.bmm(padded, b)
+        out = a.new_zeros(num_rows, b.shape[2])
+        out[index] = result[group, position]
+    # rows past the last group belong to no expert (dropped pairs): exactly zero
+    keep = torch.arange(num_rows, device=a.device) < offsets[-1]
+    return torch.where(keep[:, None], out, 0).contiguous()
+
+
+def _grouped_mm_weight_grad(
+    a: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """`(groups, K, N)`: for each group g, `a[rows of g].T @ grad[rows of g]`."""
+    if _native_grouped_mm(a, grad):
+        multiple = 16 // a.element_size()
+        k, n = a.shape[1], grad.shape[1]
+        a_p, grad_p = _pad_last(a, multiple), _pad_last(grad, multiple)
+        rows = a.shape[0]
+        if rows % multiple:  # the row axis is the inner axis of this product
+            a_p, grad_p = F.pad(a_p, (0, 0, 0, -rows % multiple)), F.pad(grad_p, (0, 0, 0, -rows % multiple))
+        return F.grouped_mm(a_p.t(), grad_p.contiguous(), offs=offsets)[:, :k, :n].contiguous()
+    padded_a, *_ = _padded_groups(a, offsets, num_groups)
+    padded_grad, *_ = _padded_groups(grad, offsets, num_groups)
+    return torch.bmm(padded_a.transpose(1, 2), padded_grad)
+
+
+def _grouped_mm_fake(a, b, offsets):
+    return a.new_empty(a.shape[0], b.shape[2])
+
+
+def _grouped_mm_weight_grad_fake(a, grad, offsets, num_groups):
+    return a.new_empty(num_groups, a.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup_context(ctx, inputs, output) -> None:
+    a, b, offsets = inputs
+    ctx.save_for_backward(a, b, offsets)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # autograd may hand an expanded gradient, which grouped_mm rejects
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = torch.ops.uoe.grouped_mm(grad, b.transpose(1, 2), offsets)
+    if ctx.needs_input_grad[1]:
+        grad_b = torch.ops.uoe.grouped_mm_weight_grad(a, grad, offsets, b.shape[0]).to(b.dtype)
+    return grad_a, grad_b, None
+
+
+# Custom ops: opaque to torch.compile (Inductor's meta function for grouped_mm only admits bfloat16 on CPU).
+if not hasattr(torch.ops.uoe, "grouped_mm"):  # a second copy of this file (remote code) reuses the ops
+    _op = torch.library.custom_op(
+        "uoe::grouped_mm", _grouped_mm, mutates_args=(), schema="(Tensor a, Tensor b, Tensor offsets) -> Tensor"
+    )
+    _op.register_fake(_grouped_mm_fake)
+    _op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
+    torch.library.custom_op(
+        "uoe::grouped_mm_weight_grad",
+        _grouped_mm_weight_grad,
+        mutates_args=(),
+        schema="(Tensor a, Tensor grad, Tensor offsets, int num_groups) -> Tensor",
+    ).register_fake(_grouped_mm_weight_grad_fake)
+
+
+def _computed_rows(rows: torch.Tensor, offsets: torch.Tensor) -> int:
+    try:  # the rows the product computes; a fake tensor (tracing) has no values: count them all
+        return int(offsets[-1]) if offsets.numel() else 0
+    except (RuntimeError, NotImplementedError, ValueError):
+        return rows.shape[0]
+
+
+def _grouped_mm_flops(a, b, offsets, *args, out_val=None, **kwargs) -> int:
+    return 2 * _computed_rows(a, offsets) * a.shape[1] * b.shape[2]
+
+
+def _grouped_mm_weight_grad_flops(a, grad, offsets, *args, out_val=None, **kwargs) -> int:
+    return 2 * _computed_rows(a, offsets) * a.shape[1] * grad.shape[1]
+
+
+# `torch.utils.flop_counter.FlopCounterMode` counts the rows the grouped products compute (what ran, not the
+# buffer sizes).
+if torch.ops.uoe.grouped_mm not in flop_registry:
+    register_flop_formula(torch.ops.uoe.grouped_mm, get_raw=True)(_grouped_mm_flops)
+    register_flop_formula(torch.ops.uoe.grouped_mm_weight_grad, get_raw=True)(_grouped_mm_weight_grad_flops)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Grouped product of rows sorted by group: `out[r] = a[r] @ b[g]` for the rows r of group g.
+
+    Args:
+        a: `(rows, K)`, sorted by group.
+        b: `(groups, K, N)` (any strides; a transposed view of `(groups, N, K)` weights is fine).
+        offsets: `(groups,)` int32, the end row of each group (group g is rows `offsets[g-1]:offsets[g]`).
+
+    Returns:
+        `(rows, N)`; rows from `offsets[-1]` on belong to no group and are 0. Differentiable in `a` and `b`.
+        Uses `torch.nn.functional.grouped_mm` where the dtype allows it (float32/bfloat16/float16), a padded
+        batched matmul otherwise.
+    """
+    return torch.ops.uoe.grouped_mm(a, b, offsets)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Routed pairs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Slots(NamedTuple):
+    """What a run of consecutive tokens selected in one routed block: `slots` experts per token.
+
+    index: `(batch, tokens, slots)` expert ids.
+    gate: `(batch, tokens, slots)` factor each selected expert's output is multiplied by.
+    keep: `(batch, tokens, slots)` bool, or `None` (all kept): False means the pair computes nothing (padding,
+        or a pair dropped by data selection).
+    """
+
+    index: torch.Tensor
+    gate: torch.Tensor
+    keep: torch.Tensor | None = None
+
+
+class SortedPairs(NamedTuple):
+    """The (token, expert) pairs of a list of `Slots`, sorted by expert, then by token.
+
+    token: `(P,)` flat token index (`batch * seq_len + position`) of each sorted pair.
+    expert: `(P,)` expert of each sorted pair; `num_experts` for pairs that compute nothing (sorted last).
+    gate: `(P,)` the pair's gate.
+    order: `(P,)` sorted pair r is pair `order[r]` of the slots flattened in order.
+    offsets: `(num_experts,)` int32 end row of each expert (the `grouped_mm` offsets).
+    """
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    gate: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+
+
+def sort_pairs(slots: Sequence[Slots], num_experts: int, seq_len: int) -> SortedPairs:
+    """Flatten `slots` (which tile the sequence axis in order) into pairs and sort them by (expert, token)."""
+    tokens, experts, gates = [], [], []
+    start = 0
+    for block in slots:
+        batch, length, width = block.index.shape
+        device = block.index.device
+        position = torch.arange(start, start + length, device=device)
+        token = torch.arange(batch, device=device)[:, None, None] * seq_len + position[None, :, None]
+        expert = block.index if block.keep is None else torch.where(block.keep, block.index, num_experts)
+        tokens.append(token.expand(batch, length, width).reshape(-1))
+        experts.append(expert.reshape(-1))
+        gates.append(block.gate.reshape(-1))
+        start += length
+    token, expert, gate = torch.cat(tokens), torch.cat(experts).long(), torch.cat(gates)
+    batch = slots[0].index.shape[0]
+    key = expert * (batch * seq_len) + token
+    order = torch.sort(key, stable=True).indices
+    expert = expert[order]
+    boundaries = torch.arange(1, num_experts + 1, device=expert.device, dtype=expert.dtype)
+    offsets = torch.searchsorted(expert, boundaries, out_int32=True)
+    return SortedPairs(token[order], expert, gate[order], order, offsets)
+
+
+def combine_pairs(rows: torch.Tensor, pairs: SortedPairs, slots: Sequence[Slots]) -> torch.Tensor:
+    """Sum each token's pair rows (`rows` in sorted order) back into `(batch, seq, width)`, slots in a fixed order."""
+    inverse = torch.empty_like(pairs.order).scatter_(0, pairs.order, torch.arange(len(pairs.order), device=rows.device))
+    rows = rows.index_select(0, inverse)
+    outputs, start = [], 0
+    for block in slots:
+        batch, length, width = block.index.shape
+        count = batch * length * width
+        outputs.append(rows[start : start + count].view(batch, length, width, -1).sum(2))
+        start += count
+    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+
+
+def slots_to_dense(slots: Sequence[Slots], num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(selected, gates)`, both `(batch, seq, num_experts)`: the masked reference's view of the same selection
+    (gates 0 where a pair is not selected or not kept)."""
+    selected, gates = [], []
+    for block in slots:
+        keep = torch.ones_like(block.index, dtype=torch.bool) if block.keep is None else block.keep
+        shape = (*block.index.shape[:2], num_experts)
+        selected.append(torch.zeros(shape, dtype=torch.bool, device=keep.device).scatter(-1, block.index, keep))
+        gate = block.gate * keep.to(block.gate.dtype)
+        gates.append(gate.new_zeros(shape).scatter(-1, block.index, gate))
+    if len(slots) == 1:
+        return selected[0], gates[0]
+    return torch.cat(selected, dim=1), torch.cat(gates, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UoME
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def gathered_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    pair_keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Experts back-end `"uoe_gathered"` (`self` is a `@use_experts_implementation` experts module).
+
+    Computes `sum_j w[n, j] * down[e] act(up[e] x[n] + b[e]) (+ down bias[e])` over each token's kept slots
+    `e = top_k_index[n, j]`, with one grouped product per projection over the pairs sorted by expert.
+
+    Args:
+        hidden_states: `(tokens, hidden)`.
+        top_k_index, top_k_weights: `(tokens, top_k)`.
+        pair_keep: optional `(tokens, top_k)` bool; False pairs compute nothing and contribute 0.
+    """
+    if getattr(self, "is_transposed", False) or not getattr(self, "is_concatenated", True):
+        raise NotImplementedError(
+            f'{type(self).__name__}: experts_implementation="uoe_gathered" supports stacked (experts, out, in) '
+            "weights with concatenated [gate; up] rows; use another experts implementation for this model."
+        )
+    num_tokens, hidden = hidden_states.shape
+    has_bias = getattr(self, "has_bias", False)
+    if getattr(self, "has_gate", True):
+        up, up_bias = self.gate_up_proj, getattr(self, "gate_up_proj_bias", None) if has_bias else None
+    else:
+        up, up_bias = self.up_proj, getattr(self, "up_proj_bias", None) if has_bias else None
+    num_experts = up.shape[0]
+    keep = None if pair_keep is None else pair_keep[None]
+    slots = [Slots(top_k_index[None], top_k_weights[None], keep)]
+    pairs = sort_pairs(slots, num_experts, num_tokens)
+    expert = pairs.expert.clamp(max=num_experts - 1)  # dropped rows are zeroed by the next grouped product
+
+    rows = hidden_states.to(up.dtype).index_select(0, pairs.token)
+    inner = grouped_mm(rows, up.transpose(1, 2), pairs.offsets)
+    if up_bias is not None:
+        inner = inner + up_bias[expert]
+    if getattr(self, "has_gate", True):
+        gate, value = inner.chunk(2, dim=-1)
+        inner = self.act_fn(gate) * value
+    else:
+        inner = self.act_fn(inner)
+    inner = inner * pairs.gate[:, None].to(inner.dtype)
+    out = grouped_mm(inner, self.down_proj.transpose(1, 2), pairs.offsets)
+    down_bias = getattr(self, "down_proj_bias", None) if has_bias else None
+    if down_bias is not None:
+        kept = (pairs.expert < num_experts).to(out.dtype)[:, None]
+        out = out + down_bias[expert] * (pairs.gate[:, None].to(out.dtype) * kept)
+    return combine_pairs(out, pairs, slots)[0].to(hidden_states.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SMHA
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class HeadLists(NamedTuple):
+    """Each (head, sequence)'s selected tokens as one padded list, and where every sorted pair sits in it.
+
+    length: the padded list length L.
+    count: `(heads, batch)` number of tokens in each list.
+    slot: `(P,)` row of each sorted pair in the `(heads * batch * L + P)` padded buffer (dropped pairs get rows
+        past `heads * batch * L`, each its own).
+    """
+
+    length: int
+    count: torch.Tensor
+    slot: torch.Tensor
+
+
+def head_lists(pairs: SortedPairs, num_heads: int, batch: int, seq_len: int, max_length: int | None) -> HeadLists:
+    """Lay the sorted (token, head) pairs out as per-(head, sequence) lists in token order."""
+    num_pairs = pairs.token.shape[0]
+    group = pairs.expert * batch + pairs.token // seq_len  # (head, sequence); dropped pairs past the last group
+    boundaries = torch.arange(num_heads * batch + 1, device=group.device, dtype=group.dtype)
+    starts = torch.searchsorted(group, boundaries)
+    count = torch.diff(starts).view(num_heads, batch)
+    if max_length is None:
+        # The one host read of the gathered path (eager only; under torch.compile the bound is the sequence).
+        max_length = seq_len if torch.compiler.is_compiling() else max(int(count.max()), 1)
+    rank = torch.arange(num_pairs, device=group.device) - starts[group.clamp(max=num_heads * batch)]
+    kept = pairs.expert < num_heads
+    slot = torch.where(
+        kept, group * max_length + rank, num_heads * batch * max_length + torch.arange(num_pairs, device=group.device)
+    )
+    return HeadLists(max_length, count, slot)
+
+
+def to_lists(rows: torch.Tensor, lists: HeadLists, num_heads: int, batch: int) -> torch.Tensor:
+    """Scatter sorted pair rows `(P, width)` into the padded `(heads, batch, L, width)` layout (zeros elsewhere)."""
+    size = num_heads * batch * lists.length
+    padded = rows.new_zeros(size + rows.shape[0], rows.shape[1]).index_copy(0, lists.slot, rows)
+    return padded[:size].view(num_heads, batch, lists.length, rows.shape[1])
+
+
+def from_lists(padded: torch.Tensor, lists: HeadLists) -> torch.Tensor:
+    """Read the sorted pairs' rows back from the padded layout (rows of dropped pairs are 0)."""
+    width = padded.shape[-1]
+    flat = torch.cat([padded.reshape(-1, width), padded.new_zeros(lists.slot.shape[0], width)])
+    return flat.index_select(0, lists.slot)
+
+
+def list_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_count: torch.Tensor,
+    key_count: torch.Tensor,
+    causal: bool,
+    scaling: float,
+    dropout: float = 0.0,
+    query_position: torch.Tensor | None = None,
+    key_position: torch.Tensor | None = None,
+    query_segment: torch.Tensor | None = None,
+    key_segment: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention within each (head, sequence)'s padded list: `(heads, batch, Lq, d)` against `(heads, batch, Lk, d)`.
+
+    Without positions, queries and keys are the same list and causal attention is causal in list order. With
+    `query_position` / `key_position` (`(heads, batch, L)` token indices, e.g. keys from a KV cache), a query sees
+    the keys at positions no later than its own. Segments (packed sequences) restrict attention to equal ids.
+    Rows past a list's count are padding: they get finite values that callers never read.
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
+    key_index = torch.arange(k_len, device=query.device)
+    same_lists = query_position is None and query_segment is None
+    if causal and same_lists:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling)
+    key_valid = key_index < key_count[..., None]  # (heads, batch, Lk)
+    allowed = key_valid[:, :, None, :]
+    if causal:
+        if query_position is None:
+            allowed = allowed & (key_index[None, :] <= torch.arange(q_len, device=query.device)[:, None])
+        else:
+            allowed = allowed & (key_position[:, :, None, :] <= query_position[..., None])
+    if query_segment is not None:
+        allowed = allowed & (key_segment[:, :, None, :] == query_segment[..., None])
+    query_valid = torch.arange(q_len, device=query.device) < query_count[..., None]
+    # padding rows (and lists without keys) attend everything: finite, and never read
+    allowed = allowed | ~(query_valid[..., None] & allowed.any(-1, keepdim=True))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+
+
+def head_weights(linear: nn.Linear, num_heads: int) -> torch.Tensor:
+    """`(heads, hidden, head_dim)` view of a q/k/v projection's per-head weight slices."""
+    out_features, in_features = linear.weight.shape
+    return linear.weight.view(num_heads, out_features // num_heads, in_features).transpose(1, 2)
+
+
+def project_pairs(
+    rows: torch.Tensor, projections: Sequence[nn.Linear], pairs: SortedPairs, num_heads: int
+) -> list[torch.Tensor]:
+    """q/k/v of the sorted (token, head) pairs: per-head weight slices, one grouped product.
+
+    With many pairs the three projections run as one product over their concatenated weights (the gathered rows
+    are read once); with few pairs (decoding) each reads only the selected heads' slices.
+    """
+    head = pairs.expert.clamp(max=num_heads - 1)  # dropped rows are zeroed by grouped_mm; biases are harmless
+    widths = [p.weight.shape[0] // num_heads for p in projections]
+    if rows.shape[0] >= rows.shape[1]:
+        weight = torch.cat([head_weights(p, num_heads) for p in projections], dim=2)
+        outputs = list(grouped_mm(rows, weight, pairs.offsets).split(widths, dim=-1))
+    else:
+        outputs = [grouped_mm(rows, head_weights(p, num_heads), pairs.offsets) for p in projections]
+    for i, p in enumerate(projections):
+        if p.bias is not None:
+            outputs[i] = outputs[i] + p.bias.view(num_heads, -1)[head]
+    return outputs
+
+
+def output_projection(rows: torch.Tensor, o_proj: nn.Linear, pairs: SortedPairs, num_heads: int) -> torch.Tensor:
+    """Each pair's head output through its head's rows of `o_proj` (no bias): `(P, hidden)` in sorted order."""
+    hidden, width = o_proj.weight.shape
+    weight = o_proj.weight.view(hidden, num_heads, width // num_heads).permute(1, 2, 0)  # (heads, head_dim, hidden)
+    return grouped_mm(rows, weight, pairs.offsets)
+
+
+def rotate_pairs(rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: SortedPairs) -> torch.Tensor:
+    """RoPE of pair rows at their tokens' original positions (`cos`/`sin`: `(batch, seq, head_dim)`)."""
+    cos = cos.reshape(-1, cos.shape[-1]).index_select(0, pairs.token)
+    sin = sin.reshape(-1, sin.shape[-1]).index_select(0, pairs.token)
+    return rows * cos + _rotate_half(rows) * sin
+
+
+def to_dense_heads(rows: torch.Tensor, pairs: SortedPairs, batch: int, seq_len: int, heads: int) -> torch.Tensor:
+    """Sorted (token, head) pair rows as a `(batch, heads, seq, head_dim)` tensor, zero for unselected pairs."""
+    kept = pairs.expert < heads
+    size = batch * heads * seq_len
+    index = (pairs.token // seq_len * heads + pairs.expert.clamp(max=heads - 1)) * seq_len + pairs.token % seq_len
+    index = torch.where(kept, index, size + torch.arange(len(index), device=index.device))
+    dense = rows.new_zeros(size + rows.shape[0], rows.shape[1]).index_copy(0, index, rows)
+    return dense[:size].view(batch, heads, seq_len, rows.shape[1])
+
+
+def compact_heads(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(index, count)`: the positions of the tokens that selected each head, per `(head, sequence)` list, in order,
+    padded to the longest list (`(heads, batch, L)`; entries past `count` are other positions, never read)."""
+    by_head = selected.permute(2, 0, 1)  # (heads, batch, keys)
+    count = by_head.sum(-1)
+    # the host read of the gathered path with a cache (eager only)
+    length = by_head.shape[-1] if torch.compiler.is_compiling() else max(int(count.max()), 1)
+    index = torch.sort((~by_head).to(torch.uint8), dim=-1, stable=True).indices[..., :length]
+    return index, count
+
+
+def gather_heads(cached: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of a `(batch, heads, keys, head_dim)` cache at `(heads, batch, L)` key positions: `(heads, batch, L, d)`."""
+    batch, heads, keys, head_dim = cached.shape
+    base = (
+        torch.arange(batch, device=index.device)[None, :, None] * heads
+        + torch.arange(heads, device=index.device)[:, None, None]
+    ) * keys
+    flat = (base + index).reshape(-1)
+    return cached.reshape(-1, head_dim).index_select(0, flat).view(*index.shape, head_dim)
