@@ -62,7 +62,7 @@ def _padded_groups(rows: torch.Tensor, offsets: torch.Tensor, num_groups: int) -
     return padded, group, position, index
 
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, zero_tail: bool) -> torch.Tensor:
     num_rows, num_groups = a.shape[0], b.shape[0]
     if _native_grouped_mm(a, b):
         # grouped_mm needs 16-byte aligned strides: pad the inner and outer widths with zeros where they are not
@@ -71,15 +71,17 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torc
         if a.shape[1] % multiple or out_width % multiple:
             a = _pad_last(a, multiple)
             b = _pad_last(F.pad(b, (0, 0, 0, a.shape[1] - b.shape[1])), multiple)
-        out = F.grouped_mm(a.contiguous(), b, offs=offsets)[:, :out_width]
+        out = F.grouped_mm(a.contiguous(), b, offs=offsets)
+        out = out[:, :out_width].contiguous() if out.shape[1] != out_width else out
     else:  # e.g. float64: a padded batched matmul
         padded, group, position, index = _padded_groups(a, offsets, num_groups)
         result = torch.bmm(padded, b)
         out = a.new_zeros(num_rows, b.shape[2])
         out[index] = result[group, position]
-    # rows past the last group belong to no expert (dropped pairs): exactly zero
-    keep = torch.arange(num_rows, device=a.device) < offsets[-1]
-    return torch.where(keep[:, None], out, 0).contiguous()
+        return out
+    if zero_tail:  # rows past the last group belong to no expert (dropped pairs), and grouped_mm leaves them unset
+        out.masked_fill_((torch.arange(num_rows, device=a.device) >= offsets[-1])[:, None], 0)
+    return out
 
 
 def _grouped_mm_weight_grad(
@@ -99,7 +101,7 @@ def _grouped_mm_weight_grad(
     return torch.bmm(padded_a.transpose(1, 2), padded_grad)
 
 
-def _grouped_mm_fake(a, b, offsets):
+def _grouped_mm_fake(a, b, offsets, zero_tail):
     return a.new_empty(a.shape[0], b.shape[2])
 
 
@@ -108,7 +110,8 @@ def _grouped_mm_weight_grad_fake(a, grad, offsets, num_groups):
 
 
 def _grouped_mm_setup_context(ctx, inputs, output) -> None:
-    a, b, offsets = inputs
+    a, b, offsets, zero_tail = inputs
+    ctx.zero_tail = zero_tail
     ctx.save_for_backward(a, b, offsets)
 
 
@@ -117,16 +120,19 @@ def _grouped_mm_backward(ctx, grad):
     grad = grad.contiguous()  # autograd may hand an expanded gradient, which grouped_mm rejects
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_a = torch.ops.uoe.grouped_mm(grad, b.transpose(1, 2), offsets)
+        grad_a = torch.ops.uoe.grouped_mm(grad, b.transpose(1, 2), offsets, ctx.zero_tail)
     if ctx.needs_input_grad[1]:
         grad_b = torch.ops.uoe.grouped_mm_weight_grad(a, grad, offsets, b.shape[0]).to(b.dtype)
-    return grad_a, grad_b, None
+    return grad_a, grad_b, None, None
 
 
 # Custom ops: opaque to torch.compile (Inductor's meta function for grouped_mm only admits bfloat16 on CPU).
 if not hasattr(torch.ops.uoe, "grouped_mm"):  # a second copy of this file (remote code) reuses the ops
     _op = torch.library.custom_op(
-        "uoe::grouped_mm", _grouped_mm, mutates_args=(), schema="(Tensor a, Tensor b, Tensor offsets) -> Tensor"
+        "uoe::grouped_mm",
+        _grouped_mm,
+        mutates_args=(),
+        schema="(Tensor a, Tensor b, Tensor offsets, bool zero_tail) -> Tensor",
     )
     _op.register_fake(_grouped_mm_fake)
     _op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
@@ -160,20 +166,22 @@ if torch.ops.uoe.grouped_mm not in flop_registry:
     register_flop_formula(torch.ops.uoe.grouped_mm_weight_grad, get_raw=True)(_grouped_mm_weight_grad_flops)
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, zero_tail: bool = True) -> torch.Tensor:
     """Grouped product of rows sorted by group: `out[r] = a[r] @ b[g]` for the rows r of group g.
 
     Args:
         a: `(rows, K)`, sorted by group.
         b: `(groups, K, N)` (any strides; a transposed view of `(groups, N, K)` weights is fine).
         offsets: `(groups,)` int32, the end row of each group (group g is rows `offsets[g-1]:offsets[g]`).
+        zero_tail: whether rows may lie past the last group (then they are set to 0); `False` when the groups
+            cover every row (saves a pass over the output).
 
     Returns:
         `(rows, N)`; rows from `offsets[-1]` on belong to no group and are 0. Differentiable in `a` and `b`.
         Uses `torch.nn.functional.grouped_mm` where the dtype allows it (float32/bfloat16/float16), a padded
         batched matmul otherwise.
     """
-    return torch.ops.uoe.grouped_mm(a, b, offsets)
+    return torch.ops.uoe.grouped_mm(a, b, offsets, zero_tail)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,6 +211,7 @@ class SortedPairs(NamedTuple):
     gate: `(P,)` the pair's gate.
     order: `(P,)` sorted pair r is pair `order[r]` of the slots flattened in order.
     offsets: `(num_experts,)` int32 end row of each expert (the `grouped_mm` offsets).
+    complete: whether every pair is computed (no `keep` masks), so no rows lie past the last expert.
     """
 
     token: torch.Tensor
@@ -210,6 +219,7 @@ class SortedPairs(NamedTuple):
     gate: torch.Tensor
     order: torch.Tensor
     offsets: torch.Tensor
+    complete: bool
 
 
 def sort_pairs(slots: Sequence[Slots], num_experts: int, seq_len: int) -> SortedPairs:
@@ -226,18 +236,28 @@ def sort_pairs(slots: Sequence[Slots], num_experts: int, seq_len: int) -> Sorted
         experts.append(expert.reshape(-1))
         gates.append(block.gate.reshape(-1))
         start += length
-    token, expert, gate = torch.cat(tokens), torch.cat(experts).long(), torch.cat(gates)
+    if len(slots) == 1:
+        token, expert, gate = tokens[0], experts[0].long(), gates[0]
+    else:
+        token, expert, gate = torch.cat(tokens), torch.cat(experts).long(), torch.cat(gates)
     batch = slots[0].index.shape[0]
     key = expert * (batch * seq_len) + token
     order = torch.sort(key, stable=True).indices
     expert = expert[order]
     boundaries = torch.arange(1, num_experts + 1, device=expert.device, dtype=expert.dtype)
     offsets = torch.searchsorted(expert, boundaries, out_int32=True)
-    return SortedPairs(token[order], expert, gate[order], order, offsets)
+    complete = all(block.keep is None for block in slots)
+    return SortedPairs(token[order], expert, gate[order], order, offsets, complete)
 
 
 def combine_pairs(rows: torch.Tensor, pairs: SortedPairs, slots: Sequence[Slots]) -> torch.Tensor:
-    """Sum each token's pair rows (`rows` in sorted order) back into `(batch, seq, width)`, slots in a fixed order."""
+    """Sum each token's pair rows (`rows` in sorted order) back into `(batch, seq, width)`, in a fixed order."""
+    batch, seq_len = slots[0].index.shape[0], sum(block.index.shape[1] for block in slots)
+    if rows.device.type == "cpu":
+        # index_add_ accumulates in index order on the CPU (deterministic), in one pass over the rows
+        out = rows.new_zeros(batch * seq_len, rows.shape[1]).index_add_(0, pairs.token, rows)
+        return out.view(batch, seq_len, rows.shape[1])
+    # elsewhere index_add_ uses atomics: unsort, then sum each token's slots in slot order
     inverse = torch.empty_like(pairs.order).scatter_(0, pairs.order, torch.arange(len(pairs.order), device=rows.device))
     rows = rows.index_select(0, inverse)
     outputs, start = [], 0
@@ -304,7 +324,7 @@ def gathered_experts_forward(
     expert = pairs.expert.clamp(max=num_experts - 1)  # dropped rows are zeroed by the next grouped product
 
     rows = hidden_states.to(up.dtype).index_select(0, pairs.token)
-    inner = grouped_mm(rows, up.transpose(1, 2), pairs.offsets)
+    inner = grouped_mm(rows, up.transpose(1, 2), pairs.offsets, not pairs.complete)
     if up_bias is not None:
         inner = inner + up_bias[expert]
     if getattr(self, "has_gate", True):
@@ -313,7 +333,7 @@ def gathered_experts_forward(
     else:
         inner = self.act_fn(inner)
     inner = inner * pairs.gate[:, None].to(inner.dtype)
-    out = grouped_mm(inner, self.down_proj.transpose(1, 2), pairs.offsets)
+    out = grouped_mm(inner, self.down_proj.transpose(1, 2), pairs.offsets, not pairs.complete)
     down_bias = getattr(self, "down_proj_bias", None) if has_bias else None
     if down_bias is not None:
         kept = (pairs.expert < num_experts).to(out.dtype)[:, None]
@@ -332,84 +352,143 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class HeadLists(NamedTuple):
-    """Each (head, sequence)'s selected tokens as one padded list, and where every sorted pair sits in it.
+    """Each (head, sequence)'s selected tokens as one list in token order, padded, in a flat buffer.
 
-    length: the padded list length L.
+    Lists are grouped into buckets of similar length (by count), each bucket a `(lists, length, width)` block of
+    the buffer, so that a few long lists do not pad every list to their length.
+
     count: `(heads, batch)` number of tokens in each list.
-    slot: `(P,)` row of each sorted pair in the `(heads * batch * L + P)` padded buffer (dropped pairs get rows
-        past `heads * batch * L`, each its own).
+    slot: `(P,)` buffer row of each sorted pair (dropped pairs: rows past the lists, each its own).
+    buckets: `(first row, number of lists, padded length)` of each bucket, in buffer order.
+    bucket_count: per bucket, the `(lists,)` counts of its lists.
+    rows: rows of the buffer taken by the lists.
+    scratch: rows after them for dropped pairs (0 when every pair is kept).
     """
 
-    length: int
     count: torch.Tensor
     slot: torch.Tensor
+    buckets: list[tuple[int, int, int]]
+    bucket_count: list[torch.Tensor]
+    rows: int
+    scratch: int
 
 
-def head_lists(pairs: SortedPairs, num_heads: int, batch: int, seq_len: int, max_length: int | None) -> HeadLists:
-    """Lay the sorted (token, head) pairs out as per-(head, sequence) lists in token order."""
-    num_pairs = pairs.token.shape[0]
-    group = pairs.expert * batch + pairs.token // seq_len  # (head, sequence); dropped pairs past the last group
-    boundaries = torch.arange(num_heads * batch + 1, device=group.device, dtype=group.dtype)
-    starts = torch.searchsorted(group, boundaries)
-    count = torch.diff(starts).view(num_heads, batch)
-    if max_length is None:
-        # The one host read of the gathered path (eager only; under torch.compile the bound is the sequence).
-        max_length = seq_len if torch.compiler.is_compiling() else max(int(count.max()), 1)
-    rank = torch.arange(num_pairs, device=group.device) - starts[group.clamp(max=num_heads * batch)]
-    kept = pairs.expert < num_heads
-    slot = torch.where(
-        kept, group * max_length + rank, num_heads * batch * max_length + torch.arange(num_pairs, device=group.device)
-    )
-    return HeadLists(max_length, count, slot)
+def head_lists(
+    pairs: SortedPairs, num_heads: int, batch: int, seq_len: int, max_length: int | None, num_buckets: int = 4
+) -> HeadLists:
+    """Lay the sorted (token, head) pairs out as per-(head, sequence) lists in token order.
+
+    `max_length` (a bound known from the routing) gives one bucket of that length. Otherwise eager code reads the
+    lengths of `num_buckets` buckets on the host (the gathered path's one host read per attention block); under
+    `torch.compile` there is one bucket of length `seq_len`, so shapes do not depend on the data.
+    """
+    num_pairs, num_lists = pairs.token.shape[0], num_heads * batch
+    device = pairs.token.device
+    group = pairs.expert * batch + pairs.token // seq_len  # (head, sequence); dropped pairs past the last list
+    starts = torch.searchsorted(group, torch.arange(num_lists + 1, device=device, dtype=group.dtype))
+    count = torch.diff(starts)
+    if max_length is not None or torch.compiler.is_compiling() or num_buckets == 1:
+        length = max_length if max_length is not None else seq_len
+        if max_length is None and not torch.compiler.is_compiling():
+            length = max(int(count.max()), 1)
+        list_base = torch.arange(num_lists, device=device) * length
+        buckets, bucket_count = [(0, num_lists, length)], [count]
+    else:
+        # longest lists first; bucket b holds lists [b * size, (b + 1) * size) of that order, padded to its first
+        sorted_count, order = torch.sort(count, descending=True, stable=True)
+        size = -(-num_lists // num_buckets)
+        lengths = [max(n, 1) for n in sorted_count[::size].tolist()]
+        list_length = torch.tensor(lengths, device=device).repeat_interleave(size)[:num_lists]
+        base_in_order = torch.cumsum(list_length, 0) - list_length
+        list_base = torch.empty_like(base_in_order).scatter_(0, order, base_in_order)
+        buckets, bucket_count, first = [], [], 0
+        for b, length in enumerate(lengths):
+            lists = min(size, num_lists - b * size)
+            buckets.append((first, lists, length))
+            bucket_count.append(sorted_count[b * size : b * size + lists])
+            first += lists * length
+    rows = sum(lists * length for _, lists, length in buckets)
+    rank = torch.arange(num_pairs, device=device) - starts[group.clamp(max=num_lists)]
+    slot = list_base[group.clamp(max=num_lists - 1)] + rank
+    scratch = 0 if pairs.complete else num_pairs
+    if scratch:
+        slot = torch.where(pairs.expert < num_heads, slot, rows + torch.arange(num_pairs, device=device))
+    return HeadLists(count.view(num_heads, batch), slot, buckets, bucket_count, rows, scratch)
 
 
-def to_lists(rows: torch.Tensor, lists: HeadLists, num_heads: int, batch: int) -> torch.Tensor:
-    """Scatter sorted pair rows `(P, width)` into the padded `(heads, batch, L, width)` layout (zeros elsewhere)."""
-    size = num_heads * batch * lists.length
-    padded = rows.new_zeros(size + rows.shape[0], rows.shape[1]).index_copy(0, lists.slot, rows)
-    return padded[:size].view(num_heads, batch, lists.length, rows.shape[1])
+def to_lists(rows: torch.Tensor, lists: HeadLists) -> torch.Tensor:
+    """Scatter sorted pair rows `(P, width)` into the flat list buffer (zeros where no pair is)."""
+    buffer = rows.new_zeros(lists.rows + lists.scratch, rows.shape[1]).index_copy(0, lists.slot, rows)
+    return buffer[: lists.rows] if lists.scratch else buffer
 
 
-def from_lists(padded: torch.Tensor, lists: HeadLists) -> torch.Tensor:
-    """Read the sorted pairs' rows back from the padded layout (rows of dropped pairs are 0)."""
-    width = padded.shape[-1]
-    flat = torch.cat([padded.reshape(-1, width), padded.new_zeros(lists.slot.shape[0], width)])
-    return flat.index_select(0, lists.slot)
+def from_lists(buffer: torch.Tensor, lists: HeadLists) -> torch.Tensor:
+    """Read the sorted pairs' rows back from the flat list buffer (rows of dropped pairs are 0)."""
+    if not lists.scratch:
+        return buffer.index_select(0, lists.slot)
+    out = buffer.index_select(0, lists.slot.clamp(max=lists.rows - 1))
+    return out.masked_fill(lists.slot[:, None] >= lists.rows, 0)
 
 
-def list_attention(
+def self_list_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    lists: HeadLists,
+    causal: bool,
+    scaling: float,
+    dropout: float = 0.0,
+    segment: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of every list with itself (no KV cache): flat buffers `(rows, d)` in, `(rows, d)` out.
+
+    Causal attention is causal in list order (lists are in token order). `segment` (`(rows,)` packed-sequence ids
+    of the buffer rows) keeps attention inside each packed sequence. Padding rows get finite values never read.
+    """
+    outputs = []
+    for (first, num_lists, length), count in zip(lists.buckets, lists.bucket_count, strict=True):
+        block = slice(first, first + num_lists * length)
+        q, k, v = (t[block].view(num_lists, 1, length, -1) for t in (query, key, value))
+        if segment is None and causal:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
+        else:
+            index = torch.arange(length, device=q.device)
+            valid = index < count[:, None]  # (lists, L)
+            allowed = valid[:, None, None, :]
+            if causal:
+                allowed = allowed & (index[None, :] <= index[:, None])
+            if segment is not None:
+                seg = segment[block].view(num_lists, length)
+                allowed = allowed & (seg[:, None, None, :] == seg[:, None, :, None])
+            allowed = allowed | (index[None, :] == index[:, None])  # every row keeps itself: no empty softmax row
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+        outputs.append(out.reshape(num_lists * length, -1))
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def cached_list_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     query_count: torch.Tensor,
     key_count: torch.Tensor,
+    query_position: torch.Tensor,
+    key_position: torch.Tensor,
     causal: bool,
     scaling: float,
     dropout: float = 0.0,
-    query_position: torch.Tensor | None = None,
-    key_position: torch.Tensor | None = None,
     query_segment: torch.Tensor | None = None,
     key_segment: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention within each (head, sequence)'s padded list: `(heads, batch, Lq, d)` against `(heads, batch, Lk, d)`.
+    """Attention of new tokens' lists `(heads, batch, Lq, d)` against the cached tokens' lists `(heads, batch, Lk, d)`.
 
-    Without positions, queries and keys are the same list and causal attention is causal in list order. With
-    `query_position` / `key_position` (`(heads, batch, L)` token indices, e.g. keys from a KV cache), a query sees
-    the keys at positions no later than its own. Segments (packed sequences) restrict attention to equal ids.
-    Rows past a list's count are padding: they get finite values that callers never read.
+    A query sees the keys of its list at token positions (`(heads, batch, L)`) no later than its own (causal), in
+    its packed sequence. Rows past a list's count are padding: finite values, never read.
     """
     q_len, k_len = query.shape[2], key.shape[2]
-    key_index = torch.arange(k_len, device=query.device)
-    same_lists = query_position is None and query_segment is None
-    if causal and same_lists:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling)
-    key_valid = key_index < key_count[..., None]  # (heads, batch, Lk)
-    allowed = key_valid[:, :, None, :]
+    allowed = (torch.arange(k_len, device=query.device) < key_count[..., None])[:, :, None, :]
     if causal:
-        if query_position is None:
-            allowed = allowed & (key_index[None, :] <= torch.arange(q_len, device=query.device)[:, None])
-        else:
-            allowed = allowed & (key_position[:, :, None, :] <= query_position[..., None])
+        allowed = allowed & (key_position[:, :, None, :] <= query_position[..., None])
     if query_segment is not None:
         allowed = allowed & (key_segment[:, :, None, :] == query_segment[..., None])
     query_valid = torch.arange(q_len, device=query.device) < query_count[..., None]
@@ -436,9 +515,9 @@ def project_pairs(
     widths = [p.weight.shape[0] // num_heads for p in projections]
     if rows.shape[0] >= rows.shape[1]:
         weight = torch.cat([head_weights(p, num_heads) for p in projections], dim=2)
-        outputs = list(grouped_mm(rows, weight, pairs.offsets).split(widths, dim=-1))
+        outputs = list(grouped_mm(rows, weight, pairs.offsets, not pairs.complete).split(widths, dim=-1))
     else:
-        outputs = [grouped_mm(rows, head_weights(p, num_heads), pairs.offsets) for p in projections]
+        outputs = [grouped_mm(rows, head_weights(p, num_heads), pairs.offsets, not pairs.complete) for p in projections]
     for i, p in enumerate(projections):
         if p.bias is not None:
             outputs[i] = outputs[i] + p.bias.view(num_heads, -1)[head]
@@ -449,14 +528,16 @@ def output_projection(rows: torch.Tensor, o_proj: nn.Linear, pairs: SortedPairs,
     """Each pair's head output through its head's rows of `o_proj` (no bias): `(P, hidden)` in sorted order."""
     hidden, width = o_proj.weight.shape
     weight = o_proj.weight.view(hidden, num_heads, width // num_heads).permute(1, 2, 0)  # (heads, head_dim, hidden)
-    return grouped_mm(rows, weight, pairs.offsets)
+    return grouped_mm(rows, weight, pairs.offsets, not pairs.complete)
 
 
-def rotate_pairs(rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: SortedPairs) -> torch.Tensor:
+def rotate_pairs(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: SortedPairs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE of pair rows at their tokens' original positions (`cos`/`sin`: `(batch, seq, head_dim)`)."""
     cos = cos.reshape(-1, cos.shape[-1]).index_select(0, pairs.token)
     sin = sin.reshape(-1, sin.shape[-1]).index_select(0, pairs.token)
-    return rows * cos + _rotate_half(rows) * sin
+    return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
 
 
 def to_dense_heads(rows: torch.Tensor, pairs: SortedPairs, batch: int, seq_len: int, heads: int) -> torch.Tensor:

@@ -33,16 +33,17 @@ from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
 from .gathered import (
     Slots,
+    cached_list_attention,
     combine_pairs,
     compact_heads,
     from_lists,
     gather_heads,
     gathered_experts_forward,
     head_lists,
-    list_attention,
     output_projection,
     project_pairs,
     rotate_pairs,
+    self_list_attention,
     slots_to_dense,
     sort_pairs,
     to_dense_heads,
@@ -608,16 +609,12 @@ class UoESelectiveAttention(nn.Module):
         query, key, value = project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
         if position_embeddings is not None:
             cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-            query, key = rotate_pairs(query, cos, sin, pairs), rotate_pairs(key, cos, sin, pairs)
-        lists = head_lists(pairs, heads, batch, seq_len, selection.max_list_length)
+            query, key = rotate_pairs(query, key, cos, sin, pairs)
         dropout = self.attention_dropout if self.training else 0.0
         past_length = cache_layer.get_seq_length() if cache_layer is not None else 0
-
-        query_lists = to_lists(query, lists, heads, batch)
-        query_segments = None
+        token_segments = None
         if segment_ids is not None:
             token_segments = segment_ids.reshape(-1).index_select(0, pairs.token)[:, None]
-            query_segments = to_lists(token_segments, lists, heads, batch)[..., 0]
         if cache_layer is not None:
             # the cache keeps the layout every path reads: (batch, heads, tokens, head_dim), 0 for unselected pairs
             cached_key, cached_value = cache_layer.update(
@@ -628,45 +625,49 @@ class UoESelectiveAttention(nn.Module):
             key_segments = None
             if segment_ids is not None:
                 key_segments = cache_layer.update_routing("segment_ids", segment_ids)
+
         if past_length == 0:
-            key_lists, value_lists = to_lists(key, lists, heads, batch), to_lists(value, lists, heads, batch)
-            out = list_attention(
-                query_lists,
-                key_lists,
-                value_lists,
-                lists.count,
-                lists.count,
+            lists = head_lists(pairs, heads, batch, seq_len, selection.max_list_length)
+            segments = None if token_segments is None else to_lists(token_segments, lists)[:, 0]
+            out = self_list_attention(
+                to_lists(query, lists),
+                to_lists(key, lists),
+                to_lists(value, lists),
+                lists,
                 self.is_causal,
                 self.scaling,
                 dropout,
-                query_segment=query_segments,
-                key_segment=query_segments,
+                segments,
             )
         else:
-            # Queries: the new pairs; keys: every cached token that selected the head, compacted per list.
-            token_position = (past_length + pairs.token % seq_len)[:, None]
-            query_position = to_lists(token_position, lists, heads, batch)[..., 0]
+            # Queries: the new pairs, one list per (head, sequence); keys: every cached token that selected the head.
+            lists = head_lists(pairs, heads, batch, seq_len, None, num_buckets=1)
+            length = lists.buckets[0][2]
+
+            def as_lists(rows: torch.Tensor) -> torch.Tensor:
+                return to_lists(rows, lists).view(heads, batch, length, rows.shape[1])
+
+            query_position = as_lists((past_length + pairs.token % seq_len)[:, None])[..., 0]
             key_index, key_count = compact_heads(key_selected)  # (heads, batch, Lk)
-            key_lists = gather_heads(cached_key, key_index)
-            value_lists = gather_heads(cached_value, key_index)
-            key_segment = None
+            key_segment = query_segment = None
             if key_segments is not None:
                 key_segment = key_segments[torch.arange(batch, device=key_index.device)[None, :, None], key_index]
-            out = list_attention(
-                query_lists,
-                key_lists,
-                value_lists,
+                query_segment = as_lists(token_segments)[..., 0]
+            out = cached_list_attention(
+                as_lists(query),
+                gather_heads(cached_key, key_index),
+                gather_heads(cached_value, key_index),
                 lists.count,
                 key_count,
+                query_position,
+                key_index,
                 self.is_causal,
                 self.scaling,
                 dropout,
-                query_position=query_position,
-                key_position=key_index,
-                query_segment=query_segments,
-                key_segment=key_segment,
-            )
-        head_rows = from_lists(out.reshape(-1, head_dim), lists) * pairs.gate[:, None].to(out.dtype)
+                query_segment,
+                key_segment,
+            ).reshape(-1, head_dim)
+        head_rows = from_lists(out, lists) * pairs.gate[:, None].to(out.dtype)
         output = combine_pairs(output_projection(head_rows, self.o_proj, pairs, heads), pairs, selection.slots)
         if self.o_proj.bias is not None:
             output = output + self.o_proj.bias
