@@ -264,18 +264,19 @@ def test_unselected_pairs_are_not_computed(monkeypatch):
     monkeypatch.setattr(gathered, "grouped_mm", counting)
     with torch.no_grad():
         out = model(pixel_values, output_router_logits=True)
-    # per layer: q/k/v (one product) and o_proj; the MLP's CLS block (up, down), then its image block (up, down)
-    assert len(computed) == 2 * (2 + 4)
+    # per layer: q/k/v (one product; o_proj is one dense product over the scattered heads); the MLP's CLS block
+    # (up, down), then its image block (up, down)
+    assert len(computed) == 2 * (1 + 4)
     for layer in range(2):
         attention_logits, mlp_logits = out.router_logits[2 * layer : 2 * layer + 2]
         kept = []
         for logits in (attention_logits, mlp_logits):
             chosen = torch.zeros(batch, num_patches, 4, dtype=torch.bool).scatter(-1, logits.topk(2, -1).indices, True)
             kept.append(int(chosen.sum(1).clamp(max=capacity).sum()) * patch_tokens)  # min(#chose, capacity) each
-        rows = computed[6 * layer : 6 * layer + 6]
-        assert rows[:2] == [batch * 4 + kept[0]] * 2  # CLS in all 4 heads + the kept image pairs
-        assert rows[2:4] == [batch * 4] * 2  # CLS through all 4 experts
-        assert rows[4:] == [kept[1]] * 2
+        rows = computed[5 * layer : 5 * layer + 5]
+        assert rows[0] == batch * 4 + kept[0]  # CLS in all 4 heads + the kept image pairs
+        assert rows[1:3] == [batch * 4] * 2  # CLS through all 4 experts
+        assert rows[3:] == [kept[1]] * 2
         assert max(kept) < batch * 16 * 2  # data selection dropped some of the 96 token-choice pairs
 
     # Counted matmul FLOPs of the whole forward: about half of the same model without data selection at full

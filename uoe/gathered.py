@@ -524,11 +524,28 @@ def project_pairs(
     return outputs
 
 
-def output_projection(rows: torch.Tensor, o_proj: nn.Linear, pairs: SortedPairs, num_heads: int) -> torch.Tensor:
-    """Each pair's head output through its head's rows of `o_proj` (no bias): `(P, hidden)` in sorted order."""
+def output_projection(
+    rows: torch.Tensor, o_proj: nn.Linear, pairs: SortedPairs, slots: Sequence[Slots], num_heads: int
+) -> torch.Tensor:
+    """`o_proj` (without bias) of the heads' outputs `(P, head_dim)`, summed per token: `(batch, seq, hidden)`.
+
+    With few pairs (decoding) each pair goes through its head's columns of `o_proj` (a grouped product that reads
+    only the selected heads' weights). With many, the pairs are scattered to their (token, head) places and one
+    dense product sums the heads: on CPU that beats per-head products, which write `top_k` rows of width `hidden`
+    per token, although it multiplies the zeros of unselected heads too.
+    """
     hidden, width = o_proj.weight.shape
-    weight = o_proj.weight.view(hidden, num_heads, width // num_heads).permute(1, 2, 0)  # (heads, head_dim, hidden)
-    return grouped_mm(rows, weight, pairs.offsets, not pairs.complete)
+    head_dim = width // num_heads
+    if rows.shape[0] < hidden:
+        weight = o_proj.weight.view(hidden, num_heads, head_dim).permute(1, 2, 0)  # (heads, head_dim, hidden)
+        return combine_pairs(grouped_mm(rows, weight, pairs.offsets, not pairs.complete), pairs, slots)
+    batch, seq_len = slots[0].index.shape[0], sum(block.index.shape[1] for block in slots)
+    places = batch * seq_len * num_heads
+    place = pairs.token * num_heads + pairs.expert.clamp(max=num_heads - 1)
+    if not pairs.complete:  # dropped pairs write to a scratch row
+        place = torch.where(pairs.expert < num_heads, place, places)
+    heads = rows.new_zeros(places + (0 if pairs.complete else 1), head_dim).index_copy(0, place, rows)
+    return F.linear(heads[:places].view(batch, seq_len, width), o_proj.weight)
 
 
 def rotate_pairs(

@@ -34,7 +34,6 @@ from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
 from .gathered import (
     Slots,
     cached_list_attention,
-    combine_pairs,
     compact_heads,
     from_lists,
     gather_heads,
@@ -668,7 +667,7 @@ class UoESelectiveAttention(nn.Module):
                 key_segment,
             ).reshape(-1, head_dim)
         head_rows = from_lists(out, lists) * pairs.gate[:, None].to(out.dtype)
-        output = combine_pairs(output_projection(head_rows, self.o_proj, pairs, heads), pairs, selection.slots)
+        output = output_projection(head_rows, self.o_proj, pairs, selection.slots, heads)
         if self.o_proj.bias is not None:
             output = output + self.o_proj.bias
         return output.to(hidden_states.dtype)
