@@ -29,10 +29,13 @@ def test_dense_estimate_matches_flop_counter_on_the_reference_path():
     assert counted == pytest.approx(estimate.dense + causal_to_full + routers, rel=1e-6)
 
 
-def test_gathered_path_computes_the_estimated_active_projections():
+def test_gathered_path_computes_the_estimated_active_projections(monkeypatch):
     """The gathered path's grouped products (q/k/v of the selected heads and the selected MLP experts) run exactly
     the estimate's active FLOPs for them: a path that computed unselected pairs would count more. (With many pairs
     o_proj is one dense product, 1/4 of the dense projections.)"""
+    import uoe.gathered
+
+    monkeypatch.setattr(uoe.gathered, "TOKEN_MAJOR_MAX_WEIGHTS", 0)  # grouped products even for this small model
     seq_len, batch = 24, 3
     model = tiny_model(routing_backend="gathered")
     input_ids = torch.randint(0, 61, (batch, seq_len))

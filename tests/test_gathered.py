@@ -62,13 +62,23 @@ def never_select_last_expert(model) -> None:
     """Every router's last expert scores far below the others, so no token selects it."""
 
     def hook(module, args, logits):
-        return logits - 1e4 * torch.nn.functional.one_hot(
-            torch.tensor(module.num_experts - 1), module.num_experts
-        ).to(logits.dtype)
+        return logits - 1e4 * torch.nn.functional.one_hot(torch.tensor(module.num_experts - 1), module.num_experts).to(
+            logits.dtype
+        )
 
     for module in model.modules():
         if isinstance(module, modeling.UoERouter):
             module.register_forward_hook(hook)
+
+
+@pytest.fixture(params=["grouped", "token_major"])
+def experts_layout(request, monkeypatch):
+    """Run a test with the UoME experts (and decoding heads) as grouped products, and as token-major products (what
+    models this small use below `TOKEN_MAJOR_MAX_WEIGHTS`)."""
+    limit = 0 if request.param == "grouped" else 1 << 40
+    monkeypatch.setattr(gathered, "TOKEN_MAJOR_MAX_WEIGHTS", limit)
+    monkeypatch.setattr(modeling, "TOKEN_MAJOR_MAX_WEIGHTS", limit)
+    return request.param
 
 
 # -- grouped products ---------------------------------------------------------------------------------------------------
@@ -128,7 +138,7 @@ LM_CASES = {
 
 
 @pytest.mark.parametrize("overrides", LM_CASES.values(), ids=LM_CASES.keys())
-def test_causal_lm_gathered_equals_masked(overrides):
+def test_causal_lm_gathered_equals_masked(overrides, experts_layout):
     model = tiny_model(**overrides).train()
     input_ids = torch.randint(0, 61, (3, 13), generator=torch.Generator().manual_seed(1))
     assert_paths_agree(model, input_ids=input_ids, labels=input_ids)
@@ -136,7 +146,7 @@ def test_causal_lm_gathered_equals_masked(overrides):
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("patch_size", [1, 2])
-def test_causal_lm_gathered_equals_masked_with_padding(padding_side, patch_size):
+def test_causal_lm_gathered_equals_masked_with_padding(padding_side, patch_size, experts_layout):
     model = tiny_model(routing_patch_size=patch_size).train()
     input_ids = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(2))
     attention_mask = torch.ones_like(input_ids)
@@ -147,7 +157,7 @@ def test_causal_lm_gathered_equals_masked_with_padding(padding_side, patch_size)
     assert_paths_agree(model, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
-def test_causal_lm_gathered_equals_masked_with_packed_rows():
+def test_causal_lm_gathered_equals_masked_with_packed_rows(experts_layout):
     model = tiny_model(routing_patch_size=2).train()
     input_ids = torch.randint(0, 61, (2, 14), generator=torch.Generator().manual_seed(3))
     position_ids = torch.tensor([list(range(5)) + list(range(6)) + list(range(3)), list(range(9)) + list(range(5))])
@@ -209,7 +219,7 @@ def vision_model(**overrides) -> UoEForImageClassification:
     [dict(), dict(routing_patch_size=2, position_embedding_type="rope", gate_mode="weighted"), dict(attention_top_k=1)],
     ids=["tokens", "patches_rope_weighted", "top1"],
 )
-def test_image_classifier_gathered_equals_masked(capacity, overrides):
+def test_image_classifier_gathered_equals_masked(capacity, overrides, experts_layout):
     model = vision_model(data_capacity=capacity, **overrides)
     pixels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     assert_paths_agree(model, pixel_values=pixels, labels=torch.tensor([0, 2, 1]))
@@ -219,7 +229,7 @@ def test_image_classifier_gathered_equals_masked(capacity, overrides):
 
 
 @pytest.mark.parametrize("patch_size", [1, 3])
-def test_cached_decoding_through_the_gathered_path_equals_its_full_pass(patch_size):
+def test_cached_decoding_through_the_gathered_path_equals_its_full_pass(patch_size, experts_layout):
     model = tiny_model(routing_patch_size=patch_size, routing_backend="gathered")
     input_ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(8))
     attention_mask = torch.ones_like(input_ids)
@@ -324,7 +334,8 @@ def computed_rows(monkeypatch):
     return rows
 
 
-def test_the_gathered_path_computes_only_the_selected_pairs(computed_rows):
+@pytest.mark.parametrize("experts_layout", ["grouped"], indirect=True)
+def test_the_gathered_path_computes_only_the_selected_pairs(computed_rows, experts_layout):
     model = tiny_model()  # "auto" on CPU = gathered; 2 of 4 heads and 2 of 4 experts per token
     input_ids = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(12))
     attention_mask = torch.ones_like(input_ids)
@@ -371,7 +382,7 @@ def test_compiled_training_step_equals_eager():
     attention_mask[1, :3] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     losses = []
-    for model, run in ((eager, eager), (compiled_model, compiled)):
+    for run in (eager, compiled):
         loss = run(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         losses.append(loss.detach())

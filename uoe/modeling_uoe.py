@@ -32,6 +32,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
 from .gathered import (
+    TOKEN_MAJOR_MAX_WEIGHTS,
     Slots,
     cached_list_attention,
     compact_heads,
@@ -603,6 +604,8 @@ class UoESelectiveAttention(nn.Module):
         """The gathered path: only the selected (token, head) pairs are projected, attended and projected back."""
         batch, seq_len, hidden = hidden_states.shape
         heads, head_dim = self.num_heads, self.head_dim
+        if seq_len == 1 and cache_layer is not None and len(selection.slots) == 1:
+            return self._gathered_decode(hidden_states, position_embeddings, selection, segment_ids, cache_layer)
         pairs = sort_pairs(selection.slots, heads, seq_len)
         rows = hidden_states.reshape(batch * seq_len, hidden).index_select(0, pairs.token)
         query, key, value = project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
@@ -667,6 +670,80 @@ class UoESelectiveAttention(nn.Module):
                 key_segment,
             ).reshape(-1, head_dim)
         head_rows = from_lists(out, lists) * pairs.gate[:, None].to(out.dtype)
+        output = output_projection(head_rows, self.o_proj, pairs, selection.slots, heads)
+        if self.o_proj.bias is not None:
+            output = output + self.o_proj.bias
+        return output.to(hidden_states.dtype)
+
+    def _gathered_decode(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        selection: Selection,
+        segment_ids: torch.Tensor | None,
+        cache_layer: "UoECacheLayer",
+    ) -> torch.Tensor:
+        """One new token per sequence with a KV cache: the selected heads' projections (grouped products that read
+        only their weights) and, per token, attention over its selected heads' cached keys."""
+        batch, _, hidden = hidden_states.shape
+        heads, head_dim, top_k = self.num_heads, self.head_dim, self.top_k
+        block = selection.slots[0]
+        index = block.index[:, 0]  # (batch, top_k) selected heads, token-major
+        if batch * top_k * 3 * head_dim * hidden <= TOKEN_MAJOR_MAX_WEIGHTS:
+            # small heads: copy the selected slices and multiply (fewer ops than sorting and grouped products)
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            weight = torch.cat([p.weight.view(heads, head_dim, hidden) for p in projections], 1)
+            qkv = torch.bmm(weight.index_select(0, index.reshape(-1)), hidden_states.repeat_interleave(top_k, 0).mT)
+            qkv = qkv.view(batch, top_k, 3 * head_dim)
+            if self.q_proj.bias is not None:
+                qkv = qkv + torch.cat([p.bias.view(heads, head_dim) for p in projections], 1)[index]
+            query, key, value = qkv.split(head_dim, -1)
+            if position_embeddings is not None:
+                query, key = apply_rotary_pos_emb(query[:, :, None], key[:, :, None], *position_embeddings)
+                query, key = query[:, :, 0], key[:, :, 0]
+            gate = block.gate[:, 0].to(hidden_states.dtype)
+            if block.keep is not None:  # padding selects nothing
+                keep = block.keep[:, 0].to(key.dtype)
+                key, value, gate = key * keep[..., None], value * keep[..., None], gate * keep
+            scatter_index = index[..., None].expand(-1, -1, head_dim)
+            cached_key, cached_value = cache_layer.update(
+                *(x.new_zeros(batch, heads, head_dim).scatter(1, scatter_index, x)[:, :, None] for x in (key, value))
+            )
+            slot_query, pairs = query[:, :, None], None
+        else:
+            pairs = sort_pairs(selection.slots, heads, 1)
+            rows = hidden_states.reshape(batch, hidden).index_select(0, pairs.token)
+            query, key, value = project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
+            if position_embeddings is not None:
+                cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+                query, key = rotate_pairs(query, key, cos, sin, pairs)
+            cached_key, cached_value = cache_layer.update(
+                *(to_dense_heads(x, pairs, batch, 1, heads) for x in (key, value))
+            )
+            slot_query = torch.empty_like(query).index_copy_(0, pairs.order, query).view(batch, top_k, 1, head_dim)
+        selected, _ = slots_to_dense(selection.slots, heads)
+        key_selected = cache_layer.update_routing("head_selected", selected)  # (batch, keys, heads)
+        num_keys = cached_key.shape[2]
+        head_index = index[:, :, None, None].expand(-1, -1, num_keys, head_dim)
+        keys, values = cached_key.gather(1, head_index), cached_value.gather(1, head_index)  # (batch, top_k, keys, d)
+        allowed = key_selected.gather(2, index[:, None, :].expand(-1, num_keys, -1)).transpose(1, 2)
+        if segment_ids is not None:
+            key_segments = cache_layer.update_routing("segment_ids", segment_ids)
+            allowed = allowed & (key_segments == segment_ids[:, -1:])[:, None, :]
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # heads of padding: finite, never read
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            slot_query, keys, values, attn_mask=allowed[:, :, None], dropout_p=dropout, scale=self.scaling
+        )
+        if pairs is None:  # through the selected heads' columns of o_proj
+            o_weight = self.o_proj.weight.view(hidden, heads, head_dim).index_select(1, index.reshape(-1))
+            out = out.view(batch * top_k, head_dim) * gate.reshape(-1, 1)
+            output = torch.einsum("nd,cnd->nc", out, o_weight).view(batch, top_k, hidden).sum(1, keepdim=True)
+            return (output if self.o_proj.bias is None else output + self.o_proj.bias).to(hidden_states.dtype)
+        head_rows = out.reshape(batch * top_k, head_dim).index_select(0, pairs.order)  # sorted order again
+        head_rows = head_rows * pairs.gate[:, None].to(head_rows.dtype)
+        if not pairs.complete:
+            head_rows = head_rows.masked_fill((pairs.expert >= heads)[:, None], 0)
         output = output_projection(head_rows, self.o_proj, pairs, selection.slots, heads)
         if self.o_proj.bias is not None:
             output = output + self.o_proj.bias
