@@ -396,8 +396,9 @@ def markdown(results: dict) -> str:
             "- FLOPs are forward FLOPs per sequence (multiply-add = 2). Analytic: UoE's active FLOPs "
             "(`uoe.estimate_flops_per_token` at each test sequence's length, plus the dense CLS token and the head), "
             "averaged over the test set, without padding. Counted: `FlopCounterMode` on one test sequence of median "
-            "length with eager attention (it does not see PyTorch's CPU SDPA kernel); UoE's reference path computes unselected heads/experts densely (masked), so counted FLOPs track "
-            "the dense-equivalent work, not the active work.",
+            "length (what the code executes); UoE runs its gathered path (only the selected pairs, attention over "
+            "each head's compacted lists, o_proj as one dense product, CLS through every expert), so its count lies "
+            "between its active and its dense-equivalent FLOPs.",
             f"- Padding: the encoder layers take no attention mask, so pads are visible tokens; length bucketing kept "
             f"them to {100 * statistics.fmean(padding):.1f}% of training tokens."
             if padding

@@ -43,9 +43,10 @@ loaded; the kernel's peak-RSS counter is reset at that point), i.e. what the mod
 and the activations add. FLOPs per token (forward, a multiply-add = 2): analytic active FLOPs
 (`analytic_flops_per_token`; `uoe.estimate_flops_per_token` for UoE; causal attention averaging (L+1)/2 keys per
 query; LM head included) and the FLOPs `FlopCounterMode` counts in one forward of a training batch with eager
-attention, which executes the full L x L score matrix. The counter sees what the code runs: the MoE baselines' eager
-experts compute only the routed tokens, so they count ~active FLOPs; UoE's reference path computes every expert and
-head and masks, so it counts its dense FLOPs.
+attention counted as the full L x L score matrix. The counter sees what the code runs: the MoE baselines' experts
+compute only the routed tokens, so they count ~active FLOPs; UoE's gathered path (its CPU default) computes only the
+selected (token, expert) pairs, its attention over each head's compacted token lists (padded to the longest), and
+o_proj as one dense product.
 
 Results: a table on stdout, a section of `benchmarks/RESULTS.md` (other sections are kept), loss curves in
 `benchmarks/compare_lm_loss.png`, raw results in `benchmarks/results/compare_lm.json`.
@@ -346,22 +347,10 @@ def analytic_flops_per_token(config, seq_len: int, attention: str = "causal") ->
 
 
 def counted_flops_per_token(model, input_ids: torch.Tensor) -> float:
-    """FLOPs that `torch.utils.flop_counter.FlopCounterMode` counts in one forward, per token.
-
-    Eager attention, because the counter has no formula for CPU's fused SDPA kernel; it counts matrix products,
-    so norms, softmax and RoPE are not in it (nor in the analytic figure)."""
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
-
-    previous, was_training = model.config._attn_implementation, model.training
-    model.set_attn_implementation("eager")
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(input_ids=input_ids)
-    finally:
-        model.set_attn_implementation(previous)
-        model.train(was_training)
-    return counter.get_total_flops() / input_ids.numel()
+    """FLOPs that `torch.utils.flop_counter.FlopCounterMode` counts in one forward, per token: what the model's
+    code executes (`harness.counted_forward_flops`); matrix products and attention, so norms, softmax and RoPE are
+    not in it (nor in the analytic figure)."""
+    return harness.counted_forward_flops(model, lambda: model(input_ids=input_ids)) / input_ids.numel()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -748,13 +737,13 @@ def results_section(record: dict[str, Any], summary: dict[str, dict[str, Any]], 
         "",
         "FLOPs: forward, per token, a multiply-add = 2, LM head included. *Analytic* is the active compute with causal "
         "attention ((L+1)/2 keys per query; `uoe.estimate_flops_per_token` for UoE). *Counted* is "
-        "`torch.utils.flop_counter.FlopCounterMode` on one forward of a training batch with eager attention, which "
-        "executes the whole L x L score matrix: it sees what the code executes. For Llama, Mixtral, Qwen3-MoE and "
-        "DeepSeek-V3 it equals the analytic figure with full instead of causal attention (their eager experts run "
-        "only the routed tokens). UoE's reference implementation computes every head and every MLP slice and masks "
-        "the unselected ones, so its count is the dense model's (about Llama's): its analytic savings need sparse "
-        "kernels (issue 4), which are not used here, and for the same reason UoE is not faster than dense in "
-        "tokens/s on this CPU.",
+        "`torch.utils.flop_counter.FlopCounterMode` on one forward of a training batch, attention counted as the "
+        "whole L x L score matrix: it sees what the code executes. For Llama, Mixtral, Qwen3-MoE and DeepSeek-V3 it "
+        "equals the analytic figure with full instead of causal attention (their eager experts run only the routed "
+        'tokens). UoE runs its gathered path (the CPU default, `routing_backend="auto"`): only the selected '
+        "(token, head) and (token, expert) pairs are projected, each head attends over its compacted token lists "
+        "(padded to the longest list, full scores counted) and o_proj is one dense product, so its count lies "
+        "between its analytic active FLOPs and the dense model's.",
         "",
         "Parameters are totals (embeddings and LM head included). Peak RSS delta: each (model, seed) runs in a fresh "
         "process; just before the model is built (data loaded) the process's peak-RSS counter is reset to its "

@@ -27,9 +27,9 @@ Models (`--models`):
 Every model gets the same data order, optimizer (AdamW, weight decay 0.05), learning rate, warm-up + cosine schedule,
 gradient clipping (1.0), batch size, epochs and seeds. FLOPs are forward FLOPs per image, a multiply-add = 2:
 analytic (UoE: active, from `uoe.estimate_flops_per_token`), and as counted by `torch.utils.flop_counter`.
-UoE's reference (masked) path computes the unselected heads/experts densely and multiplies them by zero, so its
-counted FLOPs are the dense-equivalent ones, above its active FLOPs; with data selection only the kept slots are
-computed.
+UoE runs its gathered path (the CPU default): only the selected (token, expert) pairs are computed, each head attends
+over its compacted token lists (padded to the longest), o_proj is one dense product and CLS goes through every
+expert, so its counted FLOPs lie between its active and its dense-equivalent FLOPs; data selection drops pairs.
 """
 
 from __future__ import annotations
@@ -449,12 +449,12 @@ def markdown(results: dict) -> str:
             "dense CLS token, patch embedding and head); the ViT's width is the multiple of 8 whose analytic FLOPs "
             "are closest to UoE's active FLOPs (same patch size, depth, heads, MLP ratio 2); the all-MLP width "
             "is the one whose parameter count is closest to UoE's.",
-            "- Counted FLOPs: `torch.utils.flop_counter.FlopCounterMode` on an 8-image forward pass with eager "
-            "attention (it does not see PyTorch's CPU SDPA kernel); it counts matmuls and convolutions, not "
-            "norms/activations. UoE's reference path computes unselected heads and "
-            "experts densely and zeroes them, so its counted FLOPs are the dense-equivalent "
-            f"({harness.fmt_count(results['uoe_dense_equivalent_flops'])}), not the active ones; with data selection "
-            "only the kept slots are computed (plus dense CLS).",
+            "- Counted FLOPs: `torch.utils.flop_counter.FlopCounterMode` on an 8-image forward pass (matmuls, "
+            "convolutions and attention, not norms/activations). UoE runs its gathered path: only the selected "
+            "(token, expert) pairs, attention over each head's compacted lists (padded to the longest), o_proj as "
+            "one dense product and CLS through every expert, so its count lies between its active FLOPs and the "
+            f"dense-equivalent ones ({harness.fmt_count(results['uoe_dense_equivalent_flops'])}); data selection "
+            "drops pairs.",
             "- Throughput is measured on this shared CPU with PyTorch eager kernels; it reflects these "
             "implementations here, not what the FLOPs would allow.",
             harness.THREADS_NOTE,

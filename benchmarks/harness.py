@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop
 from transformers import get_cosine_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,25 +85,27 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def counted_forward_flops(model: torch.nn.Module, call: Callable[[], object]) -> int:
-    """FLOPs that torch's FlopCounterMode sees for one forward call (matmuls, convolutions).
+# torch's FLOP counter has no formula for the CPU flash-attention kernel that SDPA runs here (it would count 0);
+# give it the one of the other SDPA kernels (full Lq x Lk scores and values, causal or not).
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_registry:
+    register_flop_formula(_CPU_SDPA, get_raw=True)(sdpa_flop)  # `sdpa_flop` already takes the raw arguments
 
-    FlopCounterMode does not see PyTorch's CPU SDPA kernel (it counts 0 for it), so transformers models are
-    switched to eager attention (explicit matmuls, same result) while counting.
+
+def counted_forward_flops(model: torch.nn.Module, call: Callable[[], object]) -> int:
+    """FLOPs that torch's FlopCounterMode sees for one forward call (matrix products, convolutions, attention).
+
+    The model runs as configured (SDPA attention included, see `_CPU_SDPA`), so the count is what its code executes:
+    UoE's gathered path counts only the selected pairs' products and its attention over each head's compacted
+    lists.
     """
     was_training = model.training
-    previous = None
-    if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", None) != "eager":
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             call()
     finally:
         model.train(was_training)
-        if previous is not None:
-            model.set_attn_implementation(previous)
     return int(counter.get_total_flops())
 
 
