@@ -119,7 +119,7 @@ def test_uoe_dense_flops_agree_with_counted_and_active_is_about_half():
     assert 0.4 < flops["active"] / flops["dense"] < 0.6
     model.config.routing_backend = "gathered"  # the CPU default: the selected pairs (+ CLS, list padding)
     counted = harness.counted_forward_flops(model, lambda: cv.forward_logits(model, {"pixel_values": x})) / 2
-    assert flops["active"] < counted < 0.8 * flops["dense"]
+    assert 0.9 * flops["active"] < counted < 0.8 * flops["dense"]
 
 
 def test_mlp_width_matches_parameters():
