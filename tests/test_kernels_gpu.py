@@ -206,16 +206,17 @@ def test_selective_attention_compile_fullgraph_on_gpu(segments):
 # -- whole models with routing_backend ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["auto", "gathered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_causal_lm_auto_backend_on_gpu_matches_reference(dtype):
-    """`routing_backend="auto"` runs the kernels on CUDA; logits, loss and gradients match the float32 reference
-    path: within 1e-4 in float32. In bfloat16 the whole model rounds (weights, activations, every layer), which
-    the kernels do not control: there the kernels must be within 2e-2 of the float32 reference, or no further from
-    it than 1.25x the distance of the reference path run in bfloat16 itself."""
+def test_causal_lm_on_gpu_matches_reference(dtype, backend):
+    """`routing_backend="auto"` runs the kernels on CUDA, `"gathered"` the PyTorch gathered path; logits, loss and
+    gradients match the float32 masked reference: within 1e-4 in float32. In bfloat16 the whole model rounds
+    (weights, activations, every layer), which the paths do not control: there they must be within 2e-2 of the
+    float32 reference, or no further from it than 1.25x the distance of the masked path run in bfloat16 itself."""
     input_ids = torch.randint(0, 61, (2, 40), device="cuda")
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :9] = 0
-    runs = [("masked", torch.float32), ("auto", dtype)] + [("masked", dtype)] * (dtype != torch.float32)
+    runs = [("masked", torch.float32), (backend, dtype)] + [("masked", dtype)] * (dtype != torch.float32)
     results = {}
     for backend, run_dtype in runs:
         model = tiny_model(routing_backend=backend).cuda().to(run_dtype).train()
@@ -224,7 +225,7 @@ def test_causal_lm_auto_backend_on_gpu_matches_reference(dtype):
         results[backend, run_dtype] = [out.logits, out.loss] + [p.grad for p in model.parameters()]
     names = ["logits", "loss"] + [f"grad {name}" for name, _ in model.named_parameters()]
     expected = results["masked", torch.float32]
-    for i, (name, actual) in enumerate(zip(names, results["auto", dtype], strict=True)):
+    for i, (name, actual) in enumerate(zip(names, results[backend, dtype], strict=True)):
         error, limit = max_rel_error(actual, expected[i]), TOLERANCE[dtype]
         if dtype != torch.float32:
             limit = max(limit, 1.25 * max_rel_error(results["masked", dtype][i], expected[i]))
