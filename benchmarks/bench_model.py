@@ -860,7 +860,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "uoe_version": getattr(uoe, "__version__", "?"),
         "environment": env,
         "settings": settings,
-        "load_note": harness.load_note(env["loadavg_start"], env["loadavg_end"], env["cpu_count"]),
+        "load_note": harness.load_note(
+            env["loadavg_start"], env["loadavg_end"], env["cpu_count"], torch.get_num_threads()
+        ),
         "wall_seconds": time.perf_counter() - started,
         "json_path": harness.display_path(args.output),
         "shapes": shapes,

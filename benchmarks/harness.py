@@ -234,9 +234,11 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def load_note(load_start: list[float], load_end: list[float], cores: int | None) -> str:
+def load_note(load_start: list[float], load_end: list[float], cores: int | None, threads: int = 1) -> str:
+    """The load averages around a run of `threads` threads, flagged when other processes took about a core."""
     cores = cores or 1
-    high = max(load_start[0], load_end[0]) > 0.75 * cores
+    # the 1-minute load at the end includes the run's own threads
+    high = max(load_start[0], load_end[0] - threads) > 0.75
     text = (
         f"`os.getloadavg()` (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load_start)}, "
         f"at end {', '.join(f'{v:.2f}' for v in load_end)} on {cores} cores."
@@ -366,7 +368,9 @@ def finish_run(
     env["loadavg_end"] = list(os.getloadavg())
     results["wall_seconds"] = time.perf_counter() - started
     results["summary"] = summarize(results, args.model_list)
-    results["load_note"] = load_note(env["loadavg_start"], env["loadavg_end"], env["cpu_count"])
+    results["load_note"] = load_note(
+        env["loadavg_start"], env["loadavg_end"], env["cpu_count"], torch.get_num_threads()
+    )
     results["json_path"] = display_path(args.output)
     write_json(Path(args.output), results)
     text = markdown(results)

@@ -108,16 +108,26 @@ def test_uome_experts_compile_fullgraph_on_gpu(dtype):
 
 
 @pytest.mark.parametrize("mlp_type", ["swiglu", "gelu"])
-def test_model_with_uoe_triton_experts_on_gpu_matches_eager(mlp_type):
+def test_model_with_uoe_triton_experts_on_gpu_matches_eager(mlp_type, monkeypatch):
+    """`experts_implementation` is obeyed on CUDA: "eager" runs the masked reference (no kernel call), "uoe_triton"
+    the kernels (one call per layer), and both give the same loss and gradients."""
+    import uoe.kernels_uome as kernels_uome
+
     register_uoe_experts_kernels()
+    calls = []
+    original = kernels_uome.uome_experts
+    monkeypatch.setattr(kernels_uome, "uome_experts", lambda *a, **k: calls.append(1) or original(*a, **k))
     input_ids = torch.randint(0, 61, (2, 16), device="cuda")
-    results = {}
+    results, counts = {}, {}
     for implementation in ("eager", "uoe_triton"):
-        model = tiny_model(mlp_type=mlp_type, gate_mode="weighted").cuda().train()
+        model = tiny_model(mlp_type=mlp_type, gate_mode="weighted", routing_backend="masked").cuda().train()
         model.set_experts_implementation(implementation)
+        calls.clear()
         loss = model(input_ids, labels=input_ids).loss
         loss.backward()
+        counts[implementation] = len(calls)
         results[implementation] = [loss] + [p.grad for p in model.parameters()]
+    assert counts == {"eager": 0, "uoe_triton": 2}  # two layers
     check(results["uoe_triton"], results["eager"], torch.float32, ["loss"] + ["grad"] * 100)
 
 

@@ -431,6 +431,20 @@ def test_causal_lm_with_triton_backend_matches_reference(overrides, kernel_calls
         assert_close(actual[2][name], grad, f"grad {name}")
 
 
+def test_causal_lm_with_triton_backend_on_packed_rows_matches_masked(kernel_calls):
+    """Packed rows (position ids restarting inside a row): the kernels keep attention inside each sequence."""
+    torch.manual_seed(13)
+    input_ids = torch.randint(0, 61, (2, 12))
+    position_ids = torch.tensor([list(range(5)) + list(range(7)), list(range(3)) + list(range(9))])
+    inputs = dict(input_ids=input_ids, position_ids=position_ids, labels=input_ids)
+    expected = model_loss_and_grads(tiny_model(routing_backend="masked").train(), **inputs)
+    actual = model_loss_and_grads(tiny_model(routing_backend="triton").train(), **inputs)
+    assert kernel_calls["attention"] == 2
+    assert_close(actual[0], expected[0], "logits")
+    for name, grad in expected[2].items():
+        assert_close(actual[2][name], grad, f"grad {name}")
+
+
 def test_causal_lm_with_triton_backend_decodes_like_the_full_pass(kernel_calls):
     """KV-cache decoding through the kernels (keys longer than queries) equals the reference full pass."""
     torch.manual_seed(9)

@@ -162,7 +162,8 @@ def test_padding_tokens_do_not_count_in_router_losses():
     padded = torch.cat([torch.zeros(1, 6, dtype=torch.long), input_ids], dim=1)
     mask = torch.cat([torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], dim=1)
     with torch.no_grad():
-        alone, batched = model(input_ids), model(padded, attention_mask=mask)
+        alone = model(input_ids, output_router_logits=True)
+        batched = model(padded, attention_mask=mask, output_router_logits=True)
     torch.testing.assert_close(batched.aux_loss, alone.aux_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(batched.router_z_loss, alone.router_z_loss, rtol=1e-5, atol=1e-6)
 
@@ -303,6 +304,19 @@ def test_sdpa_and_eager_agree_at_sparse_routing():
         model.set_attn_implementation("sdpa")
         sdpa = model(input_ids, attention_mask=mask).logits
     torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_router_losses_are_computed_only_when_asked():
+    model = tiny_model()
+    input_ids = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        plain = model(input_ids)
+        with_labels = model(input_ids, labels=input_ids)
+        with_logits = model(input_ids, output_router_logits=True)
+    assert plain.aux_loss is None and plain.router_z_loss is None  # inference, e.g. generate
+    assert torch.equal(with_labels.aux_loss, with_logits.aux_loss) and with_labels.aux_loss >= 1.0 - 1e-6
+    model.train()
+    assert model(input_ids).aux_loss is not None
 
 
 def test_outputs_hidden_states_attentions_and_router_logits():

@@ -139,9 +139,9 @@ register_uoe_experts_kernels()
 @dataclass
 class UoEModelOutputWithPast(MoeModelOutputWithPast):
     r"""
-    aux_loss (`torch.FloatTensor`):
+    aux_loss (`torch.FloatTensor`, returned in training, with `labels` or with `output_router_logits=True`):
         Switch load-balancing loss, averaged over the model's routed blocks (SMHA and UoME of every layer).
-    router_z_loss (`torch.FloatTensor`):
+    router_z_loss (`torch.FloatTensor`, returned with `aux_loss`):
         Router z-loss, averaged over the routed blocks.
     router_logits (`tuple(torch.FloatTensor)`, returned with `output_router_logits=True`):
         One `(batch, seq, experts)` tensor per routed block in execution order: layer 0 SMHA (experts =
@@ -264,11 +264,13 @@ class RoutingInputs:
     token_mask: `(batch, seq)` bool, False at padding, or `None` (no padding). Padding selects no expert.
     segment_ids: `(batch, seq)` packed-sequence id of each token (attention stays inside a sequence), or `None`
         (one sequence per row).
+    router_losses: whether the routed blocks compute their load-balancing and z-losses.
     """
 
     source_index: torch.Tensor | None
     token_mask: torch.Tensor | None
     segment_ids: torch.Tensor | None = None
+    router_losses: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -408,12 +410,21 @@ class UoERouter(nn.Module):
         return gather_patch_logits(logits, source_index, cached_logits)
 
 
-def route(router_logits: torch.Tensor, top_k: int, config: UoEConfig, token_mask: torch.Tensor | None):
+def route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    config: UoEConfig,
+    token_mask: torch.Tensor | None,
+    router_losses: bool = True,
+):
     """Select experts from router logits; return `(top_k_index, top_k_gates, aux)` with
-    `aux = [load-balancing loss, z-loss]` of this block."""
+    `aux = [load-balancing loss, z-loss]` of this block (`None` without `router_losses`)."""
     scores = router_scores(router_logits, config.router_score_func)
     top_index, top_gates = select_top_k(scores, top_k, config.gate_mode)
-    aux = torch.stack([load_balancing_loss(scores, top_index, token_mask), router_z_loss(router_logits, token_mask)])
+    aux = None
+    if router_losses:
+        balance = load_balancing_loss(scores, top_index, token_mask)
+        aux = torch.stack([balance, router_z_loss(router_logits, token_mask)])
     return top_index, top_gates, aux
 
 
@@ -423,14 +434,14 @@ class Selection(NamedTuple):
     slots: the experts of every token, as `Slots` tiling the sequence (the encoder's CLS token is its own block).
     router_logits: the logits tokens were routed with, `(batch, seq, experts)`; per routing patch,
         `(batch, patches, experts)`, in the encoder.
-    aux: `[load-balancing loss, z-loss]` of the block.
+    aux: `[load-balancing loss, z-loss]` of the block, or `None` when the forward needs no router losses.
     max_list_length: a bound on the tokens of one sequence that one expert computes, when the routing fixes
         one (data selection); `None` otherwise.
     """
 
     slots: list[Slots]
     router_logits: torch.Tensor
-    aux: torch.Tensor
+    aux: torch.Tensor | None
     max_list_length: int | None
 
 
@@ -451,7 +462,7 @@ def select_experts(
         logits = router(hidden_states, routing.source_index, cached_logits)
         if cache_layer is not None:
             cache_layer.update_routing(cache_name, logits)
-        top_index, gates, aux = route(logits, top_k, config, routing.token_mask)
+        top_index, gates, aux = route(logits, top_k, config, routing.token_mask, routing.router_losses)
         keep = None if routing.token_mask is None else routing.token_mask[..., None].expand_as(top_index)
         return Selection([Slots(top_index, gates, keep)], logits, aux, None)
 
@@ -691,9 +702,11 @@ class UoESelectiveAttention(nn.Module):
         index = block.index[:, 0]  # (batch, top_k) selected heads, token-major
         if batch * top_k * 3 * head_dim * hidden <= TOKEN_MAJOR_MAX_WEIGHTS:
             # small heads: copy the selected slices and multiply (fewer ops than sorting and grouped products)
-            projections = (self.q_proj, self.k_proj, self.v_proj)
-            weight = torch.cat([p.weight.view(heads, head_dim, hidden) for p in projections], 1)
-            qkv = torch.bmm(weight.index_select(0, index.reshape(-1)), hidden_states.repeat_interleave(top_k, 0).mT)
+            projections, flat_index = (self.q_proj, self.k_proj, self.v_proj), index.reshape(-1)
+            weight = torch.cat(
+                [p.weight.view(heads, head_dim, hidden).index_select(0, flat_index) for p in projections], 1
+            )
+            qkv = torch.bmm(weight, hidden_states.repeat_interleave(top_k, 0).mT)
             qkv = qkv.view(batch, top_k, 3 * head_dim)
             if self.q_proj.bias is not None:
                 qkv = qkv + torch.cat([p.bias.view(heads, head_dim) for p in projections], 1)[index]
@@ -935,7 +948,7 @@ class UoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states, _, mlp_aux = self.mlp(hidden_states, routing, cache=cache)
         hidden_states = residual + hidden_states
-        return hidden_states, attention_aux + mlp_aux
+        return hidden_states, None if attention_aux is None else attention_aux + mlp_aux
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1030,12 +1043,20 @@ class UoEModel(UoEPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
+        compute_router_losses: bool | None = None,
         **kwargs,
     ) -> UoEModelOutputWithPast:
         r"""
         cache (`DynamicCache`, *optional*):
             KV cache with routing state from an earlier call (`past_key_values` is accepted as its older name).
+        compute_router_losses (`bool`, *optional*):
+            Whether to compute `aux_loss` and `router_z_loss` (otherwise they are `None`). Default: in training and
+            with `output_router_logits`; `UoEForCausalLM` also asks for them when given `labels`.
         """
+        if compute_router_losses is None:
+            compute_router_losses = self.training or bool(
+                kwargs.get("output_router_logits", self.config.output_router_logits)
+            )
         cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
@@ -1093,11 +1114,12 @@ class UoEModel(UoEPreTrainedModel):
             source_index=source_index,
             token_mask=attention_mask[:, past_length:] if attention_mask is not None else None,
             segment_ids=segment_ids,
+            router_losses=compute_router_losses,
         )
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        aux_total = inputs_embeds.new_zeros(2, dtype=torch.float32)
+        aux_total = inputs_embeds.new_zeros(2, dtype=torch.float32) if compute_router_losses else None
         for decoder_layer in self.layers:
             hidden_states, aux = decoder_layer(
                 hidden_states,
@@ -1107,9 +1129,10 @@ class UoEModel(UoEPreTrainedModel):
                 use_cache=use_cache,
                 **kwargs,
             )
-            aux_total = aux_total + aux
+            if aux_total is not None:
+                aux_total = aux_total + aux
         hidden_states = self.norm(hidden_states)
-        aux_mean = aux_total / (2 * self.config.num_hidden_layers)
+        aux_mean = [None, None] if aux_total is None else aux_total / (2 * self.config.num_hidden_layers)
 
         return UoEModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -1162,6 +1185,7 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            compute_router_losses=self.training or output_router_logits or labels is not None,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
