@@ -336,7 +336,7 @@ def computed_rows(monkeypatch):
 
 @pytest.mark.parametrize("experts_layout", ["grouped"], indirect=True)
 def test_the_gathered_path_computes_only_the_selected_pairs(computed_rows, experts_layout):
-    model = tiny_model()  # "auto" on CPU = gathered; 2 of 4 heads and 2 of 4 experts per token
+    model = tiny_model(routing_backend="gathered")  # 2 of 4 heads and 2 of 4 experts per token
     input_ids = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(12))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :6] = 0  # padding computes nothing
@@ -390,3 +390,29 @@ def test_compiled_training_step_equals_eager():
     for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
         if not name.endswith("k_proj.bias"):
             assert max_rel_error(q.grad, p.grad) <= 1e-4, name
+
+
+# -- what "auto" picks on CPU ----------------------------------------------------------------------------------------
+
+
+def test_auto_attends_on_the_gathered_path_except_where_the_masked_one_is_faster(monkeypatch):
+    calls = []
+    for name in ("_gathered", "_masked_attention"):
+        original = getattr(modeling.UoESelectiveAttention, name)
+
+        def recorded(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(modeling.UoESelectiveAttention, name, recorded)
+    short = torch.randint(0, 61, (1, modeling.GATHERED_ATTENTION_MIN_KEYS - 1))
+    long = torch.randint(0, 61, (1, modeling.GATHERED_ATTENTION_MIN_KEYS))
+    with torch.no_grad():
+        for model, input_ids, expected in (
+            (tiny_model(), long, "_gathered"),
+            (tiny_model(), short, "_masked_attention"),  # a short sequence: the per-head mask is cheaper
+            (tiny_model(attention_top_k=4), long, "_masked_attention"),  # full routing: the dense layer
+        ):
+            calls.clear()
+            model(input_ids)
+            assert calls == [expected] * 2, (input_ids.shape, calls)

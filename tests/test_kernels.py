@@ -284,5 +284,5 @@ def test_pytorch_backends_never_call_the_kernels_on_cpu(backend, monkeypatch):
     monkeypatch.setattr(modeling, "uoe_triton_experts_forward", forbidden)
     input_ids = torch.randint(0, 61, (2, 7))
     logits = tiny_model(routing_backend=backend)(input_ids).logits
-    expected = tiny_model(routing_backend="masked" if backend == "masked" else "gathered")(input_ids).logits
-    assert torch.equal(logits, expected)
+    expected = tiny_model(routing_backend="masked")(input_ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

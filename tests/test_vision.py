@@ -251,7 +251,7 @@ def test_unselected_pairs_are_not_computed(monkeypatch):
     import uoe.gathered as gathered
 
     monkeypatch.setattr(gathered, "TOKEN_MAJOR_MAX_WEIGHTS", 0)  # grouped products even for this small model
-    model = vision_model(data_capacity=0.5, routing_patch_size=2)
+    model = vision_model(data_capacity=0.5, routing_patch_size=2, routing_backend="gathered")
     pixel_values = torch.randn(3, 3, 8, 8)
     num_patches, capacity, patch_tokens, batch = 8, 4, 2, 3  # capacity = ceil(0.5 * 8)
 

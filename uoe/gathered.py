@@ -331,7 +331,7 @@ def gathered_experts_forward(
     rows = hidden_states.to(up.dtype).index_select(0, pairs.token)
     inner = grouped_mm(rows, up.transpose(1, 2), pairs.offsets, not pairs.complete)
     if up_bias is not None:
-        inner = inner + up_bias[expert]
+        inner = inner + up_bias.index_select(0, expert)
     if getattr(self, "has_gate", True):
         gate, value = inner.chunk(2, dim=-1)
         inner = self.act_fn(gate) * value
@@ -406,6 +406,10 @@ class HeadLists(NamedTuple):
     scratch: int
 
 
+# Lists shorter than this share one bucket: their attention is cheap, extra buckets would cost more calls.
+_BUCKETS_FROM_LENGTH = 128
+
+
 def head_lists(
     pairs: SortedPairs, num_heads: int, batch: int, seq_len: int, max_length: int | None, num_buckets: int = 4
 ) -> HeadLists:
@@ -420,10 +424,10 @@ def head_lists(
     group = pairs.expert * batch + pairs.token // seq_len  # (head, sequence); dropped pairs past the last list
     starts = torch.searchsorted(group, torch.arange(num_lists + 1, device=device, dtype=group.dtype))
     count = torch.diff(starts)
-    if max_length is not None or torch.compiler.is_compiling() or num_buckets == 1:
-        length = max_length if max_length is not None else seq_len
-        if max_length is None and not torch.compiler.is_compiling():
-            length = max(int(count.max()), 1)
+    length = max_length
+    if length is None:
+        length = seq_len if torch.compiler.is_compiling() else max(int(count.max()), 1)
+    if max_length is not None or torch.compiler.is_compiling() or num_buckets == 1 or length < _BUCKETS_FROM_LENGTH:
         list_base = torch.arange(num_lists, device=device) * length
         buckets, bucket_count = [(0, num_lists, length)], [count]
     else:
@@ -546,14 +550,18 @@ def project_pairs(
     """
     head = pairs.expert.clamp(max=num_heads - 1)  # dropped rows are zeroed by grouped_mm; biases are harmless
     widths = [p.weight.shape[0] // num_heads for p in projections]
+    has_bias = projections[0].bias is not None
     if rows.shape[0] >= rows.shape[1]:
         weight = torch.cat([head_weights(p, num_heads) for p in projections], dim=2)
-        outputs = list(grouped_mm(rows, weight, pairs.offsets, not pairs.complete).split(widths, dim=-1))
-    else:
-        outputs = [grouped_mm(rows, head_weights(p, num_heads), pairs.offsets, not pairs.complete) for p in projections]
-    for i, p in enumerate(projections):
-        if p.bias is not None:
-            outputs[i] = outputs[i] + p.bias.view(num_heads, -1)[head]
+        fused = grouped_mm(rows, weight, pairs.offsets, not pairs.complete)
+        if has_bias:
+            fused = fused + torch.cat([p.bias.view(num_heads, -1) for p in projections], 1).index_select(0, head)
+        return list(fused.split(widths, dim=-1))
+    outputs = [grouped_mm(rows, head_weights(p, num_heads), pairs.offsets, not pairs.complete) for p in projections]
+    if has_bias:
+        outputs = [
+            out + p.bias.view(num_heads, -1).index_select(0, head) for out, p in zip(outputs, projections, strict=True)
+        ]
     return outputs
 
 
