@@ -245,8 +245,9 @@ def load_note(load_start: list[float], load_end: list[float], cores: int | None,
     )
     if high:
         text += (
-            " The load was high: other processes shared the CPU during the run, so the throughput figures are "
-            "lower and noisier than on an idle machine (accuracy and FLOPs are unaffected)."
+            " The load was above the run's own threads at the start or the end (the 1-minute average still counts a "
+            "job that finished just before, or other processes ran), so the throughput figures may be lower and "
+            "noisier than on an idle machine (accuracy and FLOPs are unaffected)."
         )
     return text
 

@@ -6,12 +6,13 @@ are sorted by expert and every projection is one grouped product over the sorted
 
 - UoME (`gathered_experts_forward`): gather the rows of the pairs, grouped `x @ W1`, activation, times the gate,
   grouped `@ W2`, and a fixed-order sum of each token's slots (`combine_pairs`);
-- SMHA (`gathered_selective_attention`): grouped q/k/v projections of the selected (token, head) pairs, RoPE at
-  the tokens' original positions, attention over each (head, sequence)'s compacted list of tokens (in position
-  order, so causal in list order is causal in token order), grouped output projection, fixed-order sum.
+- SMHA (the pieces `UoESelectiveAttention` assembles): grouped q/k/v projections of the selected (token, head)
+  pairs (`project_pairs`), RoPE at the tokens' original positions (`rotate_pairs`), attention over each (head,
+  sequence)'s compacted list of tokens (`head_lists`, `self_list_attention`; lists are in token order, so causal in
+  list order is causal in token order), and `output_projection` with a fixed-order sum.
 
 Nothing is computed for unselected pairs, padding or pairs dropped by data selection. The padded attention
-layout needs the longest list: eager code reads it (one host read per attention block, free on CPU, a sync on
+layout needs the list lengths: eager code reads them (one host read per attention block, free on CPU, a sync on
 CUDA); under `torch.compile` the sequence length is the bound, so there is no data-dependent shape.
 """
 
