@@ -601,10 +601,12 @@ def rotate_pairs(
 
 def to_dense_heads(rows: torch.Tensor, pairs: SortedPairs, batch: int, seq_len: int, heads: int) -> torch.Tensor:
     """Sorted (token, head) pair rows as a `(batch, heads, seq, head_dim)` tensor, zero for unselected pairs."""
-    kept = pairs.expert < heads
     size = batch * heads * seq_len
     index = (pairs.token // seq_len * heads + pairs.expert.clamp(max=heads - 1)) * seq_len + pairs.token % seq_len
-    index = torch.where(kept, index, size + torch.arange(len(index), device=index.device))
+    if pairs.complete:
+        return rows.new_zeros(size, rows.shape[1]).index_copy_(0, index, rows).view(batch, heads, seq_len, -1)
+    # dropped pairs write to scratch rows past the tensor
+    index = torch.where(pairs.expert < heads, index, size + torch.arange(len(index), device=index.device))
     dense = rows.new_zeros(size + rows.shape[0], rows.shape[1]).index_copy(0, index, rows)
     return dense[:size].view(batch, heads, seq_len, rows.shape[1])
 
