@@ -77,7 +77,6 @@ def experts_layout(request, monkeypatch):
     models this small use below `TOKEN_MAJOR_MAX_WEIGHTS`)."""
     limit = 0 if request.param == "grouped" else 1 << 40
     monkeypatch.setattr(gathered, "TOKEN_MAJOR_MAX_WEIGHTS", limit)
-    monkeypatch.setattr(modeling, "TOKEN_MAJOR_MAX_WEIGHTS", limit)
     return request.param
 
 

@@ -293,6 +293,34 @@ def slots_to_dense(slots: Sequence[Slots], num_experts: int) -> tuple[torch.Tens
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`(up, up bias, down bias)` of a `@use_experts_implementation` experts module (`gate_up_proj` when gated)."""
+    has_bias = getattr(experts, "has_bias", False)
+    if getattr(experts, "has_gate", True):
+        up, up_bias = experts.gate_up_proj, getattr(experts, "gate_up_proj_bias", None) if has_bias else None
+    else:
+        up, up_bias = experts.up_proj, getattr(experts, "up_proj_bias", None) if has_bias else None
+    return up, up_bias, getattr(experts, "down_proj_bias", None) if has_bias else None
+
+
+def _activate(experts: nn.Module, inner: torch.Tensor) -> torch.Tensor:
+    """The experts' activation of their up-projection rows (`act(gate) * up` when gated)."""
+    if getattr(experts, "has_gate", True):
+        gate, value = inner.chunk(2, dim=-1)
+        return experts.act_fn(gate) * value
+    return experts.act_fn(inner)
+
+
+# Below this many gathered weights (pairs x the weights of one pair), e.g. decoding a small model, copying each
+# pair's slices and multiplying them directly costs less than sorting the pairs and running grouped products.
+TOKEN_MAJOR_MAX_WEIGHTS = 1 << 18
+
+
+def use_token_major(num_pairs: int, weights_per_pair: int) -> bool:
+    """Whether products over `num_pairs` pairs should copy each pair's weight slices (see `TOKEN_MAJOR_MAX_WEIGHTS`)."""
+    return num_pairs * weights_per_pair <= TOKEN_MAJOR_MAX_WEIGHTS
+
+
 def gathered_experts_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -315,15 +343,11 @@ def gathered_experts_forward(
             f'{type(self).__name__}: experts_implementation="uoe_gathered" supports stacked (experts, out, in) '
             "weights with concatenated [gate; up] rows; use another experts implementation for this model."
         )
-    num_tokens, hidden = hidden_states.shape
-    has_bias = getattr(self, "has_bias", False)
-    if getattr(self, "has_gate", True):
-        up, up_bias = self.gate_up_proj, getattr(self, "gate_up_proj_bias", None) if has_bias else None
-    else:
-        up, up_bias = self.up_proj, getattr(self, "up_proj_bias", None) if has_bias else None
+    num_tokens = hidden_states.shape[0]
+    up, up_bias, down_bias = expert_weights(self)
     num_experts = up.shape[0]
-    if top_k_index.numel() * up[0].numel() <= TOKEN_MAJOR_MAX_WEIGHTS:
-        return _token_major_experts(self, hidden_states, up, up_bias, top_k_index, top_k_weights, pair_keep)
+    if use_token_major(top_k_index.numel(), up[0].numel()):
+        return _token_major_experts(self, hidden_states, top_k_index, top_k_weights, pair_keep)
     keep = None if pair_keep is None else pair_keep[None]
     slots = [Slots(top_k_index[None], top_k_weights[None], keep)]
     pairs = sort_pairs(slots, num_experts, num_tokens)
@@ -333,43 +357,28 @@ def gathered_experts_forward(
     inner = grouped_mm(rows, up.transpose(1, 2), pairs.offsets, not pairs.complete)
     if up_bias is not None:
         inner = inner + up_bias.index_select(0, expert)
-    if getattr(self, "has_gate", True):
-        gate, value = inner.chunk(2, dim=-1)
-        inner = self.act_fn(gate) * value
-    else:
-        inner = self.act_fn(inner)
-    inner = inner * pairs.gate[:, None].to(inner.dtype)
+    inner = _activate(self, inner) * pairs.gate[:, None].to(inner.dtype)
     out = grouped_mm(inner, self.down_proj.transpose(1, 2), pairs.offsets, not pairs.complete)
-    down_bias = getattr(self, "down_proj_bias", None) if has_bias else None
     if down_bias is not None:
         kept = (pairs.expert < num_experts).to(out.dtype)[:, None]
         out = out + down_bias[expert] * (pairs.gate[:, None].to(out.dtype) * kept)
     return combine_pairs(out, pairs, slots)[0].to(hidden_states.dtype)
 
 
-# Below this many gathered weights (pairs x one expert's up rows), e.g. decoding a small model, copying each pair's
-# expert slices and multiplying them directly costs less than sorting the pairs and running grouped products.
-TOKEN_MAJOR_MAX_WEIGHTS = 1 << 18
-
-
-def _token_major_experts(self, hidden_states, up, up_bias, top_k_index, top_k_weights, pair_keep) -> torch.Tensor:
+def _token_major_experts(self, hidden_states, top_k_index, top_k_weights, pair_keep) -> torch.Tensor:
     """Few pairs of small experts: each pair's expert slices gathered and multiplied directly, without sorting."""
+    up, up_bias, down_bias = expert_weights(self)
     num_tokens, top_k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     rows = hidden_states.to(up.dtype).repeat_interleave(top_k, 0)[:, :, None]  # (pairs, hidden, 1)
     inner = torch.bmm(up.index_select(0, flat), rows)[..., 0]
     if up_bias is not None:
         inner = inner + up_bias.index_select(0, flat)
-    if getattr(self, "has_gate", True):
-        gate, value = inner.chunk(2, dim=-1)
-        inner = self.act_fn(gate) * value
-    else:
-        inner = self.act_fn(inner)
+    inner = _activate(self, inner)
     weights = top_k_weights.reshape(-1, 1).to(inner.dtype)
     if pair_keep is not None:
         weights = weights * pair_keep.reshape(-1, 1).to(inner.dtype)
     out = torch.bmm(self.down_proj.index_select(0, flat), (inner * weights)[:, :, None])[..., 0]
-    down_bias = getattr(self, "down_proj_bias", None) if getattr(self, "has_bias", False) else None
     if down_bias is not None:
         out = out + down_bias.index_select(0, flat) * weights
     return out.view(num_tokens, top_k, -1).sum(1).to(hidden_states.dtype)

@@ -35,6 +35,7 @@ from transformers.activations import GELUActivation, SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 from transformers.utils import logging
 
+from .gathered import expert_weights
 from .kernels_common import require_kernels, triton_module
 from .kernels_routing import expert_routing_metadata
 
@@ -433,13 +434,8 @@ def uoe_triton_experts_forward(
         )
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     require_kernels(hidden_states, f'experts_implementation="{EXPERTS_IMPLEMENTATION}"')
-    has_bias = getattr(self, "has_bias", False)
-    if self.has_gate:
-        up_proj, up_bias = self.gate_up_proj, getattr(self, "gate_up_proj_bias", None) if has_bias else None
-    else:
-        up_proj, up_bias = self.up_proj, getattr(self, "up_proj_bias", None) if has_bias else None
+    up_proj, up_bias, down_bias = expert_weights(self)
     out = uome_experts(hidden_states, up_proj, self.down_proj, top_k_index, top_k_weights, activation, up_bias)
-    down_bias = getattr(self, "down_proj_bias", None) if has_bias else None
     if down_bias is not None:  # each selected expert's output bias, times its gate
         out = out + (top_k_weights[..., None].to(out.dtype) * down_bias[top_k_index].to(out.dtype)).sum(1)
     return out

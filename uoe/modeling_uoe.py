@@ -32,7 +32,6 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
 from .gathered import (
-    TOKEN_MAJOR_MAX_WEIGHTS,
     Slots,
     cached_list_attention,
     compact_heads,
@@ -48,6 +47,7 @@ from .gathered import (
     sort_pairs,
     to_dense_heads,
     to_lists,
+    use_token_major,
 )
 from .kernels_common import require_kernels, triton_importable
 from .kernels_smha import selective_attention
@@ -543,7 +543,9 @@ class UoESelectiveAttention(nn.Module):
         past_length = cache_layer.get_seq_length() if cache_layer is not None else 0
         path = attention_path(self, hidden_states, past_length + hidden_states.shape[1])
         if path == "gathered":
-            output = self._gathered(hidden_states, position_embeddings, selection, segment_ids, cache_layer)
+            output = self._gathered(
+                hidden_states, position_embeddings, selection, segment_ids, cache_layer, past_length
+            )
             return output, None, selection.router_logits, selection.aux
 
         batch_size, seq_len, _ = hidden_states.shape
@@ -626,6 +628,7 @@ class UoESelectiveAttention(nn.Module):
         selection: Selection,
         segment_ids: torch.Tensor | None,
         cache_layer: "UoECacheLayer | None",
+        past_length: int,
     ) -> torch.Tensor:
         """The gathered path: only the selected (token, head) pairs are projected, attended and projected back."""
         batch, seq_len, hidden = hidden_states.shape
@@ -639,7 +642,6 @@ class UoESelectiveAttention(nn.Module):
             cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
             query, key = rotate_pairs(query, key, cos, sin, pairs)
         dropout = self.attention_dropout if self.training else 0.0
-        past_length = cache_layer.get_seq_length() if cache_layer is not None else 0
         token_segments = None
         if segment_ids is not None:
             token_segments = segment_ids.reshape(-1).index_select(0, pairs.token)[:, None]
@@ -715,7 +717,7 @@ class UoESelectiveAttention(nn.Module):
         heads, head_dim, top_k = self.num_heads, self.head_dim, self.top_k
         block = selection.slots[0]
         index = block.index[:, 0]  # (batch, top_k) selected heads, token-major
-        if batch * top_k * 3 * head_dim * hidden <= TOKEN_MAJOR_MAX_WEIGHTS:
+        if use_token_major(batch * top_k, 3 * head_dim * hidden):
             # small heads: copy the selected slices and multiply (fewer ops than sorting and grouped products)
             projections, flat_index = (self.q_proj, self.k_proj, self.v_proj), index.reshape(-1)
             weight = torch.cat(
