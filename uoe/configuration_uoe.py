@@ -1,12 +1,12 @@
 """Configuration of Union-of-Experts (UoE) transformers."""
 
-from __future__ import annotations
-
 import math
 import warnings
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 GATE_MODES = ("union", "weighted")
 MLP_TYPES = ("swiglu", "gelu")
@@ -35,6 +35,35 @@ def _check_positive_int(name: str, value) -> None:
 
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+def _is_number(value) -> bool:
+    # `True` is an int to Python, but a boolean given for a number is a mistake, not 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(name: str, value, low: float, high: float | None = None, high_inclusive: bool = True) -> None:
+    """`value` is a finite number (not a bool) in `[low, high]` (`[low, high)` without `high_inclusive`)."""
+    if high is None:
+        allowed, in_range = f">= {low}", _is_number(value) and value >= low
+    else:
+        allowed = f"in [{low}, {high}{']' if high_inclusive else ')'}"
+        in_range = _is_number(value) and low <= value and (value <= high if high_inclusive else value < high)
+    _require(in_range, f"`{name}` must be a finite number {allowed}, got {value!r}.")
+
+
+def _check_rope_parameters(rope_parameters) -> None:
+    # transformers' own validation only warns about an unknown type; the rotary embedding would fail to build
+    _require(isinstance(rope_parameters, dict), f"`rope_parameters` must be a dict, got {rope_parameters!r}.")
+    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+    allowed = ["default", *sorted(ROPE_INIT_FUNCTIONS)]
+    _require(rope_type in allowed, f"`rope_parameters['rope_type']` must be one of {allowed}, got {rope_type!r}.")
+    # the rotary embedding rotates every dimension of a head
+    factor = rope_parameters.get("partial_rotary_factor", 1.0)
+    _require(
+        factor == 1.0,
+        f"`rope_parameters['partial_rotary_factor']` must be 1.0 (UoE rotates whole heads), got {factor!r}.",
+    )
 
 
 class UoEConfig(PreTrainedConfig):
@@ -70,9 +99,13 @@ class UoEConfig(PreTrainedConfig):
         router_aux_loss_coef: Weight of the Switch-style load-balancing loss added to `loss`.
         router_z_loss_coef: Weight of the router z-loss added to `loss`.
         is_causal: Causal (decoder) or bidirectional (encoder) attention and routing.
-        max_position_embeddings: Longest sequence the model accepts.
-        rope_parameters: RoPE settings (`{"rope_type": "default", "rope_theta": 10000.0}`); a legacy
-            `rope_theta=` keyword is accepted too.
+        max_position_embeddings: Context length the model is trained for. As in transformers' RoPE models it is
+            no hard limit for the causal LM (longer inputs run); RoPE scaling types read it as the original length.
+            Image models with learned position embeddings need one per token.
+        rope_parameters: RoPE settings (`{"rope_type": "default", "rope_theta": 10000.0}`); the scaling types of
+            transformers' `ROPE_INIT_FUNCTIONS` work too, e.g. `{"rope_type": "linear", "factor": 2.0}`,
+            `"dynamic"` (changes nothing up to `max_position_embeddings`) or `"yarn"`. Legacy `rope_theta=` and
+            `rope_scaling=` keywords are accepted.
         rms_norm_eps: Epsilon of the RMSNorm layers.
         initializer_range: Standard deviation of the normal weight initialisation.
         attention_dropout: Dropout on attention probabilities.
@@ -95,6 +128,7 @@ class UoEConfig(PreTrainedConfig):
             on CUDA tensors when Triton is installed, the gathered path everywhere else (and for attention with
             dropout while training: the kernels have no dropout). An explicitly chosen `experts_implementation`
             (e.g. `"eager"` or `"grouped_mm"`) decides the UoME experts whatever the backend.
+        num_key_value_heads: Must be `None` or `num_attention_heads` (SMHA has one key/value head per query head).
     """
 
     model_type = "uoe"
@@ -140,6 +174,7 @@ class UoEConfig(PreTrainedConfig):
         patch_size: int = 16,
         num_channels: int = 3,
         routing_backend: str = "auto",
+        num_key_value_heads: int | None = None,
         **kwargs,
     ):
         for name, value in (
@@ -209,12 +244,34 @@ class UoEConfig(PreTrainedConfig):
                 "`data_capacity` (patch-wise data selection) chooses patches across the whole sequence, so it "
                 "would let a token's output depend on later tokens: it is only allowed with `is_causal=False`.",
             )
-        for name, value in (("router_aux_loss_coef", router_aux_loss_coef), ("router_z_loss_coef", router_z_loss_coef)):
+        for name, value in (
+            ("router_aux_loss_coef", router_aux_loss_coef),
+            ("router_z_loss_coef", router_z_loss_coef),
+            ("rms_norm_eps", rms_norm_eps),
+            ("layer_norm_eps", layer_norm_eps),
+            ("initializer_range", initializer_range),
+        ):
+            _check_number(name, value, 0)
+        _check_number("attention_dropout", attention_dropout, 0, 1, high_inclusive=False)
+        if hidden_act is not None:
             _require(
-                isinstance(value, (int, float)) and value >= 0 and math.isfinite(value),
-                f"`{name}` must be a finite number >= 0, got {value!r}.",
+                isinstance(hidden_act, str) and hidden_act in ACT2FN,
+                f"`hidden_act` must be one of transformers' activations {sorted(ACT2FN)}, got {hidden_act!r}.",
             )
-        _require(0.0 <= attention_dropout < 1.0, f"`attention_dropout` must be in [0, 1), got {attention_dropout!r}.")
+        if pad_token_id is not None:
+            _require(
+                isinstance(pad_token_id, int) and not isinstance(pad_token_id, bool) and 0 <= pad_token_id < vocab_size,
+                f"`pad_token_id` must be None or a token id in [0, vocab_size={vocab_size}), got {pad_token_id!r}.",
+            )
+        # Grouped-query attention is not implemented yet: a smaller value would be ignored, so refuse it.
+        _require(
+            num_key_value_heads is None or num_key_value_heads == num_attention_heads,
+            f"`num_key_value_heads` must be None or equal to `num_attention_heads` ({num_attention_heads}): "
+            f"SMHA has one key/value head per query head, got {num_key_value_heads!r}.",
+        )
+        if position_embedding_type == "rope":
+            # rotate_half pairs dimension i with i + head_dim / 2
+            _require(head_dim % 2 == 0, f"`head_dim` must be even with rotary position embeddings, got {head_dim}.")
         _require(
             not (routing_backend == "triton" and attention_dropout > 0),
             f'`routing_backend="triton"` needs `attention_dropout=0` (the selective-attention kernels have no '
@@ -262,6 +319,9 @@ class UoEConfig(PreTrainedConfig):
         self.num_channels = num_channels
         self.routing_backend = routing_backend
         super().__init__(**kwargs)
+        if position_embedding_type == "rope":
+            # after transformers has standardised it (legacy `rope_scaling` / `rope_theta` keywords included)
+            _check_rope_parameters(self.rope_parameters)
 
     @property
     def mlp_expert_size(self) -> int:

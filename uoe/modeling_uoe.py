@@ -11,6 +11,7 @@ the masked reference, the gathered path (`gathered.py`) and the Triton kernels.
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import wraps
 from typing import NamedTuple
 
 import torch
@@ -26,7 +27,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_uoe import CACHE_FIELD, UoEConfig
@@ -235,23 +238,37 @@ class UoECacheLayer(DynamicLayer):
             self._map_routing(lambda states: states.to(self.device, non_blocking=True))
 
 
-def prepare_uoe_cache(cache: Cache, num_layers: int) -> Cache:
+def prepare_uoe_cache(cache: Cache, num_layers: int, batch_size: int | None = None) -> Cache:
     """Make every layer of a `DynamicCache` a `UoECacheLayer` (the cache `generate` builds has plain layers).
 
-    Only empty layers are swapped: a cache already filled by another model cannot be continued.
+    Only empty layers are swapped: a cache already filled by another model cannot be continued. A cache made for
+    more layers, or filled by a model of another depth or for another batch size, is refused (shapes only, no sync).
     """
     if not isinstance(cache, DynamicCache):
         raise ValueError(
             f"`cache` (`past_key_values`) must be a `DynamicCache` for UoE models (got {type(cache).__name__}): selective "
             "attention needs per-token routing state that static and quantized caches do not store."
         )
+    foreign = any(not isinstance(layer, UoECacheLayer) and layer.get_seq_length() > 0 for layer in cache.layers)
+    if foreign:
+        raise ValueError(
+            "`cache` (`past_key_values`) holds keys and values without UoE routing state (filled by another model); "
+            "pass an empty `DynamicCache` or one returned by this model."
+        )
+    filled = cache.get_seq_length() > 0
+    if len(cache.layers) > num_layers or (filled and len(cache.layers) != num_layers):
+        raise ValueError(
+            f"`cache` (`past_key_values`) has {len(cache.layers)} layers but the model has num_hidden_layers="
+            f"{num_layers}: it was made for another config."
+        )
+    cached_routing = cache.layers[0].routing.get("attention_router_logits") if filled else None
+    if batch_size is not None and cached_routing is not None and cached_routing.shape[0] != batch_size:
+        raise ValueError(
+            f"`cache` (`past_key_values`) holds {cached_routing.shape[0]} sequences but the input has batch size "
+            f"{batch_size}."
+        )
     for index, layer in enumerate(cache.layers):
         if not isinstance(layer, UoECacheLayer):
-            if layer.get_seq_length() > 0:
-                raise ValueError(
-                    "`cache` (`past_key_values`) holds keys and values without UoE routing state (filled by another model); "
-                    "pass an empty `DynamicCache` or one returned by this model."
-                )
             cache.layers[index] = UoECacheLayer()
     while len(cache.layers) < num_layers:
         cache.layers.append(UoECacheLayer())
@@ -267,6 +284,24 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
     if cache is not None:
         raise ValueError("Pass the KV cache as `cache` or as `past_key_values` (its older name), not both.")
     return past_key_values
+
+
+def renamed_cache_argument(forward: Callable) -> Callable:
+    """Take the KV cache under its pre-5.24 name `past_key_values` as well as `cache`.
+
+    From transformers 5.24 on (which renamed it) the old name warns as transformers' own models do
+    (`deprecate_kwarg`, a `FutureWarning`); before 5.24 it is the name `generate` passes, so it is taken silently.
+    """
+    if CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)(forward)
+
+    @wraps(forward)
+    def wrapper(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = resolve_cache_argument(kwargs.get("cache"), kwargs.pop("past_key_values"))
+        return forward(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -1015,13 +1050,34 @@ class UoEPreTrainedModel(PreTrainedModel):
         return super().get_correct_experts_implementation("uoe" if requested_experts is None else requested_experts)
 
 
-def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    # One host sync: an out-of-range id would otherwise be a device-side assert (or garbage) on GPUs.
-    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+def _check_input_values(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, vocab_size: int) -> None:
+    """The value checks of the inputs, in one host read (skipped under `torch.compile`).
+
+    An out-of-range token id would otherwise be a device-side assert (or garbage) on GPUs; a non-bool attention mask
+    must hold only 0 and 1 (an additive 0 / -inf mask would otherwise turn into its inverse). Both are read back
+    together, so the check costs one synchronisation with the device when `input_ids` are given (as in `generate`),
+    and none for `inputs_embeds` with a bool or no mask.
+    """
+    if torch.compiler.is_compiling():
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"`input_ids` must be in [0, vocab_size={vocab_size}), got values in [{low}, {high}].")
+    checks = []
+    if input_ids is not None and input_ids.numel() > 0:
+        checks.extend(torch.aminmax(input_ids))
+    check_mask = attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.numel() > 0
+    if check_mask:
+        checks.append(((attention_mask != 0) & (attention_mask != 1)).any())
+    if not checks:
+        return
+    values = torch.stack([value.to(torch.long) for value in checks]).tolist()  # the one host read
+    if check_mask and values.pop():
+        raise ValueError(
+            "`attention_mask` must be a 2-D padding mask of 0/1 (or bool) values, 1 for tokens to attend to; got other "
+            f"values ({attention_mask.dtype}). An additive mask (0 / -inf) is not accepted: pass `mask == 0` instead."
+        )
+    if values and (values[0] < 0 or values[1] >= vocab_size):
+        raise ValueError(
+            f"`input_ids` must be in [0, vocab_size={vocab_size}), got values in [{values[0]}, {values[1]}]."
+        )
 
 
 class UoEModel(UoEPreTrainedModel):
@@ -1051,6 +1107,7 @@ class UoEModel(UoEPreTrainedModel):
         self.post_init()
 
     @capture_outputs
+    @renamed_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1059,13 +1116,14 @@ class UoEModel(UoEPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         compute_router_losses: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> UoEModelOutputWithPast:
         r"""
+        attention_mask (`torch.Tensor` of shape `(batch_size, cached + new tokens)`, *optional*):
+            Padding mask, 1 (or True) for tokens to attend to and 0 for padding; any dtype, but only these values.
         cache (`DynamicCache`, *optional*):
-            KV cache with routing state from an earlier call (`past_key_values` is accepted as its older name).
+            KV cache with routing state from an earlier call (`past_key_values`, its older name, is deprecated).
         compute_router_losses (`bool`, *optional*):
             Whether to compute `aux_loss` and `router_z_loss` (otherwise they are `None`). Default: in training and
             with `output_router_logits`; `UoEForCausalLM` also asks for them when given `labels`.
@@ -1074,13 +1132,27 @@ class UoEModel(UoEPreTrainedModel):
             compute_router_losses = self.training or bool(
                 kwargs.get("output_router_logits", self.config.output_router_logits)
             )
-        cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None:
-            _check_input_ids(input_ids, self.config.vocab_size)
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must be 2-D (batch, seq), got shape {tuple(input_ids.shape)}.")
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, seq, hidden_size={self.config.hidden_size}), got "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        _check_input_values(input_ids, attention_mask, self.config.vocab_size)
+        if input_ids is not None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if position_ids is not None and (
+            position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != seq_len
+        ):
+            raise ValueError(
+                f"`position_ids` must have shape (batch, seq) = ({batch_size}, {seq_len}) or (1, {seq_len}), got "
+                f"{tuple(position_ids.shape)}."
+            )
 
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
@@ -1088,15 +1160,12 @@ class UoEModel(UoEPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if cache is not None:
-            cache = prepare_uoe_cache(cache, self.config.num_hidden_layers)
+            cache = prepare_uoe_cache(cache, self.config.num_hidden_layers, batch_size)
         past_length = cache.get_seq_length() if cache is not None else 0
 
+        # `max_position_embeddings` is no limit (as in transformers' RoPE models): RoPE scaling decides what longer
+        # inputs see.
         total_length = past_length + seq_len
-        if total_length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"Sequence length {total_length} (cached {past_length} + new {seq_len}) exceeds "
-                f"`max_position_embeddings`={self.config.max_position_embeddings}."
-            )
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, total_length):
                 raise ValueError(
@@ -1170,6 +1239,7 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @can_return_tuple
+    @renamed_cache_argument
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1181,12 +1251,11 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> UoECausalLMOutputWithPast:
         r"""
         cache (`DynamicCache`, *optional*):
-            KV cache with routing state from an earlier call (`past_key_values` is accepted as its older name).
+            KV cache with routing state from an earlier call (`past_key_values`, its older name, is deprecated).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for language modeling (shifted inside the loss); `-100` is ignored. When given, `loss`
             is the token cross-entropy plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * router_z_loss`.
@@ -1194,11 +1263,18 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        if labels is not None:
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            if tokens is not None and labels.shape != tokens.shape[:2]:
+                raise ValueError(
+                    f"`labels` must have the shape of the input tokens (batch, seq) = {tuple(tokens.shape[:2])}, got "
+                    f"{tuple(labels.shape)}."
+                )
         outputs: UoEModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=resolve_cache_argument(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
