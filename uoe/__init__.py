@@ -10,7 +10,7 @@ from transformers import (
     AutoModelForImageClassification,
     PreTrainedModel,
 )
-from transformers.utils import is_torchvision_available, is_vision_available
+from transformers.utils import is_vision_available
 
 from .callbacks import UoERouterStatsCallback
 from .configuration_uoe import UoEConfig
@@ -84,12 +84,13 @@ if is_vision_available():
     UoEImageProcessor.register_for_auto_class("AutoImageProcessor")
     __all__ += ["UoEImageProcessor"]
 
-# With torchvision installed, pipelines try `AutoVideoProcessor` for every image model. It turns the image processor's
-# `auto_map` entry `image_processing_uoe.UoEImageProcessor` into a remote `image_processing_uoe.UoEVideoProcessor`
-# and, finding no local video processor for `UoEConfig`, asks whether to run custom code (`trust_remote_code=None`).
-# Registering an empty set of video processors says that the local code is complete: UoE has none, and loading one
-# fails without asking. (Without torchvision, transformers never looks for a video processor.)
-if is_vision_available() and is_torchvision_available():
-    from transformers import AutoVideoProcessor
+# Pipelines try `AutoVideoProcessor` for every image model (through `transformers.models.auto.video_processing_auto`,
+# which, unlike `transformers.AutoVideoProcessor`, works without torchvision). It turns the image processor's `auto_map`
+# entry `image_processing_uoe.UoEImageProcessor` into a remote `image_processing_uoe.UoEVideoProcessor` and, finding no
+# local video processor for `UoEConfig`, asks whether to run custom code when `trust_remote_code` is unset. Registering
+# an empty set of video processors says that the local code is complete: UoE has none, and the lookup fails without
+# asking (pipelines then go on without a video processor).
+if is_vision_available():
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
     AutoVideoProcessor.register(UoEConfig, video_processor_classes={}, exist_ok=True)
