@@ -239,7 +239,7 @@ class UoEVisionModel(UoEVisionPreTrainedModel):
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
         if compute_router_losses is None:
-            compute_router_losses = self.training or output_router_logits
+            compute_router_losses = self.training or bool(output_router_logits)
         # Images are routed per patch, never padded or packed: the routing context only says whether to compute the
         # router losses (as in transformers' MoE models, only when asked, so outputs hold per-example fields only).
         routing = RoutingInputs(source_index=None, token_mask=None, router_losses=compute_router_losses)
@@ -306,7 +306,7 @@ class UoEForImageClassification(UoEVisionPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             output_router_logits=output_router_logits,
-            compute_router_losses=self.training or output_router_logits or labels is not None,
+            compute_router_losses=self.training or bool(output_router_logits) or labels is not None,
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0])
         loss = None
