@@ -61,7 +61,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import uoe  # noqa: F401  (registers the "uoe" model type with the Auto classes and marks its code for saving)
 from uoe import UoEConfig, UoEForCausalLM, UoERouterStatsCallback, estimate_flops_per_token
-from uoe.model_card import write_model_card
+from uoe.model_card import check_dataset_id, write_model_card
 
 logger = logging.getLogger("run_clm")
 
@@ -413,6 +413,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError("--validation_split_percentage must be in (0, 100).")
         cut = len(train_text) * (100 - data_args.validation_split_percentage) // 100
         train_text, validation_text = train_text[:cut], train_text[cut:]
+    if data_args.dataset_name is not None:
+        try:
+            check_dataset_id(data_args.dataset_name)
+        except ValueError as error:
+            raise ValueError(f"--dataset_name: {error}") from error
     overrides = parse_config_overrides(model_args.config_overrides)
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)

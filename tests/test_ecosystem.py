@@ -505,7 +505,7 @@ def test_model_card_with_hub_dataset(tmp_path):
     result = metadata["model-index"][0]["results"][0]
     assert result["dataset"]["type"] == "karpathy/tiny_shakespeare"
     assert result["metrics"][0] == {"type": "perplexity", "value": 42.424, "name": "Validation perplexity"}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="dataset_id"):
         write_model_card(
             tmp_path, tiny_model().config, _card_results(), model_name="m", dataset_description="x", dataset_id="a b"
         )
@@ -521,3 +521,11 @@ def test_examples_pass_no_made_up_dataset_name():
     _, data_args, _, _ = run_clm.parse_args(["--output_dir", "o", "--train_file", "x/train.txt"])
     assert data_args.dataset_name is None
     assert run_clm.describe_data_files(data_args) == "the text file `train.txt` (validation: its last 5%)"
+
+
+def test_run_clm_refuses_a_dataset_name_that_is_no_hub_id(tmp_path):
+    run_clm = load_example("run_clm")
+    (tmp_path / "train.txt").write_text(WORDS, encoding="utf-8")
+    argv = ["--output_dir", str(tmp_path / "out"), "--train_file", str(tmp_path / "train.txt")]
+    with pytest.raises(ValueError, match="--dataset_name: `dataset_id` must be a Hub dataset ID"):
+        run_clm.main([*argv, "--dataset_name", "my data/train.txt"])

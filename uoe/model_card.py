@@ -65,6 +65,16 @@ def base_config(config: UoEConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in BASE_CONFIG_FIELDS}
 
 
+def check_dataset_id(dataset_id: str) -> None:
+    """Raise a `ValueError` naming `dataset_id` unless it has the form of a Hub ID (`name` or `namespace/name`)."""
+    try:
+        validate_repo_id(dataset_id)
+    except ValueError as error:
+        raise ValueError(
+            f"`dataset_id` must be a Hub dataset ID (`namespace/name`), got {dataset_id!r}: {error}"
+        ) from error
+
+
 def model_card_data(
     config: UoEConfig,
     results: Mapping[str, Any],
@@ -83,7 +93,7 @@ def model_card_data(
     """
     eval_results = None
     if dataset_id is not None:
-        validate_repo_id(dataset_id)
+        check_dataset_id(dataset_id)
         eval_results = [
             EvalResult(
                 task_type="text-generation",
