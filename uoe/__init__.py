@@ -1,11 +1,14 @@
 """Union of Experts (UoE) as a native Hugging Face Transformers model."""
 
+import os
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
+    PreTrainedModel,
 )
 from transformers.utils import is_vision_available
 
@@ -21,8 +24,36 @@ if is_vision_available():
 
 __version__ = "0.1.0"
 
+
+class UoEBaseModelSelector:
+    """`AutoModel`'s entry for `UoEConfig`, which both model families share: the base model of the config's family,
+    `UoEModel` (the decoder) for a causal config and `UoEVisionModel` (the image encoder) for a bidirectional one.
+
+    transformers picks among several base models of one config only by the class names in `config.architectures`,
+    which name the head (`UoEForImageClassification`), so it would build the decoder for an image checkpoint.
+    """
+
+    config_class = UoEConfig
+
+    @staticmethod
+    def model_class(config: UoEConfig) -> type[PreTrainedModel]:
+        return UoEModel if config.is_causal else UoEVisionModel
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, config: UoEConfig, **kwargs
+    ) -> PreTrainedModel:
+        return cls.model_class(config).from_pretrained(
+            pretrained_model_name_or_path, *model_args, config=config, **kwargs
+        )
+
+    @classmethod
+    def _from_config(cls, config: UoEConfig, **kwargs) -> PreTrainedModel:
+        return cls.model_class(config)._from_config(config, **kwargs)
+
+
 AutoConfig.register(UoEConfig.model_type, UoEConfig, exist_ok=True)
-AutoModel.register(UoEConfig, UoEModel, exist_ok=True)
+AutoModel.register(UoEConfig, UoEBaseModelSelector, exist_ok=True)
 AutoModelForCausalLM.register(UoEConfig, UoEForCausalLM, exist_ok=True)
 AutoModelForImageClassification.register(UoEConfig, UoEForImageClassification, exist_ok=True)
 
@@ -30,6 +61,7 @@ AutoModelForImageClassification.register(UoEConfig, UoEForImageClassification, e
 # `trust_remote_code=True` where this package is not installed.
 UoEConfig.register_for_auto_class()
 UoEModel.register_for_auto_class("AutoModel")
+UoEVisionModel.register_for_auto_class("AutoModel")
 UoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 UoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
@@ -51,3 +83,14 @@ if is_vision_available():
     AutoImageProcessor.register(UoEConfig, image_processor_classes={"pil": UoEImageProcessor}, exist_ok=True)
     UoEImageProcessor.register_for_auto_class("AutoImageProcessor")
     __all__ += ["UoEImageProcessor"]
+
+# Pipelines try `AutoVideoProcessor` for every image model (through `transformers.models.auto.video_processing_auto`,
+# which, unlike `transformers.AutoVideoProcessor`, works without torchvision). It turns the image processor's `auto_map`
+# entry `image_processing_uoe.UoEImageProcessor` into a remote `image_processing_uoe.UoEVideoProcessor` and, finding no
+# local video processor for `UoEConfig`, asks whether to run custom code when `trust_remote_code` is unset. Registering
+# an empty set of video processors says that the local code is complete: UoE has none, and the lookup fails without
+# asking (pipelines then go on without a video processor).
+if is_vision_available():
+    from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+
+    AutoVideoProcessor.register(UoEConfig, video_processor_classes={}, exist_ok=True)

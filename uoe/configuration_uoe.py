@@ -132,7 +132,7 @@ class UoEConfig(PreTrainedConfig):
     """
 
     model_type = "uoe"
-    keys_to_ignore_at_inference = [CACHE_FIELD]
+    keys_to_ignore_at_inference = [CACHE_FIELD, "aux_loss", "router_z_loss"]
 
     def __init__(
         self,

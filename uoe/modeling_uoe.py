@@ -9,6 +9,7 @@ the masked reference, the gathered path (`gathered.py`) and the Triton kernels.
 """
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -517,7 +518,7 @@ def select_experts(
 
     batch, patch_size, num_experts = hidden_states.shape[0], config.routing_patch_size, router.num_experts
     logits = router(patch_mean(hidden_states[:, 1:], patch_size))
-    top_index, gates, aux = route(logits, top_k, config, None)
+    top_index, gates, aux = route(logits, top_k, config, None, routing is None or routing.router_losses)
     keep, max_list_length = None, None
     if config.data_capacity is not None:
         capacity = math.ceil(config.data_capacity * logits.shape[1])
@@ -1025,6 +1026,9 @@ class UoEPreTrainedModel(PreTrainedModel):
         "hidden_states": OutputRecorder(UoEDecoderLayer, index=0),
         "attentions": OutputRecorder(UoESelectiveAttention, index=1),
     }
+    # What `save_pretrained` writes into `auto_map` besides the saved class's own entry (transformers writes only that
+    # one), so that a folder of either model of the family loads with every Auto class by remote code.
+    _auto_map_entries = {"AutoModel": "modeling_uoe.UoEModel", "AutoModelForCausalLM": "modeling_uoe.UoEForCausalLM"}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -1043,6 +1047,11 @@ class UoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.output_bias)
         elif isinstance(module, UoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        if self.is_remote_code():
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._auto_map_entries}
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # The default "uoe" follows `routing_backend` (gathered experts on CPU, the kernels on CUDA); an explicit

@@ -27,6 +27,7 @@ from transformers.utils import can_return_tuple
 from .configuration_uoe import UoEConfig
 from .conversion_vit import uoe_config_from_vit, uoe_state_dict_from_vit
 from .modeling_uoe import (
+    RoutingInputs,
     UoEGELUBiasExperts,
     UoEPreTrainedModel,
     UoERMSNorm,
@@ -43,9 +44,9 @@ from .modeling_uoe import (
 @dataclass
 class UoEVisionModelOutput(BaseModelOutput):
     r"""
-    aux_loss (`torch.FloatTensor`):
+    aux_loss (`torch.FloatTensor`, returned in training and with `output_router_logits=True`):
         Switch load-balancing loss, averaged over the routed blocks (SMHA and UoME of every layer).
-    router_z_loss (`torch.FloatTensor`):
+    router_z_loss (`torch.FloatTensor`, returned like `aux_loss`):
         Router z-loss, averaged over the routed blocks.
     router_logits (`tuple(torch.FloatTensor)`, returned with `output_router_logits=True`):
         One `(batch, num_routing_patches, experts)` tensor per routed block: layer 0 SMHA, layer 0 UoME, ...
@@ -59,9 +60,9 @@ class UoEVisionModelOutput(BaseModelOutput):
 @dataclass
 class UoEImageClassifierOutput(ImageClassifierOutput):
     r"""
-    aux_loss (`torch.FloatTensor`):
+    aux_loss (`torch.FloatTensor`, returned in training, with `labels` and with `output_router_logits=True`):
         Switch load-balancing loss (added to `loss` with `config.router_aux_loss_coef`).
-    router_z_loss (`torch.FloatTensor`):
+    router_z_loss (`torch.FloatTensor`, returned like `aux_loss`):
         Router z-loss (added to `loss` with `config.router_z_loss_coef`).
     router_logits (`tuple(torch.FloatTensor)`, returned with `output_router_logits=True`):
         One `(batch, num_routing_patches, experts)` tensor per routed block.
@@ -120,15 +121,19 @@ class UoEEncoderLayer(GradientCheckpointingLayer):
         self.mlp = UoESparseMLP(config, layer_idx)
 
     def forward(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        routing: RoutingInputs | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         attn_out, attn_weights, attn_logits, attn_aux = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings
+            self.input_layernorm(hidden_states), position_embeddings, routing
         )
         hidden_states = hidden_states + attn_out
-        mlp_out, mlp_logits, mlp_aux = self.mlp(self.post_attention_layernorm(hidden_states))
+        mlp_out, mlp_logits, mlp_aux = self.mlp(self.post_attention_layernorm(hidden_states), routing)
         hidden_states = hidden_states + mlp_out
-        return hidden_states, attn_weights, (attn_logits, mlp_logits), attn_aux + mlp_aux
+        aux = None if attn_aux is None else attn_aux + mlp_aux
+        return hidden_states, attn_weights, (attn_logits, mlp_logits), aux
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,6 +166,10 @@ class UoEVisionPreTrainedModel(UoEPreTrainedModel):
     input_modalities = ("image",)
     _no_split_modules = ["UoEEncoderLayer", "UoEVisionEmbeddings"]
     _can_record_outputs = None
+    _auto_map_entries = {
+        "AutoModel": "modeling_uoe_vision.UoEVisionModel",
+        "AutoModelForImageClassification": "modeling_uoe_vision.UoEForImageClassification",
+    }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -214,7 +223,13 @@ class UoEVisionModel(UoEVisionPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
+        compute_router_losses: bool | None = None,
     ) -> UoEVisionModelOutput:
+        r"""
+        compute_router_losses (`bool`, *optional*):
+            Whether to compute `aux_loss` and `router_z_loss` (otherwise they are `None`). Default: in training and
+            with `output_router_logits`; `UoEForImageClassification` also asks for them when given `labels`.
+        """
         self._check_pixel_values(pixel_values)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -223,6 +238,11 @@ class UoEVisionModel(UoEVisionPreTrainedModel):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        if compute_router_losses is None:
+            compute_router_losses = self.training or bool(output_router_logits)
+        # Images are routed per patch, never padded or packed: the routing context only says whether to compute the
+        # router losses (as in transformers' MoE models, only when asked, so outputs hold per-example fields only).
+        routing = RoutingInputs(source_index=None, token_mask=None, router_losses=compute_router_losses)
         hidden_states = self.embeddings(pixel_values)
         position_embeddings = None
         if self.rotary_emb is not None:
@@ -231,18 +251,19 @@ class UoEVisionModel(UoEVisionPreTrainedModel):
             position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
 
         all_hidden, all_attn, all_logits = [], [], []
-        aux_total = hidden_states.new_zeros(2, dtype=torch.float32)
+        aux_total = hidden_states.new_zeros(2, dtype=torch.float32) if compute_router_losses else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            hidden_states, attn_weights, logits, aux = layer(hidden_states, position_embeddings)
-            aux_total = aux_total + aux
+            hidden_states, attn_weights, logits, aux = layer(hidden_states, position_embeddings, routing)
+            if aux_total is not None:
+                aux_total = aux_total + aux
             all_attn.append(attn_weights)
             all_logits.extend(logits)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
-        aux_mean = aux_total / (2 * self.config.num_hidden_layers)
+        aux_mean = [None, None] if aux_total is None else aux_total / (2 * self.config.num_hidden_layers)
         return UoEVisionModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
@@ -277,11 +298,15 @@ class UoEForImageClassification(UoEVisionPreTrainedModel):
             Class indices (or regression targets, per `config.problem_type`). When given, `loss` is the
             classification loss plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * router_z_loss`.
         """
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
         outputs: UoEVisionModelOutput = self.model(
             pixel_values,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             output_router_logits=output_router_logits,
+            compute_router_losses=self.training or bool(output_router_logits) or labels is not None,
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0])
         loss = None
