@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/distributed_checks.py {tp,pp} MODEL_DIR OUT_DIR
     torchrun --nproc_per_node 2 tests/distributed_checks.py trainer {ddp,fsdp} MODEL_DIR OUT_DIR
+    python tests/distributed_checks.py trainer single MODEL_DIR OUT_DIR
 
 Every rank writes what it measured to `OUT_DIR/rank{R}.json` (the trainer check also saves the trained model);
 the test compares it with a single-process run of the same model and data.
@@ -94,13 +95,78 @@ def pipeline_parallel(model_dir: str) -> dict:
     return {"layers": layers, "logits_error": max_error(logits, reference_logits)}
 
 
-def trainer(strategy: str, model_dir: str, out_dir: Path) -> dict:
-    from trainer_run import train
+def training_data(vocab_size: int, count: int = 12, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Right-padded sequences of different lengths, so that ranks hold different numbers of tokens."""
+    generator = torch.Generator().manual_seed(2)
+    examples = []
+    for index in range(count):
+        input_ids = torch.randint(0, vocab_size, (length,), generator=generator)
+        attention_mask = (torch.arange(length) < length - 3 * (index % 4)).long()
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        examples.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return examples
 
-    fsdp = {}
+
+def trainer(strategy: str, model_dir: str, out_dir: Path) -> dict:
+    """3 steps of the standard `Trainer` at a global batch of 4 sequences: 2 per rank on 2 ranks (`"ddp"`, `"fsdp"`),
+    or 2 micro-batches of 2 accumulated in one process (`"single"`: the same micro-batches, so the same Switch
+    losses, which depend on what a forward pass sees)."""
+    from transformers import Trainer, TrainingArguments
+
+    from uoe import UoERouterStatsCallback
+
+    extra = {}
     if strategy == "fsdp":
-        fsdp = {"fsdp": "full_shard", "fsdp_config": {"transformer_layer_cls_to_wrap": ["UoEDecoderLayer"]}}
-    return train(model_dir, out_dir, per_device_batch=2, **fsdp)
+        extra = {
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "version": 2,
+                "transformer_layer_cls_to_wrap": ["UoEDecoderLayer"],
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+        }
+    elif strategy == "single":
+        extra = {"gradient_accumulation_steps": 2}
+    args = TrainingArguments(
+        output_dir=str(out_dir / "trainer"),
+        per_device_train_batch_size=2,
+        max_steps=3,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        train_sampling_strategy="sequential",
+        use_cpu=True,
+        disable_tqdm=True,
+        **extra,
+    )
+    model = UoEForCausalLM.from_pretrained(model_dir)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=training_data(model.config.vocab_size),
+        callbacks=[UoERouterStatsCallback()],
+    )
+    report = {"trainer_enabled_fsdp": trainer.is_fsdp_enabled}
+    if strategy == "fsdp" and not trainer.is_fsdp_enabled:
+        # accelerate keeps FSDP for accelerator ranks and runs gloo CPU ranks as DDP, silently: switch its state to
+        # FSDP2 the way examples/run_clm.py does (everything else is the standard Trainer path)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+        from run_clm import enable_fsdp_on_cpu
+
+        enable_fsdp_on_cpu(trainer)
+    trainer.train()
+    wrapped = trainer.model_wrapped
+    report |= {
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "wrapper": type(wrapped).__name__,
+        "sharded": any(isinstance(param, DTensor) for param in trainer.model.parameters()),
+        "log_history": [entry for entry in trainer.state.log_history if "loss" in entry],
+    }
+    trainer.save_model(str(out_dir / "model"))
+    return report
 
 
 def main() -> None:
@@ -115,7 +181,10 @@ def main() -> None:
     else:
         raise ValueError(f"unknown task {task!r}; expected 'tp', 'pp' or 'trainer'")
     report["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
-    (out_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps(report))
+    (out_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report))
+    if dist.is_initialized():  # leave together: a rank exiting with the gloo group alive can abort the launch
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
