@@ -40,7 +40,7 @@ def max_error(tensor: torch.Tensor, reference: torch.Tensor) -> float:
     return float((full(tensor) - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
 
 
-def tensor_parallel(model_dir: str) -> dict:
+def tensor_parallel(model_dir: str, out_dir: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # 5.24 prefers distributed_config=DistributedConfig(...)
         model = UoEForCausalLM.from_pretrained(model_dir, tp_plan="auto")
@@ -64,6 +64,8 @@ def tensor_parallel(model_dir: str) -> dict:
     report["eval_logits_error"] = max_error(out.logits, ref.logits)
     report["eval_loss"], report["eval_loss_reference"] = out.loss.item(), ref.loss.item()
     report["aux_loss"], report["aux_loss_reference"] = out.aux_loss.item(), ref.aux_loss.item()
+
+    model.save_pretrained(out_dir / "saved")  # every rank: the shards are gathered for rank 0 to write
 
     model.train(), reference.train()
     out, ref = model(**inputs), reference(**inputs)
@@ -173,7 +175,7 @@ def main() -> None:
     task, *args = sys.argv[1:]
     out_dir = Path(args[-1])
     if task == "tp":
-        report = tensor_parallel(args[0])
+        report = tensor_parallel(args[0], out_dir)
     elif task == "pp":
         report = pipeline_parallel(args[0])
     elif task == "trainer":

@@ -48,8 +48,13 @@ def launch(tmp_path: Path, *task: str, ranks: int = 2) -> tuple[list[dict], Path
 
 
 @pytest.fixture(scope="module")
-def tp_reports(tiny_dir, tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("tp"), "tp", str(tiny_dir))[0]
+def tp_run(tiny_dir, tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("tp"), "tp", str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def tp_reports(tp_run):
+    return tp_run[0]
 
 
 @pytest.mark.slow
@@ -88,6 +93,16 @@ def test_tensor_parallel_computes_the_one_process_model(tp_reports):
         for name, error in report["grad_errors"].items():
             assert error < 1e-5, name  # routers too: each rank's heads reach only its gate columns
         assert report["generated"] == report["generated_reference"]  # cached greedy decoding
+
+
+@pytest.mark.slow
+def test_tensor_parallel_model_saves_whole(tiny_dir, tp_run):
+    # `save_pretrained` on the sharded model gathers every shard: the folder holds the unsharded weights
+    saved, info = UoEForCausalLM.from_pretrained(tp_run[1] / "saved", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    original = dict(UoEForCausalLM.from_pretrained(tiny_dir).named_parameters())
+    for name, param in saved.named_parameters():
+        assert torch.equal(param, original[name]), name
 
 
 def test_tensor_parallel_styles_refuse_uneven_splits():

@@ -94,7 +94,8 @@ def attention_path(attention: nn.Module, tensor: torch.Tensor, num_keys: int) ->
     """`resolve_routing_backend` for an SMHA module. `"auto"` runs the masked path where it is the dense layer (full
     routing: plain SDPA, no mask), with a non-SDPA `attn_implementation` (e.g. `"eager"`, which returns attention
     maps) and, off CUDA, for short sequences (`GATHERED_ATTENTION_MIN_KEYS`); training with attention dropout leaves
-    the kernels (which have no dropout) for the gathered path."""
+    the kernels (which have no dropout) for the gathered path. Tensor-parallel attention never takes the gathered
+    path."""
     config = attention.config
     path = resolve_routing_backend(config.routing_backend, tensor)
     if path == "gathered" and attention.tp_mesh is not None:
