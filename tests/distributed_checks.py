@@ -1,6 +1,7 @@
 """Checks that `tests/test_distributed.py` runs on 2 CPU ranks under `torchrun` (gloo).
 
-    torchrun --nproc_per_node 2 tests/distributed_checks.py {tp,pp} MODEL_DIR OUT_DIR
+    torchrun --nproc_per_node 2 tests/distributed_checks.py tp MODEL_DIR... OUT_DIR
+    torchrun --nproc_per_node 2 tests/distributed_checks.py pp MODEL_DIR OUT_DIR
     torchrun --nproc_per_node 2 tests/distributed_checks.py trainer {ddp,fsdp} MODEL_DIR OUT_DIR
     python tests/distributed_checks.py trainer single MODEL_DIR OUT_DIR
 
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import DistributedConfig
 
-from uoe import UoEForCausalLM
+from uoe import UoEConfig, UoEForCausalLM, UoEForImageClassification
 
 
 def batch(vocab_size: int) -> dict[str, torch.Tensor]:
@@ -32,6 +33,15 @@ def batch(vocab_size: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def image_batch(config: UoEConfig) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    size = (2, config.num_channels, config.image_size, config.image_size)
+    return {
+        "pixel_values": torch.randn(size, generator=generator),
+        "labels": torch.randint(0, config.num_labels, (2,), generator=generator),
+    }
+
+
 def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
@@ -41,11 +51,15 @@ def max_error(tensor: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def tensor_parallel(model_dir: str, out_dir: Path) -> dict:
+    """The causal LM, or the image classifier when the saved config has an `image_size`."""
+    config = UoEConfig.from_pretrained(model_dir)
+    causal = config.image_size is None
+    model_class = UoEForCausalLM if causal else UoEForImageClassification
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # 5.24 prefers distributed_config=DistributedConfig(...)
-        model = UoEForCausalLM.from_pretrained(model_dir, tp_plan="auto")
-    reference = UoEForCausalLM.from_pretrained(model_dir)
-    inputs = batch(model.config.vocab_size)
+        model = model_class.from_pretrained(model_dir, tp_plan="auto")
+    reference = model_class.from_pretrained(model_dir)
+    inputs = batch(config.vocab_size) if causal else image_batch(config)
     report = {
         "params": {
             name: {
@@ -73,10 +87,14 @@ def tensor_parallel(model_dir: str, out_dir: Path) -> dict:
     ref.loss.backward()
     report["train_loss"], report["train_loss_reference"] = out.loss.item(), ref.loss.item()
     reference_params = dict(reference.named_parameters())
-    report["grad_errors"] = {
-        name: max_error(param.grad, reference_params[name].grad) for name, param in model.named_parameters()
-    }
+    report["grads"] = {  # [max |difference|, max |reference|]
+        name: [float((full(param.grad) - reference_params[name].grad).abs().max()),
+               float(reference_params[name].grad.abs().max())]
+        for name, param in model.named_parameters()
+    }  # fmt: skip
 
+    if not causal:
+        return report
     model.eval(), reference.eval()
     prompt = inputs["input_ids"][:1, :8]
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
@@ -174,15 +192,15 @@ def trainer(strategy: str, model_dir: str, out_dir: Path) -> dict:
 def main() -> None:
     task, *args = sys.argv[1:]
     out_dir = Path(args[-1])
-    if task == "tp":
-        report = tensor_parallel(args[0], out_dir)
+    if task == "tp":  # one report per model, by folder name
+        report = {Path(folder).name: tensor_parallel(folder, out_dir / Path(folder).name) for folder in args[:-1]}
     elif task == "pp":
         report = pipeline_parallel(args[0])
     elif task == "trainer":
         report = trainer(args[0], args[1], out_dir)
     else:
         raise ValueError(f"unknown task {task!r}; expected 'tp', 'pp' or 'trainer'")
-    report["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
+    report = {"world_size": dist.get_world_size() if dist.is_initialized() else 1, **report}
     (out_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report))
     if dist.is_initialized():  # leave together: a rank exiting with the gloo group alive can abort the launch
         dist.barrier()

@@ -16,23 +16,38 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from uoe import UoEForCausalLM
+from uoe import UoEForCausalLM, UoEForImageClassification
 from uoe.modeling_uoe import UoESelectiveHeadsParallel, UoEUnionMLPParallel
 
 from .helpers import tiny_model
 from .test_examples import EXAMPLES, ROOT, TINY_ARGS, corpus, offline_env, run  # noqa: F401  (corpus is a fixture)
+from .test_vision import vision_config
 
 FSDP_CONFIG = EXAMPLES / "fsdp_config.json"
 CHECKS = Path(__file__).with_name("distributed_checks.py")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """The tests' tiny sparse UoE (2 of 4 heads, 2 of 4 experts) with router losses large enough to show in the
-    loss: doubling them would move it by about 0.15."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model(router_aux_loss_coef=0.1, router_z_loss_coef=0.01).save_pretrained(folder)
+def models(tmp_path_factory) -> Path:
+    """`lm`: the tests' tiny sparse UoE (2 of 4 heads, 2 of 4 experts) with router losses large enough to show in the
+    loss (doubling them would move it by about 0.15); `vision` / `vision_no_bias`: the vision tests' image classifier
+    (routing patches, CLS through every expert) with and without MLP biases."""
+    folder = tmp_path_factory.mktemp("models")
+    tiny_model(router_aux_loss_coef=0.1, router_z_loss_coef=0.01).save_pretrained(folder / "lm")
+    for name, mlp_bias in (("vision", True), ("vision_no_bias", False)):
+        torch.manual_seed(0)
+        model = UoEForImageClassification(vision_config(mlp_bias=mlp_bias))
+        with torch.no_grad():  # non-zero biases, so that adding one per rank would show
+            for param_name, param in model.named_parameters():
+                if param_name.endswith(("bias", "up_proj_bias")):
+                    param.normal_(0.0, 0.2)
+        model.save_pretrained(folder / name)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(models) -> Path:
+    return models / "lm"
 
 
 def launch(tmp_path: Path, *task: str, ranks: int = 2) -> tuple[list[dict], Path]:
@@ -48,59 +63,77 @@ def launch(tmp_path: Path, *task: str, ranks: int = 2) -> tuple[list[dict], Path
 
 
 @pytest.fixture(scope="module")
-def tp_run(tiny_dir, tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("tp"), "tp", str(tiny_dir))
+def tp_run(models, tmp_path_factory):
+    folders = [str(models / name) for name in ("lm", "vision", "vision_no_bias")]
+    return launch(tmp_path_factory.mktemp("tp"), "tp", *folders)
 
 
-@pytest.fixture(scope="module")
-def tp_reports(tp_run):
-    return tp_run[0]
+MODELS = ["lm", "vision", "vision_no_bias"]
 
 
 @pytest.mark.slow
-def test_tensor_parallel_plan_shards_heads_and_experts(tp_reports):
+@pytest.mark.parametrize("model", MODELS)
+def test_tensor_parallel_plan_shards_heads_and_experts(tp_run, model):
     tp = 2
-    for report in tp_reports:
-        params = report["params"]
+    for rank_report in tp_run[0]:
+        params = rank_report[model]["params"]
         replicated = {name for name, param in params.items() if not param["dtensor"]}
-        # routers and norms are the only replicated parameters: every rank routes every token
-        assert replicated == {name for name in params if ".router." in name or "norm" in name}
         for name, param in params.items():
             local, full = param["local_shape"], param["full_shape"]
             if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
                 assert local == [full[0] // tp, full[1]], name  # whole heads: 2 of the 4 heads' rows
             elif name.endswith("o_proj.weight"):
                 assert local == [full[0], full[1] // tp], name
-            elif name.endswith("experts.gate_up_proj"):
+            elif name.endswith(("experts.gate_up_proj", "experts.up_proj")):
                 assert local == [full[0], full[1] // tp, full[2]], name  # every expert, half its units
+            elif name.endswith("experts.up_proj_bias"):
+                assert local == [full[0], full[1] // tp], name
             elif name.endswith("experts.down_proj"):
                 assert local == [full[0], full[1], full[2] // tp], name
             elif name in ("model.embed_tokens.weight", "lm_head.weight"):
                 assert local[0] in (full[0] // tp, full[0] - full[0] // tp) and local[1] == full[1], name
+            elif name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                assert local == [full[0] // tp], name
+            elif name.endswith("o_proj.bias"):
+                assert local == full, name  # replicated, added once after the all-reduce
             else:
                 assert name in replicated and local == full, name
+        # routers and norms (and the vision embeddings, output biases and classifier) are replicated: every rank
+        # routes every token
+        expected = {
+            name
+            for name in params
+            if any(part in name for part in (".router.", "norm", "embeddings.", "classifier.", "mlp.output_bias"))
+        }
+        assert replicated == expected
 
 
 @pytest.mark.slow
-def test_tensor_parallel_computes_the_one_process_model(tp_reports):
+@pytest.mark.parametrize("model", MODELS)
+def test_tensor_parallel_computes_the_one_process_model(tp_run, model):
     # every rank: the same logits, losses, router losses and gradients (DTensor grads gathered) as the unsharded model
-    for report in tp_reports:
-        assert report["world_size"] == 2
+    for rank_report in tp_run[0]:
+        assert rank_report["world_size"] == 2
+        report = rank_report[model]
         assert report["eval_logits_error"] < 1e-5
         for name in ("eval_loss", "train_loss", "aux_loss"):
             assert report[name] == pytest.approx(report[f"{name}_reference"], rel=1e-6), name
-        assert len(report["grad_errors"]) == len(report["params"])
-        for name, error in report["grad_errors"].items():
-            assert error < 1e-5, name  # routers too: each rank's heads reach only its gate columns
-        assert report["generated"] == report["generated_reference"]  # cached greedy decoding
+        assert report["grads"].keys() == report["params"].keys()
+        for name, (difference, scale) in report["grads"].items():
+            # 1e-5 of the gradient's largest entry; 1e-6 absolute for the key biases, whose exact gradient is 0
+            assert difference <= 1e-5 * max(scale, 0.1), name  # routers too: a rank's heads reach only its gates
+        if model == "lm":
+            assert report["generated"] == report["generated_reference"]  # cached greedy decoding
 
 
 @pytest.mark.slow
-def test_tensor_parallel_model_saves_whole(tiny_dir, tp_run):
+@pytest.mark.parametrize("model", MODELS)
+def test_tensor_parallel_model_saves_whole(models, tp_run, model):
     # `save_pretrained` on the sharded model gathers every shard: the folder holds the unsharded weights
-    saved, info = UoEForCausalLM.from_pretrained(tp_run[1] / "saved", output_loading_info=True)
+    model_class = UoEForCausalLM if model == "lm" else UoEForImageClassification
+    saved, info = model_class.from_pretrained(tp_run[1] / model / "saved", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    original = dict(UoEForCausalLM.from_pretrained(tiny_dir).named_parameters())
+    original = dict(model_class.from_pretrained(models / model).named_parameters())
     for name, param in saved.named_parameters():
         assert torch.equal(param, original[name]), name
 

@@ -9,6 +9,7 @@ the masked reference, the gathered path (`gathered.py`) and the Triton kernels.
 """
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -188,11 +189,31 @@ class UoEUnionMLPParallel(TensorParallelLayer):
                 f"{module.experts.intermediate_dim} (intermediate_size / num_mlp_experts) must be divisible by the "
                 f"tensor-parallel size {mesh.size()}."
             )
+        experts = module.experts
+        if "up_proj_bias" in experts._buffers:  # the zero stand-in of a bias-free encoder MLP: this rank's units
+            experts.up_proj_bias = experts.up_proj_bias[:, : experts.intermediate_dim // mesh.size()].clone()
         return module
 
 
 ALL_PARALLEL_STYLES.register("uoe_selective_heads", UoESelectiveHeadsParallel())
 ALL_PARALLEL_STYLES.register("uoe_union_mlp", UoEUnionMLPParallel())
+
+# The layers' plan, for the decoder and the encoder (`from_pretrained(..., tp_plan="auto")`). It names every MLP
+# layout (SwiGLU `gate_up_proj`; GELU `up_proj`, with `up_proj_bias` in the encoder): `init_parallel_plans` keeps the
+# rules of what the model has.
+UOE_LAYERS_TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.self_attn": "uoe_selective_heads",
+    "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+    "layers.*.mlp.experts.up_proj": "colwise",
+    "layers.*.mlp.experts.up_proj_bias": "rowwise",  # (experts, units): its last dim, like up_proj's units
+    "layers.*.mlp.experts.down_proj": "rowwise",
+    "layers.*.mlp.experts": "moe_tp_experts",
+    "layers.*.mlp": "uoe_union_mlp",
+}
 
 
 class _SumGradientOverRanks(torch.autograd.Function):
@@ -1086,6 +1107,12 @@ class UoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, UoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
 
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()
+        # `UOE_LAYERS_TP_PLAN` names every MLP layout: keep the rules of the parameters and modules this model has
+        names = {re.sub(r"\.\d+(?=\.|$)", ".*", name) for name, _ in [*self.named_modules(), *self.named_parameters()]}
+        self._tp_plan = {name: style for name, style in self._tp_plan.items() if name in names}
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # The default "uoe" follows `routing_backend` (gathered experts on CPU, the kernels on CUDA); an explicit
         # choice ("eager" = the masked reference, "grouped_mm", "uoe_gathered", "uoe_triton") is obeyed.
@@ -1102,31 +1129,13 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 class UoEModel(UoEPreTrainedModel):
-    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")`, see "Tensor parallelism" above); transformers adds
-    # the vocabulary-sharded `embed_tokens`. The MLP rule for the layout the model does not have is dropped in
-    # `init_parallel_plans`.
-    _tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.self_attn": "uoe_selective_heads",
-        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
-        "layers.*.mlp.experts.up_proj": "colwise",
-        "layers.*.mlp.experts.down_proj": "rowwise",
-        "layers.*.mlp.experts": "moe_tp_experts",
-        "layers.*.mlp": "uoe_union_mlp",
-    }
+    # Tensor parallelism (see "Tensor parallelism" above); transformers adds the vocabulary-sharded `embed_tokens`.
+    _tp_plan = UOE_LAYERS_TP_PLAN
     _pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states"], ["hidden_states"]),
         "norm": (["hidden_states"], ["hidden_states"]),
     }
-
-    def init_parallel_plans(self) -> None:
-        super().init_parallel_plans()
-        unused = "layers.*.mlp.experts." + ("up_proj" if self.config.mlp_type == "swiglu" else "gate_up_proj")
-        self._tp_plan.pop(unused, None)
 
     def __init__(self, config: UoEConfig):
         super().__init__(config)
