@@ -25,15 +25,17 @@ from .test_vision import vision_config
 
 FSDP_CONFIG = EXAMPLES / "fsdp_config.json"
 CHECKS = Path(__file__).with_name("distributed_checks.py")
+MODELS = ["lm", "lm_tied", "vision", "vision_no_bias"]  # the folders of the `models` fixture
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """`lm`: the tests' tiny sparse UoE (2 of 4 heads, 2 of 4 experts) with router losses large enough to show in the
-    loss (doubling them would move it by about 0.15); `vision` / `vision_no_bias`: the vision tests' image classifier
+    loss (doubling them would move it by about 0.15); `lm_tied`: with the LM head tied to the embeddings; `vision` / `vision_no_bias`: the vision tests' image classifier
     (routing patches, CLS through every expert) with and without MLP biases."""
     folder = tmp_path_factory.mktemp("models")
     tiny_model(router_aux_loss_coef=0.1, router_z_loss_coef=0.01).save_pretrained(folder / "lm")
+    tiny_model(tie_word_embeddings=True).save_pretrained(folder / "lm_tied")
     for name, mlp_bias in (("vision", True), ("vision_no_bias", False)):
         torch.manual_seed(0)
         model = UoEForImageClassification(vision_config(mlp_bias=mlp_bias))
@@ -64,11 +66,7 @@ def launch(tmp_path: Path, *task: str, ranks: int = 2) -> tuple[list[dict], Path
 
 @pytest.fixture(scope="module")
 def tp_run(models, tmp_path_factory):
-    folders = [str(models / name) for name in ("lm", "vision", "vision_no_bias")]
-    return launch(tmp_path_factory.mktemp("tp"), "tp", *folders)
-
-
-MODELS = ["lm", "vision", "vision_no_bias"]
+    return launch(tmp_path_factory.mktemp("tp"), "tp", *[str(models / name) for name in MODELS])
 
 
 @pytest.mark.slow
@@ -122,7 +120,7 @@ def test_tensor_parallel_computes_the_one_process_model(tp_run, model):
         for name, (difference, scale) in report["grads"].items():
             # 1e-5 of the gradient's largest entry; 1e-6 absolute for the key biases, whose exact gradient is 0
             assert difference <= 1e-5 * max(scale, 0.1), name  # routers too: a rank's heads reach only its gates
-        if model == "lm":
+        if model.startswith("lm"):
             assert report["generated"] == report["generated_reference"]  # cached greedy decoding
 
 
@@ -130,7 +128,7 @@ def test_tensor_parallel_computes_the_one_process_model(tp_run, model):
 @pytest.mark.parametrize("model", MODELS)
 def test_tensor_parallel_model_saves_whole(models, tp_run, model):
     # `save_pretrained` on the sharded model gathers every shard: the folder holds the unsharded weights
-    model_class = UoEForCausalLM if model == "lm" else UoEForImageClassification
+    model_class = UoEForImageClassification if model.startswith("vision") else UoEForCausalLM
     saved, info = model_class.from_pretrained(tp_run[1] / model / "saved", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     original = dict(model_class.from_pretrained(models / model).named_parameters())
