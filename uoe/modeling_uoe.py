@@ -23,13 +23,17 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface
-from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+try:
+    from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
+except ImportError:  # a transformers without named tensor-parallel styles: the model works, unsharded
+    ALL_PARALLEL_STYLES, TensorParallelLayer = None, object
 
 from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
@@ -195,8 +199,9 @@ class UoEUnionMLPParallel(TensorParallelLayer):
         return module
 
 
-ALL_PARALLEL_STYLES.register("uoe_selective_heads", UoESelectiveHeadsParallel())
-ALL_PARALLEL_STYLES.register("uoe_union_mlp", UoEUnionMLPParallel())
+if ALL_PARALLEL_STYLES is not None:
+    ALL_PARALLEL_STYLES.register("uoe_selective_heads", UoESelectiveHeadsParallel())
+    ALL_PARALLEL_STYLES.register("uoe_union_mlp", UoEUnionMLPParallel())
 
 # The layers' plan, for the decoder and the encoder (`from_pretrained(..., tp_plan="auto")`). It names every MLP
 # layout (SwiGLU `gate_up_proj`; GELU `up_proj`, with `up_proj_bias` in the encoder): `init_parallel_plans` keeps the
