@@ -12,8 +12,8 @@ from .routing import router_scores
 class _RouterStats:
     """Running per-router sums, kept on the model's device until a log step reads them."""
 
-    def __init__(self, name: str, top_k: int, score_func: str):
-        self.name, self.top_k, self.score_func = name, top_k, score_func
+    def __init__(self, name: str, num_experts: int, top_k: int, score_func: str):
+        self.name, self.num_experts, self.top_k, self.score_func = name, num_experts, top_k, score_func
         self.load: torch.Tensor | None = None
         self.entropy: torch.Tensor | None = None
         self.tokens = 0
@@ -30,15 +30,24 @@ class _RouterStats:
         self.entropy = entropy if self.entropy is None else self.entropy + entropy
         self.tokens += logits.shape[0]
 
-    def pop(self) -> dict[str, float]:
-        if self.load is None or self.tokens == 0:
+    def totals(self, device: torch.device) -> torch.Tensor:
+        """`[load per expert..., entropy sum, tokens]` since the last log (zeros if this rank routed nothing); resets."""
+        totals = torch.zeros(self.num_experts + 2, device=device)
+        if self.load is not None:
+            totals[:-2], totals[-2], totals[-1] = self.load, self.entropy, self.tokens
+        self.load, self.entropy, self.tokens = None, None, 0
+        return totals
+
+    def logs(self, totals: torch.Tensor) -> dict[str, float]:
+        """The log entries of `totals` (summed over the ranks)."""
+        tokens = float(totals[-1])
+        if tokens == 0:
             return {}
-        load = (self.load / self.load.sum()).tolist()
+        load = (totals[:-2] / totals[:-2].sum()).tolist()
         logs = {f"router/{self.name}/load_{e}": round(value, 4) for e, value in enumerate(load)}
-        logs[f"router/{self.name}/entropy"] = round(float(self.entropy) / self.tokens, 4)
+        logs[f"router/{self.name}/entropy"] = round(float(totals[-2]) / tokens, 4)
         # max load relative to the perfectly balanced share: 1.0 is balanced, num_experts is collapsed
         logs[f"router/{self.name}/max_load_ratio"] = round(max(load) * len(load), 4)
-        self.load, self.entropy, self.tokens = None, None, 0
         return logs
 
 
@@ -49,7 +58,8 @@ class UoERouterStatsCallback(TrainerCallback):
     each expert received since the last log (`load_{e}`), the mean router entropy in nats, and the
     ratio of the busiest expert's share to the balanced share. It also logs the mean `aux_loss` and
     `router_z_loss` of the training forward passes. Statistics are gathered by forward hooks and stay
-    on the device between log steps.
+    on the device between log steps; in distributed training they are summed over the ranks (one all-reduce
+    per log step), so they describe the global batch, not rank 0's share of it.
     """
 
     def __init__(self) -> None:
@@ -57,6 +67,7 @@ class UoERouterStatsCallback(TrainerCallback):
         self._router_stats: list[_RouterStats] = []
         self._aux_sum: torch.Tensor | None = None
         self._aux_count = 0
+        self._device = torch.device("cpu")
 
     def _on_model_output(self, module, args, output) -> None:
         if not module.training or getattr(output, "aux_loss", None) is None:
@@ -68,6 +79,7 @@ class UoERouterStatsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.remove_hooks()
         config = model.config
+        self._device = next(model.parameters()).device
         for module in model.modules():
             if isinstance(module, UoESelectiveAttention):
                 kind, top_k = "attention", config.attention_top_k
@@ -75,7 +87,8 @@ class UoERouterStatsCallback(TrainerCallback):
                 kind, top_k = "mlp", config.mlp_top_k
             else:
                 continue
-            stats = _RouterStats(f"layer_{module.layer_idx}/{kind}", top_k, config.router_score_func)
+            name = f"layer_{module.layer_idx}/{kind}"
+            stats = _RouterStats(name, module.router.num_experts, top_k, config.router_score_func)
             self._handles.append(module.router.register_forward_hook(stats))
             self._router_stats.append(stats)
         self._handles.append(model.register_forward_hook(self._on_model_output))
@@ -83,13 +96,23 @@ class UoERouterStatsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs:  # evaluation logs carry eval_* keys only
             return
+        # One all-reduce over the ranks (every rank logs at the same steps): the statistics of the whole global batch
+        # (each rank's forward passes see only its own share of it).
+        aux = torch.zeros(3, device=self._device)
+        if self._aux_sum is not None:
+            aux[:2], aux[2] = self._aux_sum, self._aux_count
+        self._aux_sum, self._aux_count = None, 0
+        totals = torch.cat([aux] + [stats.totals(self._device) for stats in self._router_stats])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
         extra: dict[str, float] = {}
-        if self._aux_sum is not None and self._aux_count:
-            aux, z = (self._aux_sum / self._aux_count).tolist()
-            extra["aux_loss"], extra["router_z_loss"] = round(aux, 6), round(z, 6)
-            self._aux_sum, self._aux_count = None, 0
+        if totals[2] > 0:
+            mean = (totals[:2] / totals[2]).tolist()
+            extra["aux_loss"], extra["router_z_loss"] = round(mean[0], 6), round(mean[1], 6)
+        start = 3
         for stats in self._router_stats:
-            extra.update(stats.pop())
+            extra.update(stats.logs(totals[start : start + stats.num_experts + 2]))
+            start += stats.num_experts + 2
         logs.update(extra)
         # Trainer stores a copy of `logs` before calling the callbacks; keep the history complete too.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

@@ -10,6 +10,7 @@ the masked reference, the gathered path (`gathered.py`) and the Triton kernels.
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -32,6 +33,11 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+try:
+    from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
+except ImportError:  # a transformers without named tensor-parallel styles: the model works, unsharded
+    ALL_PARALLEL_STYLES, TensorParallelLayer = None, object
 
 from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
@@ -97,9 +103,18 @@ def attention_path(attention: nn.Module, tensor: torch.Tensor, num_keys: int) ->
     """`resolve_routing_backend` for an SMHA module. `"auto"` runs the masked path where it is the dense layer (full
     routing: plain SDPA, no mask), with a non-SDPA `attn_implementation` (e.g. `"eager"`, which returns attention
     maps) and, off CUDA, for short sequences (`GATHERED_ATTENTION_MIN_KEYS`); training with attention dropout leaves
-    the kernels (which have no dropout) for the gathered path."""
+    the kernels (which have no dropout) for the gathered path. Tensor-parallel attention never takes the gathered
+    path."""
     config = attention.config
     path = resolve_routing_backend(config.routing_backend, tensor)
+    if path == "gathered" and attention.tp_mesh is not None:
+        # the gathered products read whole weight tensors, while a tensor-parallel rank holds only its heads' slices
+        if config.routing_backend == "gathered":
+            raise ValueError(
+                '`routing_backend="gathered"` does not support tensor-parallel attention; use "auto" (the masked '
+                'path on each rank\'s heads) or "masked".'
+            )
+        return "masked"
     if config.routing_backend != "auto":
         return path
     full_routing = attention.top_k == attention.num_heads and not config.data_capacity
@@ -147,6 +162,82 @@ def routed_experts_forward(
 ExpertsInterface.register("uoe", routed_experts_forward)
 ExpertsInterface.register("uoe_gathered", gathered_experts_forward)
 register_uoe_experts_kernels()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tensor parallelism
+# ---------------------------------------------------------------------------------------------------------------------
+# The union is the tensor-parallel split: a rank holds whole heads (colwise q/k/v, rowwise o_proj) and a slice of every
+# MLP expert (transformers' `moe_tp_experts`); routers and norms are replicated and every rank routes every token. The
+# two styles below check that the split is even and tell SMHA which heads are its own.
+
+
+class UoESelectiveHeadsParallel(TensorParallelLayer):
+    """TP style `"uoe_selective_heads"` of a `UoESelectiveAttention`: the rank computes heads
+    `[rank * H / tp, (rank + 1) * H / tp)` of the replicated routing (see `UoESelectiveAttention._local_heads`)."""
+
+    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+        if module.num_heads % mesh.size():
+            raise ValueError(
+                f"Tensor parallelism gives every rank whole heads: `num_attention_heads`={module.num_heads} must be "
+                f"divisible by the tensor-parallel size {mesh.size()}."
+            )
+        module.tp_mesh = mesh
+        return module
+
+
+class UoEUnionMLPParallel(TensorParallelLayer):
+    """TP style `"uoe_union_mlp"` of a `UoESparseMLP`: checks that every expert's hidden units split evenly (the experts'
+    own rules shard them; the block's output bias is added once, after their all-reduce)."""
+
+    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+        if module.experts.intermediate_dim % mesh.size():
+            raise ValueError(
+                f"Tensor parallelism gives every rank a slice of each MLP expert: `mlp_expert_size`="
+                f"{module.experts.intermediate_dim} (intermediate_size / num_mlp_experts) must be divisible by the "
+                f"tensor-parallel size {mesh.size()}."
+            )
+        experts = module.experts
+        if "up_proj_bias" in experts._buffers:  # the zero stand-in of a bias-free encoder MLP: this rank's units
+            experts.up_proj_bias = experts.up_proj_bias[:, : experts.intermediate_dim // mesh.size()].clone()
+        return module
+
+
+if ALL_PARALLEL_STYLES is not None:
+    ALL_PARALLEL_STYLES.register("uoe_selective_heads", UoESelectiveHeadsParallel())
+    ALL_PARALLEL_STYLES.register("uoe_union_mlp", UoEUnionMLPParallel())
+
+# The layers' plan, for the decoder and the encoder (`from_pretrained(..., tp_plan="auto")`). It names every MLP
+# layout (SwiGLU `gate_up_proj`; GELU `up_proj`, with `up_proj_bias` in the encoder): `init_parallel_plans` keeps the
+# rules of what the model has.
+UOE_LAYERS_TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.self_attn": "uoe_selective_heads",
+    "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+    "layers.*.mlp.experts.up_proj": "colwise",
+    "layers.*.mlp.experts.up_proj_bias": "rowwise",  # (experts, units): its last dim, like up_proj's units
+    "layers.*.mlp.experts.down_proj": "rowwise",
+    "layers.*.mlp.experts": "moe_tp_experts",
+    "layers.*.mlp": "uoe_union_mlp",
+}
+
+
+class _SumGradientOverRanks(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over a process group."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -561,6 +652,7 @@ class UoESelectiveAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
         self.o_proj = nn.Linear(width, config.hidden_size, bias=config.attention_bias)
         self.router = UoERouter(config.hidden_size, self.num_heads)
+        self.tp_mesh = None  # set by tensor parallelism (`UoESelectiveHeadsParallel`): this rank computes its heads
 
     def forward(
         self,
@@ -586,7 +678,9 @@ class UoESelectiveAttention(nn.Module):
 
         batch_size, seq_len, _ = hidden_states.shape
         selected, head_gates = slots_to_dense(selection.slots, self.num_heads)  # (batch, seq, heads)
-        hidden_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
+        if self.tp_mesh is not None:
+            selected, head_gates = self._local_heads(selected, head_gates)
+        hidden_shape = (batch_size, seq_len, -1, self.head_dim)  # -1: this rank's heads under tensor parallelism
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -627,6 +721,15 @@ class UoESelectiveAttention(nn.Module):
         attn_output = attn_output * head_gates.to(attn_output.dtype)[..., None]
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
         return attn_output, attn_weights, selection.router_logits, selection.aux
+
+    def _local_heads(self, selected: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tensor-parallel rank's columns of the replicated `(batch, seq, heads)` selection and gates. Each rank's
+        heads reach only their own gate columns, so the gates' gradient is summed over the ranks before it reaches the
+        (replicated) router."""
+        heads = self.num_heads // self.tp_mesh.size()
+        start = self.tp_mesh.get_local_rank() * heads
+        gates = _SumGradientOverRanks.apply(gates, self.tp_mesh.get_group())
+        return selected[..., start : start + heads], gates[..., start : start + heads]
 
     def _masked_attention(self, query, key, value, key_selected, query_segments, key_segments, dense, **kwargs):
         """The reference path: the configured attention function with the selective (per-head) mask."""
@@ -1053,6 +1156,12 @@ class UoEPreTrainedModel(PreTrainedModel):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._auto_map_entries}
         super().save_pretrained(save_directory, *args, **kwargs)
 
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()
+        # `UOE_LAYERS_TP_PLAN` names every MLP layout: keep the rules of the parameters and modules this model has
+        names = {re.sub(r"\.\d+(?=\.|$)", ".*", name) for name, _ in [*self.named_modules(), *self.named_parameters()]}
+        self._tp_plan = {name: style for name, style in self._tp_plan.items() if name in names}
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # The default "uoe" follows `routing_backend` (gathered experts on CPU, the kernels on CUDA); an explicit
         # choice ("eager" = the masked reference, "grouped_mm", "uoe_gathered", "uoe_triton") is obeyed.
@@ -1090,6 +1199,14 @@ def _check_input_values(input_ids: torch.Tensor | None, attention_mask: torch.Te
 
 
 class UoEModel(UoEPreTrainedModel):
+    # Tensor parallelism (see "Tensor parallelism" above); transformers adds the vocabulary-sharded `embed_tokens`.
+    _tp_plan = UOE_LAYERS_TP_PLAN
+    _pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
     def __init__(self, config: UoEConfig):
         super().__init__(config)
         unsupported = {
@@ -1216,7 +1333,7 @@ class UoEModel(UoEPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         aux_total = inputs_embeds.new_zeros(2, dtype=torch.float32) if compute_router_losses else None
         for decoder_layer in self.layers:
-            hidden_states, aux = decoder_layer(
+            layer_output = decoder_layer(
                 hidden_states,
                 position_embeddings,
                 routing,
@@ -1224,6 +1341,11 @@ class UoEModel(UoEPreTrainedModel):
                 use_cache=use_cache,
                 **kwargs,
             )
+            if isinstance(layer_output, torch.Tensor):
+                # pipeline parallelism: a placeholder passing the hidden states on for a layer another stage runs
+                hidden_states = layer_output
+                continue
+            hidden_states, aux = layer_output
             if aux_total is not None:
                 aux_total = aux_total + aux
         hidden_states = self.norm(hidden_states)
@@ -1239,6 +1361,8 @@ class UoEModel(UoEPreTrainedModel):
 
 class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: UoEConfig):
         super().__init__(config)

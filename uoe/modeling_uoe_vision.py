@@ -27,6 +27,7 @@ from transformers.utils import can_return_tuple
 from .configuration_uoe import UoEConfig
 from .conversion_vit import uoe_config_from_vit, uoe_state_dict_from_vit
 from .modeling_uoe import (
+    UOE_LAYERS_TP_PLAN,
     RoutingInputs,
     UoEGELUBiasExperts,
     UoEPreTrainedModel,
@@ -183,6 +184,8 @@ class UoEVisionPreTrainedModel(UoEPreTrainedModel):
 
 class UoEVisionModel(UoEVisionPreTrainedModel):
     """The bidirectional UoE encoder; returns the final-norm hidden states of CLS + image tokens."""
+
+    _tp_plan = UOE_LAYERS_TP_PLAN  # heads and expert slices per rank; embeddings, norms and routers replicated
 
     def __init__(self, config: UoEConfig):
         super().__init__(config)
