@@ -19,6 +19,11 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def _linear(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    out = x @ sd[name + ".weight"].T
+    return out + sd[name + ".bias"] if name + ".bias" in sd else out
+
+
 def _rope(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
     half = x.shape[-1] // 2
     out = x.clone()
@@ -61,13 +66,10 @@ def reference_logits(model, input_ids: list[int]) -> torch.Tensor:
             for t in range(seq)
         ]
 
-        def project(name: str, count: int) -> torch.Tensor:
-            out = h @ sd[p + f"self_attn.{name}.weight"].T
-            if p + f"self_attn.{name}.bias" in sd:
-                out = out + sd[p + f"self_attn.{name}.bias"]
-            return out.view(seq, count, head_dim)
-
-        q, k, v = project("q_proj", heads), project("k_proj", kv_heads), project("v_proj", kv_heads)
+        q, k, v = (
+            _linear(h, sd, p + f"self_attn.{name}").view(seq, count, head_dim)
+            for name, count in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads))
+        )
         if p + "self_attn.q_norm.weight" in sd:
             q = _rms_norm(q, sd[p + "self_attn.q_norm.weight"], cfg.rms_norm_eps)
             k = _rms_norm(k, sd[p + "self_attn.k_norm.weight"], cfg.rms_norm_eps)

@@ -484,7 +484,9 @@ def test_smha_gqa_with_triton_backend_matches_plain_loop_reference(patch_size, k
         prefill = model(input_ids[:, :7], attention_mask=attention_mask[:, :7], use_cache=True)
         cache, pieces = returned_cache(prefill), [prefill.logits]
         for t in range(7, 10):
-            step = model(input_ids[:, t : t + 1], attention_mask=attention_mask[:, : t + 1], cache=cache, use_cache=True)
+            step = model(
+                input_ids[:, t : t + 1], attention_mask=attention_mask[:, : t + 1], cache=cache, use_cache=True
+            )
             pieces.append(step.logits)
     assert kernel_calls["attention"] == 2 * 4
     logits = torch.cat(pieces, dim=1)

@@ -514,9 +514,7 @@ def self_list_attention(
                 seg = segment[block].view(num_lists, length)
                 allowed = allowed & (seg[:, None, None, :] == seg[:, None, :, None])
             allowed = allowed | (index[None, :] == index[:, None])  # every row keeps itself: no empty softmax row
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, **gqa
-            )
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, **gqa)
         outputs.append(out.transpose(1, 2).reshape(num_lists * length, group * head_dim))
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 

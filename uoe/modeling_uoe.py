@@ -30,7 +30,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_uoe import CACHE_FIELD, UoEConfig
-from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
+from .conversion import uoe_config_from_dense, uoe_state_dict_from_dense
 from .gathered import (
     Slots,
     cached_list_attention,
@@ -750,9 +750,7 @@ class UoESelectiveAttention(nn.Module):
         if use_token_major(batch * top_k, sum(widths) * hidden):
             # small heads: copy the selected slices and multiply (fewer ops than sorting and grouped products)
             projections, flat_index = (self.q_proj, self.k_proj, self.v_proj), index.reshape(-1)
-            weight = torch.cat(
-                [p.weight.view(heads, -1, hidden).index_select(0, flat_index) for p in projections], 1
-            )
+            weight = torch.cat([p.weight.view(heads, -1, hidden).index_select(0, flat_index) for p in projections], 1)
             qkv = torch.bmm(weight, hidden_states.repeat_interleave(top_k, 0).mT)
             qkv = qkv.view(batch, top_k, sum(widths))
             if self.q_proj.bias is not None:
@@ -1272,17 +1270,20 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_dense(cls, dense_model: PreTrainedModel, **config_overrides) -> "UoEForCausalLM":
-        """Build a UoE model from a transformers `LlamaForCausalLM` by equivalent decomposition.
+        """Build a UoE model from a transformers `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` or
+        `Qwen3ForCausalLM` by equivalent decomposition.
 
-        Attention heads become SMHA experts as they are; the MLP's hidden units are cut into
-        `num_mlp_experts` consecutive slices. Routers are freshly initialised. Without overrides every
-        expert is selected (`attention_top_k = num_attention_heads`, `mlp_top_k = num_mlp_experts`) and
-        the result computes the same logits as `dense_model`; pass e.g. `attention_top_k=4, mlp_top_k=2`
-        to sparsify.
+        Attention head groups (one key/value head with its query heads; single heads without grouped-query
+        attention) become SMHA experts as they are; the MLP's hidden units are cut into `num_mlp_experts`
+        consecutive slices. Routers are freshly initialised. Without overrides every expert is selected
+        (`attention_top_k = num_key_value_heads`, `mlp_top_k = num_mlp_experts`) and the result computes the same
+        logits as `dense_model`; pass e.g. `attention_top_k=2, mlp_top_k=2` to sparsify. A model UoE cannot
+        reproduce (another architecture, a sliding window, an MLP bias, an unsupported RoPE variant, ...) raises a
+        `ValueError` naming the field.
         """
-        config = uoe_config_from_llama(dense_model.config, **config_overrides)
+        config = uoe_config_from_dense(dense_model.config, type(dense_model).__name__, **config_overrides)
         model = cls(config)
-        state_dict = uoe_state_dict_from_llama(dense_model.state_dict(), config)
+        state_dict = uoe_state_dict_from_dense(dense_model.state_dict(), config)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         # Only the routers (and a tied head) are new; anything else missing means the layouts disagree.
         missing = [name for name in missing if ".router." not in name and name != "lm_head.weight"]
