@@ -159,7 +159,7 @@ class UoEModelOutputWithPast(MoeModelOutputWithPast):
         Router z-loss, averaged over the routed blocks.
     router_logits (`tuple(torch.FloatTensor)`, returned with `output_router_logits=True`):
         One `(batch, seq, experts)` tensor per routed block in execution order: layer 0 SMHA (experts =
-        heads), layer 0 UoME, layer 1 SMHA, ... These are the logits each token was routed with (its
+        head groups, i.e. heads without grouped-query attention), layer 0 UoME, layer 1 SMHA, ... These are the logits each token was routed with (its
         routing patch's logits).
     """
 
@@ -180,9 +180,10 @@ class UoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 class UoECacheLayer(DynamicLayer):
     """KV cache of one SMHA layer, plus the routing state incremental decoding needs.
 
-    Besides keys and values of every head it keeps, per cached token, which heads the token selected
-    (a head's keys are only visible to queries that selected the same head) and the router logits the
-    token was routed with (the next token reuses them when it belongs to the same routing patch).
+    Besides keys and values of every key/value head (one per head group) it keeps, per cached token, which
+    groups the token selected (`routing["head_selected"]`, `(batch, tokens, groups)`: a group's keys are only
+    visible to queries that selected the same group) and the router logits the token was routed with (the next
+    token reuses them when it belongs to the same routing patch).
     """
 
     def __init__(self, **kwargs):
