@@ -171,6 +171,11 @@ def test_a_window_longer_than_every_accepted_sequence_is_exact():
     input_ids = torch.randint(3, 97, (1, 64), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert max_rel_error(model(input_ids).logits, dense(input_ids).logits) <= TOLERANCE
+    # a shorter window, with UoE limited to sequences it never cuts
+    windowed = dense_model(MistralConfig, MistralForCausalLM, num_key_value_heads=2, sliding_window=20)
+    model = UoEForCausalLM.from_dense(windowed, max_position_embeddings=20).eval()
+    with torch.no_grad():
+        assert max_rel_error(model(input_ids[:, :20]).logits, windowed(input_ids[:, :20]).logits) <= TOLERANCE
 
 
 # -- full routing means the dense function ----------------------------------------------------------------------------

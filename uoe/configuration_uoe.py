@@ -42,8 +42,9 @@ class UoEConfig(PreTrainedConfig):
     Configuration of a Union-of-Experts transformer (Yang, Lian & Li, 2025).
 
     Every attention head is an expert of Selective Multi-Head Attention (SMHA) and the MLP is split by
-    equivalent decomposition into `num_mlp_experts` slices (UoME). With `attention_top_k ==
-    num_attention_heads` and `mlp_top_k == num_mlp_experts` a UoE layer computes exactly the dense layer.
+    equivalent decomposition into `num_mlp_experts` slices (UoME). With grouped-query attention the attention expert
+    is a head group (one key/value head with its query heads). With `attention_top_k == num_key_value_heads`,
+    `mlp_top_k == num_mlp_experts` and `gate_mode="union"` a UoE layer computes exactly the dense layer.
 
     Args:
         vocab_size: Size of the token vocabulary.

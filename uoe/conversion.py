@@ -40,9 +40,12 @@ def _refuse(field: str, value, supported: str) -> None:
     )
 
 
-def check_dense_config(dense_config, architecture: str | None = None) -> dict:
+def check_dense_config(
+    dense_config, architecture: str | None = None, max_position_embeddings: int | None = None
+) -> dict:
     """Raise a `ValueError` naming the first field of `dense_config` a UoE model cannot reproduce; return the
-    architecture's traits (`SUPPORTED_DENSE_ARCHITECTURES`)."""
+    architecture's traits (`SUPPORTED_DENSE_ARCHITECTURES`). `max_position_embeddings`: the longest sequence the
+    UoE model will accept (default: the dense model's), which decides whether a sliding window can matter."""
     if architecture is None:
         architectures = getattr(dense_config, "architectures", None) or []
         architecture = architectures[0] if architectures else None
@@ -51,7 +54,8 @@ def check_dense_config(dense_config, architecture: str | None = None) -> dict:
     if getattr(dense_config, "mlp_bias", False):
         _refuse("mlp_bias", dense_config.mlp_bias, "`mlp_bias=False` (UoE's SwiGLU experts have no bias)")
     # SMHA attends to every earlier token: a window that can cut a sequence UoE accepts changes the function
-    window, max_positions = getattr(dense_config, "sliding_window", None), dense_config.max_position_embeddings
+    window = getattr(dense_config, "sliding_window", None)
+    max_positions = max_position_embeddings or dense_config.max_position_embeddings
     layer_types = getattr(dense_config, "layer_types", None)
     if layer_types is not None:  # Qwen2/Qwen3: the window applies to the layers marked "sliding_attention"
         other = sorted(set(layer_types) - {"full_attention"})
@@ -60,7 +64,12 @@ def check_dense_config(dense_config, architecture: str | None = None) -> dict:
         if other:
             _refuse("layer_types", other, 'only "full_attention" layers')
     elif window is not None and window < max_positions:
-        _refuse("sliding_window", window, f"`sliding_window=None` or >= max_position_embeddings ({max_positions})")
+        _refuse(
+            "sliding_window",
+            window,
+            f"`sliding_window=None` or >= max_position_embeddings ({max_positions}; pass "
+            f"`max_position_embeddings={window}` to convert for sequences the window never cuts)",
+        )
     hidden_act = getattr(dense_config, "hidden_act", None)
     if hidden_act not in ACT2FN:
         _refuse("hidden_act", hidden_act, f"activations {sorted(ACT2FN)}")
@@ -79,7 +88,7 @@ def check_dense_config(dense_config, architecture: str | None = None) -> dict:
 def uoe_config_from_dense(dense_config, architecture: str | None = None, **overrides) -> UoEConfig:
     """A `UoEConfig` with the shapes of a supported dense config (`check_dense_config`), at full routing unless
     `overrides` say otherwise. Attention experts are the key/value head groups."""
-    traits = check_dense_config(dense_config, architecture)
+    traits = check_dense_config(dense_config, architecture, overrides.get("max_position_embeddings"))
     num_heads = dense_config.num_attention_heads
     num_kv_heads = getattr(dense_config, "num_key_value_heads", None) or num_heads
     attention_bias = bool(getattr(dense_config, "attention_bias", False))
