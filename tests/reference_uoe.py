@@ -2,8 +2,10 @@
 
 It shares no code with `uoe.modeling_uoe`: it reads the weights from a state dict and computes one
 sequence token by token and head by head, so that the vectorised model can be checked against the
-specification's rules (patch routed from its first token, a head attends to the earlier tokens that
-selected it, RoPE at original positions, union of selected experts).
+specification's rules (patch routed from its first token, a head group -- one key/value head with its
+query heads -- is the attention expert, a query head of a selected group attends to the earlier tokens
+that selected the group, RoPE at original positions, union of selected experts). Attention biases and
+per-head q/k RMSNorm (`qk_norm`) are read from the state dict when present.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import torch
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _linear(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    out = x @ sd[name + ".weight"].T
+    return out + sd[name + ".bias"] if name + ".bias" in sd else out
 
 
 def _rope(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
@@ -42,6 +49,8 @@ def reference_logits(model, input_ids: list[int]) -> torch.Tensor:
     cfg = model.config
     sd = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
     heads, head_dim, patch = cfg.num_attention_heads, cfg.head_dim, cfg.routing_patch_size
+    kv_heads = cfg.num_key_value_heads
+    group_size = heads // kv_heads
     theta = cfg.rope_parameters["rope_theta"]
     expert_size = cfg.intermediate_size // cfg.num_mlp_experts
     act = torch.nn.functional.silu if cfg.hidden_act == "silu" else torch.nn.functional.gelu
@@ -50,24 +59,32 @@ def reference_logits(model, input_ids: list[int]) -> torch.Tensor:
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
         h = _rms_norm(x, sd[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        # routing: every token of a patch uses the decision of the patch's first token
+        # routing: every token of a patch uses the decision of the patch's first token; experts are head groups
         router = h @ sd[p + "self_attn.router.weight"].T
-        heads_of = [
+        groups_of = [
             _select(router[(t // patch) * patch], cfg.attention_top_k, cfg.router_score_func, cfg.gate_mode)
             for t in range(seq)
         ]
-        q = (h @ sd[p + "self_attn.q_proj.weight"].T).view(seq, heads, head_dim)
-        k = (h @ sd[p + "self_attn.k_proj.weight"].T).view(seq, heads, head_dim)
-        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(seq, heads, head_dim)
+
+        q, k, v = (
+            _linear(h, sd, p + f"self_attn.{name}").view(seq, count, head_dim)
+            for name, count in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads))
+        )
+        if p + "self_attn.q_norm.weight" in sd:
+            q = _rms_norm(q, sd[p + "self_attn.q_norm.weight"], cfg.rms_norm_eps)
+            k = _rms_norm(k, sd[p + "self_attn.k_norm.weight"], cfg.rms_norm_eps)
         attn = torch.zeros(seq, heads, head_dim, dtype=torch.float64)
         for t in range(seq):
-            for head, gate in heads_of[t].items():
-                keys = [j for j in range(t + 1) if head in heads_of[j]]
-                qt = _rope(q[t, head], t, theta)
-                scores = torch.stack([qt @ _rope(k[j, head], j, theta) for j in keys]) / math.sqrt(head_dim)
-                weights = torch.softmax(scores, 0)
-                attn[t, head] = gate * sum(w * v[j, head] for w, j in zip(weights, keys, strict=True))
+            for group, gate in groups_of[t].items():
+                keys = [j for j in range(t + 1) if group in groups_of[j]]
+                for head in range(group * group_size, (group + 1) * group_size):
+                    qt = _rope(q[t, head], t, theta)
+                    scores = torch.stack([qt @ _rope(k[j, group], j, theta) for j in keys]) / math.sqrt(head_dim)
+                    weights = torch.softmax(scores, 0)
+                    attn[t, head] = gate * sum(w * v[j, group] for w, j in zip(weights, keys, strict=True))
         x = x + attn.reshape(seq, -1) @ sd[p + "self_attn.o_proj.weight"].T
+        if p + "self_attn.o_proj.bias" in sd:
+            x = x + sd[p + "self_attn.o_proj.bias"]
 
         h = _rms_norm(x, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         router = h @ sd[p + "mlp.router.weight"].T

@@ -25,13 +25,17 @@ _LOAD_SCRIPT = textwrap.dedent(
     import torch
     from transformers import {auto_class}
 
-    folder, inputs_path, output_path = sys.argv[1:4]
-    model = {auto_class}.from_pretrained(folder, trust_remote_code=True).eval()
+    inputs_path, output_path, *folders = sys.argv[1:]
     inputs = torch.load(inputs_path)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    torch.save(logits, output_path)
-    print(json.dumps({{"class": type(model).__name__, "module": type(model).__module__,
+    all_logits, classes, modules = [], [], []
+    for folder in folders:
+        model = {auto_class}.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            all_logits.append(model(**inputs).logits)
+        classes.append(type(model).__name__)
+        modules.append(type(model).__module__)
+    torch.save(all_logits, output_path)
+    print(json.dumps({{"classes": classes, "modules": modules,
                       "uoe_loaded": any(m == "uoe" or m.startswith("uoe.") for m in sys.modules)}}))
     """
 )
@@ -40,6 +44,13 @@ _LOAD_SCRIPT = textwrap.dedent(
 def logits_without_uoe(folder, inputs: dict, tmp_path, auto_class: str = "AutoModelForCausalLM"):
     """Load `folder` with remote code in a fresh interpreter that cannot import `uoe`; return
     `(logits, info)` where `info` names the loaded class and its module."""
+    logits, info = many_logits_without_uoe([folder], inputs, tmp_path, auto_class)
+    return logits[0], {"class": info["classes"][0], "module": info["modules"][0], "uoe_loaded": info["uoe_loaded"]}
+
+
+def many_logits_without_uoe(folders, inputs: dict, tmp_path, auto_class: str = "AutoModelForCausalLM"):
+    """`logits_without_uoe` of several checkpoints in one fresh interpreter (one start-up for all): returns
+    `(list of logits, info)` with `info["classes"]` and `info["modules"]` per folder."""
     import torch
 
     inputs_path, output_path = tmp_path / "inputs.pt", tmp_path / "logits.pt"
@@ -50,9 +61,9 @@ def logits_without_uoe(folder, inputs: dict, tmp_path, auto_class: str = "AutoMo
             sys.executable,
             "-c",
             _LOAD_SCRIPT.format(auto_class=auto_class),
-            str(folder),
             str(inputs_path),
             str(output_path),
+            *(str(folder) for folder in folders),
         ],
         capture_output=True,
         text=True,

@@ -386,7 +386,8 @@ def test_well_formed_inputs_of_the_same_kinds_are_accepted():
 BAD_CONFIG_VALUES = {
     "head_dim-odd": ("head_dim", dict(head_dim=7)),
     "head_dim-odd-small": ("head_dim", dict(head_dim=3)),
-    "num_key_value_heads-gqa": ("num_key_value_heads", dict(num_key_value_heads=2)),
+    "num_key_value_heads-not-dividing": ("num_key_value_heads", dict(num_key_value_heads=3)),
+    "num_key_value_heads-zero": ("num_key_value_heads", dict(num_key_value_heads=0)),
     "num_key_value_heads-more": ("num_key_value_heads", dict(num_key_value_heads=8)),
     "hidden_act-unknown": ("hidden_act", dict(hidden_act="swishy")),
     "pad_token_id-vocab": ("pad_token_id", dict(pad_token_id=61)),

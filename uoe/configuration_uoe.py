@@ -71,16 +71,20 @@ class UoEConfig(PreTrainedConfig):
     Configuration of a Union-of-Experts transformer (Yang, Lian & Li, 2025).
 
     Every attention head is an expert of Selective Multi-Head Attention (SMHA) and the MLP is split by
-    equivalent decomposition into `num_mlp_experts` slices (UoME). With `attention_top_k ==
-    num_attention_heads` and `mlp_top_k == num_mlp_experts` a UoE layer computes exactly the dense layer.
+    equivalent decomposition into `num_mlp_experts` slices (UoME). With grouped-query attention the attention expert
+    is a head group (one key/value head with its query heads). With `attention_top_k == num_key_value_heads`,
+    `mlp_top_k == num_mlp_experts` and `gate_mode="union"` a UoE layer computes exactly the dense layer.
 
     Args:
         vocab_size: Size of the token vocabulary.
         hidden_size: Width of the residual stream.
         num_hidden_layers: Number of decoder layers.
-        num_attention_heads: Number of attention heads (= SMHA experts).
+        num_attention_heads: Number of query heads.
+        num_key_value_heads: Number of key/value heads (grouped-query attention); must divide
+            `num_attention_heads`, defaults to it (multi-head attention). The SMHA expert is one key/value head
+            with its `num_attention_heads // num_key_value_heads` query heads (a group of one head without GQA).
         head_dim: Width of one head; defaults to `hidden_size // num_attention_heads`.
-        attention_top_k: Heads selected per routing patch, in `[1, num_attention_heads]`.
+        attention_top_k: Head groups (SMHA experts) selected per routing patch, in `[1, num_key_value_heads]`.
         intermediate_size: Width of the dense MLP that UoME decomposes.
         num_mlp_experts: Number of MLP slices; must divide `intermediate_size`.
         mlp_top_k: MLP experts selected per routing patch, in `[1, num_mlp_experts]`.
@@ -89,6 +93,7 @@ class UoEConfig(PreTrainedConfig):
         mlp_bias: Whether the MLP projections have biases (the input bias is split per expert, the
             output bias is shared, which keeps the decomposition exact).
         attention_bias: Whether the q/k/v/o projections have biases.
+        qk_norm: RMSNorm of every query and key head over `head_dim` before RoPE (Qwen3 style).
         routing_patch_size: Number of consecutive tokens that share one routing decision.
         data_capacity: Patch-wise data selection (expert choice): each expert keeps at most
             `ceil(data_capacity * num_patches)` of the patches that chose it. Only for bidirectional
@@ -128,7 +133,6 @@ class UoEConfig(PreTrainedConfig):
             on CUDA tensors when Triton is installed, the gathered path everywhere else (and for attention with
             dropout while training: the kernels have no dropout). An explicitly chosen `experts_implementation`
             (e.g. `"eager"` or `"grouped_mm"`) decides the UoME experts whatever the backend.
-        num_key_value_heads: Must be `None` or `num_attention_heads` (SMHA has one key/value head per query head).
     """
 
     model_type = "uoe"
@@ -140,6 +144,7 @@ class UoEConfig(PreTrainedConfig):
         hidden_size: int = 512,
         num_hidden_layers: int = 8,
         num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
         head_dim: int | None = None,
         attention_top_k: int = 4,
         intermediate_size: int = 2048,
@@ -149,6 +154,7 @@ class UoEConfig(PreTrainedConfig):
         hidden_act: str | None = None,
         mlp_bias: bool = False,
         attention_bias: bool = False,
+        qk_norm: bool = False,
         routing_patch_size: int = 1,
         data_capacity: float | None = None,
         gate_mode: str = "union",
@@ -174,7 +180,6 @@ class UoEConfig(PreTrainedConfig):
         patch_size: int = 16,
         num_channels: int = 3,
         routing_backend: str = "auto",
-        num_key_value_heads: int | None = None,
         **kwargs,
     ):
         for name, value in (
@@ -198,9 +203,18 @@ class UoEConfig(PreTrainedConfig):
             )
             head_dim = hidden_size // num_attention_heads
         _check_positive_int("head_dim", head_dim)
+        if num_key_value_heads is None:
+            num_key_value_heads = num_attention_heads
+        _check_positive_int("num_key_value_heads", num_key_value_heads)
         _require(
-            attention_top_k <= num_attention_heads,
-            f"`attention_top_k` must be in [1, num_attention_heads={num_attention_heads}], got {attention_top_k}.",
+            num_attention_heads % num_key_value_heads == 0,
+            f"`num_key_value_heads` must divide `num_attention_heads` ({num_attention_heads}), got "
+            f"{num_key_value_heads}.",
+        )
+        _require(
+            attention_top_k <= num_key_value_heads,
+            f"`attention_top_k` counts head groups and must be in [1, num_key_value_heads={num_key_value_heads}], "
+            f"got {attention_top_k}.",
         )
         _require(
             mlp_top_k <= num_mlp_experts,
@@ -263,12 +277,6 @@ class UoEConfig(PreTrainedConfig):
                 isinstance(pad_token_id, int) and not isinstance(pad_token_id, bool) and 0 <= pad_token_id < vocab_size,
                 f"`pad_token_id` must be None or a token id in [0, vocab_size={vocab_size}), got {pad_token_id!r}.",
             )
-        # Grouped-query attention is not implemented yet: a smaller value would be ignored, so refuse it.
-        _require(
-            num_key_value_heads is None or num_key_value_heads == num_attention_heads,
-            f"`num_key_value_heads` must be None or equal to `num_attention_heads` ({num_attention_heads}): "
-            f"SMHA has one key/value head per query head, got {num_key_value_heads!r}.",
-        )
         if position_embedding_type == "rope":
             # rotate_half pairs dimension i with i + head_dim / 2
             _require(head_dim % 2 == 0, f"`head_dim` must be even with rotary position embeddings, got {head_dim}.")
@@ -282,8 +290,7 @@ class UoEConfig(PreTrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
-        # SMHA splits heads, it does not share them: one key/value head per query head.
-        self.num_key_value_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.attention_top_k = attention_top_k
         self.intermediate_size = intermediate_size
@@ -293,6 +300,7 @@ class UoEConfig(PreTrainedConfig):
         self.hidden_act = hidden_act or ("silu" if mlp_type == "swiglu" else "gelu")
         self.mlp_bias = mlp_bias
         self.attention_bias = attention_bias
+        self.qk_norm = qk_norm
         self.routing_patch_size = routing_patch_size
         self.data_capacity = data_capacity
         self.gate_mode = gate_mode
@@ -330,12 +338,16 @@ class UoEConfig(PreTrainedConfig):
 
     @property
     def is_full_routing(self) -> bool:
-        """True when every expert is selected for every token, i.e. the layer is the dense layer."""
-        return (
-            self.attention_top_k == self.num_attention_heads
+        """True when the model computes the dense function: every expert selected for every token, each with
+        weight 1. `gate_mode="weighted"` scales experts by their renormalised scores, which is 1 only when a block
+        has a single expert."""
+        every_expert = (
+            self.attention_top_k == self.num_key_value_heads
             and self.mlp_top_k == self.num_mlp_experts
             and self.data_capacity is None
         )
+        unit_gates = self.gate_mode == "union" or (self.num_key_value_heads == 1 and self.num_mlp_experts == 1)
+        return every_expert and unit_gates
 
 
 __all__ = ["UoEConfig"]

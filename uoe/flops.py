@@ -2,9 +2,11 @@
 
 A multiply-add counts as 2 FLOPs. "Dense" is the same architecture with every expert selected (the
 model `from_dense` converts); "active" counts only what the routing asks for: the selected heads'
-projections and attention, the selected MLP slices, and the routers. Attention over a causal sequence
-of length L averages (L + 1) / 2 keys per query; in SMHA a selected head sees on average the
-fraction `attention_top_k / num_attention_heads` of them (the keys that selected the same head).
+projections and attention, the selected MLP slices, and the routers. The attention experts are head
+groups (one key/value head with its query heads; one head without grouped-query attention). Attention
+over a causal sequence of length L averages (L + 1) / 2 keys per query; in SMHA a query head of a selected
+group sees on average the fraction `attention_top_k / num_key_value_heads` of them (the keys that selected
+the same group).
 With `data_capacity = c`, each expert keeps at most a fraction `c` of the patches, so its share of
 tokens is `min(top_k / experts, c)`.
 """
@@ -34,25 +36,26 @@ def estimate_flops_per_token(config: UoEConfig, seq_len: int, include_lm_head: b
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"`seq_len` must be an integer >= 1, got {seq_len!r}.")
     hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
+    kv_heads = config.num_key_value_heads
     layers = config.num_hidden_layers
     context = (seq_len + 1) / 2 if config.is_causal else seq_len
 
-    head_share = config.attention_top_k / heads
+    head_share = config.attention_top_k / kv_heads
     mlp_share = config.mlp_top_k / config.num_mlp_experts
     if config.data_capacity is not None:
         head_share = min(head_share, config.data_capacity)
         mlp_share = min(mlp_share, config.data_capacity)
 
-    projections = 4 * 2 * hidden * heads * head_dim  # q, k, v, o
+    projections = 2 * 2 * hidden * (heads + kv_heads) * head_dim  # q and o per query head, k and v per kv head
     attention = 2 * 2 * heads * head_dim * context  # scores and weighted values
     mlp_matrices = 3 if config.mlp_type == "swiglu" else 2
     mlp = mlp_matrices * 2 * hidden * config.intermediate_size
-    routers = 2 * hidden * (heads + config.num_mlp_experts)
+    routers = 2 * hidden * (kv_heads + config.num_mlp_experts)
     lm_head = 2 * hidden * config.vocab_size if include_lm_head else 0
 
     breakdown = {
         "attention_projections": layers * projections * head_share,
-        # a query in head h meets only the keys that also chose h
+        # a query head of group g meets only the keys that also chose g
         "attention_scores": layers * attention * head_share * head_share,
         "mlp": layers * mlp * mlp_share,
         "routers": layers * routers,

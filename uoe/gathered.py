@@ -487,17 +487,23 @@ def self_list_attention(
     dropout: float = 0.0,
     segment: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of every list with itself (no KV cache): flat buffers `(rows, d)` in, `(rows, d)` out.
+    """Attention of every list with itself (no KV cache): flat buffers in, `(rows, group * d)` out.
 
+    A list is one head group's tokens: `query` rows `(rows, group * d)` hold the group's query heads side by side,
+    `key` and `value` rows `(rows, d)` its one key/value head (`group = 1`: multi-head attention).
     Causal attention is causal in list order (lists are in token order). `segment` (`(rows,)` packed-sequence ids
     of the buffer rows) keeps attention inside each packed sequence. Padding rows get finite values never read.
     """
+    head_dim = key.shape[1]
+    group = query.shape[1] // head_dim
     outputs = []
     for (first, num_lists, length), count in zip(lists.buckets, lists.bucket_count, strict=True):
         block = slice(first, first + num_lists * length)
-        q, k, v = (t[block].view(num_lists, 1, length, -1) for t in (query, key, value))
+        q = query[block].view(num_lists, length, group, head_dim).transpose(1, 2)
+        k, v = (t[block].view(num_lists, 1, length, head_dim) for t in (key, value))
+        gqa = {"enable_gqa": True} if group > 1 else {}
         if segment is None and causal:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, **gqa)
         else:
             index = torch.arange(length, device=q.device)
             valid = index < count[:, None]  # (lists, L)
@@ -508,8 +514,8 @@ def self_list_attention(
                 seg = segment[block].view(num_lists, length)
                 allowed = allowed & (seg[:, None, None, :] == seg[:, None, :, None])
             allowed = allowed | (index[None, :] == index[:, None])  # every row keeps itself: no empty softmax row
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling)
-        outputs.append(out.reshape(num_lists * length, -1))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, **gqa)
+        outputs.append(out.transpose(1, 2).reshape(num_lists * length, group * head_dim))
     return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
@@ -527,12 +533,15 @@ def cached_list_attention(
     query_segment: torch.Tensor | None = None,
     key_segment: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of new tokens' lists `(heads, batch, Lq, d)` against the cached tokens' lists `(heads, batch, Lk, d)`.
+    """Attention of new tokens' lists `(heads, batch, Lq, group * d)` against the cached tokens' lists
+    `(heads, batch, Lk, d)` (`heads` are head groups; a query row holds the group's query heads side by side).
 
     A query sees the keys of its list at token positions (`(heads, batch, L)`) no later than its own (causal), in
     its packed sequence. Rows past a list's count are padding: finite values, never read.
     """
     q_len, k_len = query.shape[2], key.shape[2]
+    groups, batch, head_dim = key.shape[0], key.shape[1], key.shape[3]
+    group = query.shape[3] // head_dim
     allowed = (torch.arange(k_len, device=query.device) < key_count[..., None])[:, :, None, :]
     if causal:
         allowed = allowed & (key_position[:, :, None, :] <= query_position[..., None])
@@ -541,7 +550,21 @@ def cached_list_attention(
     query_valid = torch.arange(q_len, device=query.device) < query_count[..., None]
     # padding rows (and lists without keys) attend everything: finite, and never read
     allowed = allowed | ~(query_valid[..., None] & allowed.any(-1, keepdim=True))
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+    if group == 1:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+    # one (group, sequence) list per batch entry, its query heads as heads sharing the one key/value head
+    query = query.reshape(groups * batch, q_len, group, head_dim).transpose(1, 2)
+    key, value = (t.reshape(groups * batch, 1, k_len, head_dim) for t in (key, value))
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=allowed.reshape(groups * batch, 1, q_len, k_len),
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2).reshape(groups, batch, q_len, group * head_dim)
 
 
 def head_weights(linear: nn.Linear, num_heads: int) -> torch.Tensor:
@@ -602,10 +625,17 @@ def output_projection(
 def rotate_pairs(
     query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: SortedPairs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE of pair rows at their tokens' original positions (`cos`/`sin`: `(batch, seq, head_dim)`)."""
-    cos = cos.reshape(-1, cos.shape[-1]).index_select(0, pairs.token)
-    sin = sin.reshape(-1, sin.shape[-1]).index_select(0, pairs.token)
-    return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+    """RoPE of pair rows at their tokens' original positions (`cos`/`sin`: `(batch, seq, head_dim)`); a query row may
+    hold several heads side by side (`(P, group * head_dim)`), each rotated alike."""
+    head_dim = cos.shape[-1]
+    cos = cos.reshape(-1, head_dim).index_select(0, pairs.token)
+    sin = sin.reshape(-1, head_dim).index_select(0, pairs.token)
+    key = key * cos + _rotate_half(key) * sin
+    if query.shape[-1] == head_dim:
+        return query * cos + _rotate_half(query) * sin, key
+    heads = query.view(query.shape[0], -1, head_dim)
+    heads = heads * cos[:, None] + _rotate_half(heads) * sin[:, None]
+    return heads.reshape(query.shape), key
 
 
 def to_dense_heads(rows: torch.Tensor, pairs: SortedPairs, batch: int, seq_len: int, heads: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ except ImportError:  # a transformers without named tensor-parallel styles: the 
     ALL_PARALLEL_STYLES, TensorParallelLayer = None, object
 
 from .configuration_uoe import CACHE_FIELD, UoEConfig
-from .conversion import uoe_config_from_llama, uoe_state_dict_from_llama
+from .conversion import uoe_config_from_dense, uoe_state_dict_from_dense
 from .gathered import (
     Slots,
     cached_list_attention,
@@ -117,7 +117,7 @@ def attention_path(attention: nn.Module, tensor: torch.Tensor, num_keys: int) ->
         return "masked"
     if config.routing_backend != "auto":
         return path
-    full_routing = attention.top_k == attention.num_heads and not config.data_capacity
+    full_routing = attention.top_k == attention.num_key_value_heads and not config.data_capacity
     if full_routing or config._attn_implementation != "sdpa":
         return "masked"
     if path == "gathered" and num_keys < GATHERED_ATTENTION_MIN_KEYS:
@@ -173,14 +173,15 @@ register_uoe_experts_kernels()
 
 
 class UoESelectiveHeadsParallel(TensorParallelLayer):
-    """TP style `"uoe_selective_heads"` of a `UoESelectiveAttention`: the rank computes heads
-    `[rank * H / tp, (rank + 1) * H / tp)` of the replicated routing (see `UoESelectiveAttention._local_heads`)."""
+    """TP style `"uoe_selective_heads"` of a `UoESelectiveAttention`: the rank computes head groups
+    `[rank * G / tp, (rank + 1) * G / tp)` (their key/value heads and query heads) of the replicated routing (see
+    `UoESelectiveAttention._local_groups`)."""
 
     def install_forward(self, module: nn.Module, mesh) -> nn.Module:
-        if module.num_heads % mesh.size():
+        if module.num_key_value_heads % mesh.size():
             raise ValueError(
-                f"Tensor parallelism gives every rank whole heads: `num_attention_heads`={module.num_heads} must be "
-                f"divisible by the tensor-parallel size {mesh.size()}."
+                "Tensor parallelism gives every rank whole head groups: `num_key_value_heads`="
+                f"{module.num_key_value_heads} must be divisible by the tensor-parallel size {mesh.size()}."
             )
         module.tp_mesh = mesh
         return module
@@ -254,7 +255,7 @@ class UoEModelOutputWithPast(MoeModelOutputWithPast):
         Router z-loss, averaged over the routed blocks.
     router_logits (`tuple(torch.FloatTensor)`, returned with `output_router_logits=True`):
         One `(batch, seq, experts)` tensor per routed block in execution order: layer 0 SMHA (experts =
-        heads), layer 0 UoME, layer 1 SMHA, ... These are the logits each token was routed with (its
+        head groups, i.e. heads without grouped-query attention), layer 0 UoME, layer 1 SMHA, ... These are the logits each token was routed with (its
         routing patch's logits).
     """
 
@@ -275,9 +276,10 @@ class UoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 class UoECacheLayer(DynamicLayer):
     """KV cache of one SMHA layer, plus the routing state incremental decoding needs.
 
-    Besides keys and values of every head it keeps, per cached token, which heads the token selected
-    (a head's keys are only visible to queries that selected the same head) and the router logits the
-    token was routed with (the next token reuses them when it belongs to the same routing patch).
+    Besides keys and values of every key/value head (one per head group) it keeps, per cached token, which
+    groups the token selected (`routing["head_selected"]`, `(batch, tokens, groups)`: a group's keys are only
+    visible to queries that selected the same group) and the router logits the token was routed with (the next
+    token reuses them when it belongs to the same routing patch).
     """
 
     def __init__(self, **kwargs):
@@ -625,10 +627,11 @@ def select_experts(
 
 
 class UoESelectiveAttention(nn.Module):
-    """Selective Multi-Head Attention: every head is an expert; each token (patch) selects `attention_top_k`
-    heads, and in head h a query that selected h attends the tokens that selected h (causally in the decoder,
-    in both directions in the encoder, within its packed sequence). The selected heads' outputs are summed
-    through `o_proj` (whose columns are the heads' slices).
+    """Selective Multi-Head Attention: every head group (one key/value head with its query heads; one head without
+    grouped-query attention) is an expert; each token (patch) selects `attention_top_k` groups, and in group g every
+    query head of a token that selected g attends the tokens that selected g (causally in the decoder, in both
+    directions in the encoder, within its packed sequence). The selected groups' outputs are summed through `o_proj`
+    (whose columns are the heads' slices). With `qk_norm`, every query and key head is RMS-normalised before RoPE.
 
     Paths (`attention_path`): the masked reference (all heads, per-head mask, unselected heads times 0), the
     gathered path (q/k/v, attention and output projection of the selected (token, head) pairs only) and the
@@ -640,19 +643,39 @@ class UoESelectiveAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads  # = the experts (head groups)
+        self.group_size = self.num_heads // self.num_key_value_heads  # query heads per group
         self.head_dim = config.head_dim
         self.top_k = config.attention_top_k
+        # The attention functions get keys and values already expanded to one per query head.
         self.num_key_value_groups = 1
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = config.is_causal
-        width = self.num_heads * self.head_dim
+        width, kv_width = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        # Query heads of group g are heads [g * group_size, (g + 1) * group_size): the group's rows of q_proj and
+        # columns of o_proj are contiguous, as are its key/value head's rows of k_proj and v_proj.
         self.q_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(width, config.hidden_size, bias=config.attention_bias)
-        self.router = UoERouter(config.hidden_size, self.num_heads)
-        self.tp_mesh = None  # set by tensor parallelism (`UoESelectiveHeadsParallel`): this rank computes its heads
+        self.q_norm = UoERMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = UoERMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.router = UoERouter(config.hidden_size, self.num_key_value_heads)
+        self.tp_mesh = None  # set by tensor parallelism (`UoESelectiveHeadsParallel`): this rank computes its groups
+
+    def _per_query_head(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Repeat a per-group axis `dim` (keys, values, selections) once per query head of the group."""
+        return x if self.group_size == 1 else x.repeat_interleave(self.group_size, dim)
+
+    def _norm_heads(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`qk_norm` of query and key rows whose last axis is whole heads (`(..., heads * head_dim)`)."""
+        if self.q_norm is None:
+            return query, key
+        shape, key_shape = query.shape, key.shape
+        query = self.q_norm(query.reshape(*shape[:-1], -1, self.head_dim)).reshape(shape)
+        key = self.k_norm(key.reshape(*key_shape[:-1], -1, self.head_dim)).reshape(key_shape)
+        return query, key
 
     def forward(
         self,
@@ -677,13 +700,14 @@ class UoESelectiveAttention(nn.Module):
             return output, None, selection.router_logits, selection.aux
 
         batch_size, seq_len, _ = hidden_states.shape
-        selected, head_gates = slots_to_dense(selection.slots, self.num_heads)  # (batch, seq, heads)
+        selected, group_gates = slots_to_dense(selection.slots, self.num_key_value_heads)  # (batch, seq, groups)
         if self.tp_mesh is not None:
-            selected, head_gates = self._local_heads(selected, head_gates)
-        hidden_shape = (batch_size, seq_len, -1, self.head_dim)  # -1: this rank's heads under tensor parallelism
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            selected, group_gates = self._local_groups(selected, group_gates)
+        query, key = self._norm_heads(self.q_proj(hidden_states), self.k_proj(hidden_states))
+        # -1: this rank's heads under tensor parallelism
+        query = query.view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        key = key.view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         key_selected, key_segments = selected, segment_ids
@@ -692,6 +716,9 @@ class UoESelectiveAttention(nn.Module):
             key_selected = cache_layer.update_routing("head_selected", selected)
             if segment_ids is not None:
                 key_segments = cache_layer.update_routing("segment_ids", segment_ids)
+        # The cache holds one key/value head per group; query head h attends with its group's.
+        key, value = self._per_query_head(key, 1), self._per_query_head(value, 1)
+        key_selected = self._per_query_head(key_selected, -1)
 
         if path == "triton":
             # Work and memory of the attention follow the selected (token, head) pairs; unselected heads are 0.
@@ -699,7 +726,7 @@ class UoESelectiveAttention(nn.Module):
                 query,
                 key,
                 value,
-                query_selected=selected,
+                query_selected=self._per_query_head(selected, -1),
                 key_selected=key_selected,
                 segment_ids=key_segments,
                 causal=self.is_causal,
@@ -709,7 +736,7 @@ class UoESelectiveAttention(nn.Module):
         else:
             # every head of every token, no padding, one sequence per row: the dense layer's attention
             dense = (
-                self.top_k == self.num_heads
+                self.top_k == self.num_key_value_heads
                 and (routing is None or routing.token_mask is None)
                 and self.config.data_capacity is None
                 and key_segments is None
@@ -717,19 +744,20 @@ class UoESelectiveAttention(nn.Module):
             attn_output, attn_weights = self._masked_attention(
                 query, key, value, key_selected, segment_ids, key_segments, dense, **kwargs
             )
-        # Union of the selected heads: unselected heads are multiplied by 0, selected ones by their gate.
+        # Union of the selected groups: unselected heads are multiplied by 0, selected ones by their group's gate.
+        head_gates = self._per_query_head(group_gates, -1)
         attn_output = attn_output * head_gates.to(attn_output.dtype)[..., None]
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
         return attn_output, attn_weights, selection.router_logits, selection.aux
 
-    def _local_heads(self, selected: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This tensor-parallel rank's columns of the replicated `(batch, seq, heads)` selection and gates. Each rank's
-        heads reach only their own gate columns, so the gates' gradient is summed over the ranks before it reaches the
-        (replicated) router."""
-        heads = self.num_heads // self.tp_mesh.size()
-        start = self.tp_mesh.get_local_rank() * heads
+    def _local_groups(self, selected: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tensor-parallel rank's columns of the replicated `(batch, seq, groups)` selection and gates. Each rank's
+        groups reach only their own gate columns, so the gates' gradient is summed over the ranks before it reaches
+        the (replicated) router."""
+        groups = self.num_key_value_heads // self.tp_mesh.size()
+        start = self.tp_mesh.get_local_rank() * groups
         gates = _SumGradientOverRanks.apply(gates, self.tp_mesh.get_group())
-        return selected[..., start : start + heads], gates[..., start : start + heads]
+        return selected[..., start : start + groups], gates[..., start : start + groups]
 
     def _masked_attention(self, query, key, value, key_selected, query_segments, key_segments, dense, **kwargs):
         """The reference path: the configured attention function with the selective (per-head) mask."""
@@ -769,14 +797,17 @@ class UoESelectiveAttention(nn.Module):
         cache_layer: "UoECacheLayer | None",
         past_length: int,
     ) -> torch.Tensor:
-        """The gathered path: only the selected (token, head) pairs are projected, attended and projected back."""
+        """The gathered path: only the selected (token, group) pairs are projected, attended and projected back. A
+        pair's query row holds its group's query heads side by side (`group_size * head_dim`), its key and value rows
+        the group's key/value head."""
         batch, seq_len, hidden = hidden_states.shape
-        heads, head_dim = self.num_heads, self.head_dim
+        heads = self.num_key_value_heads  # the experts: head groups
         if seq_len == 1 and cache_layer is not None and len(selection.slots) == 1:
             return self._gathered_decode(hidden_states, position_embeddings, selection, segment_ids, cache_layer)
         pairs = sort_pairs(selection.slots, heads, seq_len)
         rows = hidden_states.reshape(batch * seq_len, hidden).index_select(0, pairs.token)
         query, key, value = project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
+        query, key = self._norm_heads(query, key)
         if position_embeddings is not None:
             cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
             query, key = rotate_pairs(query, key, cos, sin, pairs)
@@ -835,7 +866,7 @@ class UoESelectiveAttention(nn.Module):
                 dropout,
                 query_segment,
                 key_segment,
-            ).reshape(-1, head_dim)
+            ).reshape(-1, query.shape[-1])
         head_rows = from_lists(out, lists) * pairs.gate[:, None].to(out.dtype)
         output = output_projection(head_rows, self.o_proj, pairs, selection.slots, heads)
         if self.o_proj.bias is not None:
@@ -853,23 +884,25 @@ class UoESelectiveAttention(nn.Module):
         """One new token per sequence with a KV cache: the selected heads' projections (grouped products that read
         only their weights) and, per token, attention over its selected heads' cached keys."""
         batch, _, hidden = hidden_states.shape
-        heads, head_dim, top_k = self.num_heads, self.head_dim, self.top_k
+        heads, head_dim, top_k, group = self.num_key_value_heads, self.head_dim, self.top_k, self.group_size
         block = selection.slots[0]
-        index = block.index[:, 0]  # (batch, top_k) selected heads, token-major
-        if use_token_major(batch * top_k, 3 * head_dim * hidden):
+        index = block.index[:, 0]  # (batch, top_k) selected groups, token-major
+        widths = [group * head_dim, head_dim, head_dim]  # a group's query heads, its key head, its value head
+        if use_token_major(batch * top_k, sum(widths) * hidden):
             # small heads: copy the selected slices and multiply (fewer ops than sorting and grouped products)
             projections, flat_index = (self.q_proj, self.k_proj, self.v_proj), index.reshape(-1)
-            weight = torch.cat(
-                [p.weight.view(heads, head_dim, hidden).index_select(0, flat_index) for p in projections], 1
-            )
+            weight = torch.cat([p.weight.view(heads, -1, hidden).index_select(0, flat_index) for p in projections], 1)
             qkv = torch.bmm(weight, hidden_states.repeat_interleave(top_k, 0).mT)
-            qkv = qkv.view(batch, top_k, 3 * head_dim)
+            qkv = qkv.view(batch, top_k, sum(widths))
             if self.q_proj.bias is not None:
-                qkv = qkv + torch.cat([p.bias.view(heads, head_dim) for p in projections], 1)[index]
-            query, key, value = qkv.split(head_dim, -1)
+                qkv = qkv + torch.cat([p.bias.view(heads, -1) for p in projections], 1)[index]
+            query, key, value = qkv.split(widths, -1)
+            query, key = self._norm_heads(query, key)
             if position_embeddings is not None:
-                query, key = apply_rotary_pos_emb(query[:, :, None], key[:, :, None], *position_embeddings)
-                query, key = query[:, :, 0], key[:, :, 0]
+                query, key = apply_rotary_pos_emb(
+                    query.reshape(batch, top_k * group, 1, head_dim), key[:, :, None], *position_embeddings
+                )
+                query, key = query.reshape(batch, top_k, group * head_dim), key[:, :, 0]
             gate = block.gate[:, 0].to(hidden_states.dtype)
             if block.keep is not None:  # padding selects nothing
                 keep = block.keep[:, 0].to(key.dtype)
@@ -878,18 +911,20 @@ class UoESelectiveAttention(nn.Module):
             cached_key, cached_value = cache_layer.update(
                 *(x.new_zeros(batch, heads, head_dim).scatter(1, scatter_index, x)[:, :, None] for x in (key, value))
             )
-            slot_query, pairs = query[:, :, None], None
+            # a group's query heads are its queries: (batch, top_k, group, head_dim) against the group's keys
+            slot_query, pairs = query.view(batch, top_k, group, head_dim), None
         else:
             pairs = sort_pairs(selection.slots, heads, 1)
             rows = hidden_states.reshape(batch, hidden).index_select(0, pairs.token)
             query, key, value = project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
+            query, key = self._norm_heads(query, key)
             if position_embeddings is not None:
                 cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
                 query, key = rotate_pairs(query, key, cos, sin, pairs)
             cached_key, cached_value = cache_layer.update(
                 *(to_dense_heads(x, pairs, batch, 1, heads) for x in (key, value))
             )
-            slot_query = torch.empty_like(query).index_copy_(0, pairs.order, query).view(batch, top_k, 1, head_dim)
+            slot_query = torch.empty_like(query).index_copy_(0, pairs.order, query).view(batch, top_k, group, head_dim)
         selected, _ = slots_to_dense(selection.slots, heads)
         key_selected = cache_layer.update_routing("head_selected", selected)  # (batch, keys, heads)
         num_keys = cached_key.shape[2]
@@ -904,12 +939,12 @@ class UoESelectiveAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             slot_query, keys, values, attn_mask=allowed[:, :, None], dropout_p=dropout, scale=self.scaling
         )
-        if pairs is None:  # through the selected heads' columns of o_proj
-            o_weight = self.o_proj.weight.view(hidden, heads, head_dim).index_select(1, index.reshape(-1))
-            out = out.view(batch * top_k, head_dim) * gate.reshape(-1, 1)
+        if pairs is None:  # through the selected groups' columns of o_proj
+            o_weight = self.o_proj.weight.view(hidden, heads, widths[0]).index_select(1, index.reshape(-1))
+            out = out.reshape(batch * top_k, widths[0]) * gate.reshape(-1, 1)
             output = torch.einsum("nd,cnd->nc", out, o_weight).view(batch, top_k, hidden).sum(1, keepdim=True)
             return (output if self.o_proj.bias is None else output + self.o_proj.bias).to(hidden_states.dtype)
-        head_rows = out.reshape(batch * top_k, head_dim).index_select(0, pairs.order)  # sorted order again
+        head_rows = out.reshape(batch * top_k, widths[0]).index_select(0, pairs.order)  # sorted order again
         head_rows = head_rows * pairs.gate[:, None].to(head_rows.dtype)
         if not pairs.complete:
             head_rows = head_rows.masked_fill((pairs.expert >= heads)[:, None], 0)
@@ -1446,17 +1481,20 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_dense(cls, dense_model: PreTrainedModel, **config_overrides) -> "UoEForCausalLM":
-        """Build a UoE model from a transformers `LlamaForCausalLM` by equivalent decomposition.
+        """Build a UoE model from a transformers `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` or
+        `Qwen3ForCausalLM` by equivalent decomposition.
 
-        Attention heads become SMHA experts as they are; the MLP's hidden units are cut into
-        `num_mlp_experts` consecutive slices. Routers are freshly initialised. Without overrides every
-        expert is selected (`attention_top_k = num_attention_heads`, `mlp_top_k = num_mlp_experts`) and
-        the result computes the same logits as `dense_model`; pass e.g. `attention_top_k=4, mlp_top_k=2`
-        to sparsify.
+        Attention head groups (one key/value head with its query heads; single heads without grouped-query
+        attention) become SMHA experts as they are; the MLP's hidden units are cut into `num_mlp_experts`
+        consecutive slices. Routers are freshly initialised. Without overrides every expert is selected
+        (`attention_top_k = num_key_value_heads`, `mlp_top_k = num_mlp_experts`) and the result computes the same
+        logits as `dense_model`; pass e.g. `attention_top_k=2, mlp_top_k=2` to sparsify. A model UoE cannot
+        reproduce (another architecture, a sliding window, an MLP bias, an unsupported RoPE variant, ...) raises a
+        `ValueError` naming the field.
         """
-        config = uoe_config_from_llama(dense_model.config, **config_overrides)
+        config = uoe_config_from_dense(dense_model.config, type(dense_model).__name__, **config_overrides)
         model = cls(config)
-        state_dict = uoe_state_dict_from_llama(dense_model.state_dict(), config)
+        state_dict = uoe_state_dict_from_dense(dense_model.state_dict(), config)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         # Only the routers (and a tied head) are new; anything else missing means the layouts disagree.
         missing = [name for name in missing if ".router." not in name and name != "lm_head.weight"]
