@@ -25,17 +25,18 @@ from .test_vision import vision_config
 
 FSDP_CONFIG = EXAMPLES / "fsdp_config.json"
 CHECKS = Path(__file__).with_name("distributed_checks.py")
-MODELS = ["lm", "lm_tied", "vision", "vision_no_bias"]  # the folders of the `models` fixture
+MODELS = ["lm", "lm_tied", "lm_gqa", "vision", "vision_no_bias"]  # the folders of the `models` fixture
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """`lm`: the tests' tiny sparse UoE (2 of 4 heads, 2 of 4 experts) with router losses large enough to show in the
-    loss (doubling them would move it by about 0.15); `lm_tied`: with the LM head tied to the embeddings; `vision` / `vision_no_bias`: the vision tests' image classifier
+    loss (doubling them would move it by about 0.15); `lm_tied`: with the LM head tied to the embeddings; `lm_gqa`: 4 query heads in 2 key/value groups, 1 selected; `vision` / `vision_no_bias`: the vision tests' image classifier
     (routing patches, CLS through every expert) with and without MLP biases."""
     folder = tmp_path_factory.mktemp("models")
     tiny_model(router_aux_loss_coef=0.1, router_z_loss_coef=0.01).save_pretrained(folder / "lm")
     tiny_model(tie_word_embeddings=True).save_pretrained(folder / "lm_tied")
+    tiny_model(num_key_value_heads=2, attention_top_k=1).save_pretrained(folder / "lm_gqa")  # a group per rank
     for name, mlp_bias in (("vision", True), ("vision_no_bias", False)):
         torch.manual_seed(0)
         model = UoEForImageClassification(vision_config(mlp_bias=mlp_bias))
@@ -79,7 +80,7 @@ def test_tensor_parallel_plan_shards_heads_and_experts(tp_run, model):
         for name, param in params.items():
             local, full = param["local_shape"], param["full_shape"]
             if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-                assert local == [full[0] // tp, full[1]], name  # whole heads: 2 of the 4 heads' rows
+                assert local == [full[0] // tp, full[1]], name  # whole head groups: half the heads' rows
             elif name.endswith("o_proj.weight"):
                 assert local == [full[0], full[1] // tp], name
             elif name.endswith(("experts.gate_up_proj", "experts.up_proj")):
@@ -139,7 +140,7 @@ def test_tensor_parallel_model_saves_whole(models, tp_run, model):
 def test_tensor_parallel_styles_refuse_uneven_splits():
     mesh = SimpleNamespace(size=lambda: 3)
     layer = tiny_model(num_attention_heads=4, intermediate_size=64, num_mlp_experts=4).model.layers[0]
-    with pytest.raises(ValueError, match="num_attention_heads"):
+    with pytest.raises(ValueError, match="num_key_value_heads"):
         UoESelectiveHeadsParallel().install_forward(layer.self_attn, mesh)
     with pytest.raises(ValueError, match="mlp_expert_size"):  # 16 units per expert
         UoEUnionMLPParallel().install_forward(layer.mlp, mesh)
