@@ -409,8 +409,9 @@ def model_loss_and_grads(model, **inputs):
         dict(gate_mode="union"),
         dict(gate_mode="weighted", router_score_func="sigmoid", routing_patch_size=3),
         dict(mlp_type="gelu", attention_top_k=1, mlp_top_k=3),
+        dict(gate_mode="weighted", attention_top_k=1, mlp_top_k=1, router_aux_loss_coef=0.0),
     ],
-    ids=["union", "weighted_sigmoid_patches", "gelu_top1"],
+    ids=["union", "weighted_sigmoid_patches", "gelu_top1", "weighted_top1"],
 )
 def test_causal_lm_with_triton_backend_matches_reference(overrides, kernel_calls):
     """The whole UoEForCausalLM: logits, loss and every parameter's gradient (routers included), on a
