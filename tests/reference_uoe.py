@@ -40,7 +40,9 @@ def _select(logits: torch.Tensor, top_k: int, score_func: str, gate_mode: str) -
     return {e: scores[e] / total for e in order}
 
 
-def reference_logits(model, input_ids: list[int], router_weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def reference_logits(
+    model, input_ids: list[int], router_weights: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Logits `(seq, vocab)` of one unpadded sequence, in float64.
 
     `router_weights` replaces the model's router weights by the given tensors (state-dict names), e.g. float64
