@@ -214,7 +214,10 @@ def test_greedy_generate_same_with_and_without_cache(patch_size):
     assert torch.equal(with_cache, without_cache)
 
 
-def test_batched_generation_with_left_padding_matches_single_generation():
+def test_left_padded_cached_generation_logits_equal_each_sequence_alone_without_cache():
+    """Batched greedy generation with left padding and the cache: every step's logits equal, within 1e-4, those
+    of a full forward pass without cache of that sequence alone (prompt + generated tokens), and so do the tokens
+    of one-by-one generation."""
     model = tiny_model(routing_patch_size=2)
     torch.manual_seed(3)
     prompts = [torch.randint(1, 61, (n,)) for n in (3, 8, 5)]
@@ -223,18 +226,53 @@ def test_batched_generation_with_left_padding_matches_single_generation():
     mask = torch.zeros_like(batch)
     for i, prompt in enumerate(prompts):
         batch[i, width - len(prompt) :], mask[i, width - len(prompt) :] = prompt, 1
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    batched = model.generate(batch, attention_mask=mask, **kwargs)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    batched = model.generate(batch, attention_mask=mask, use_cache=True, output_logits=True, **kwargs)
+    step_logits = torch.stack(batched.logits, dim=1)  # (batch, 8, vocab)
     for i, prompt in enumerate(prompts):
-        single = model.generate(prompt[None], **kwargs)
-        assert torch.equal(batched[i, width:], single[0, len(prompt) :])
+        generated = batched.sequences[i, width:]
+        with torch.no_grad():
+            alone = model(torch.cat([prompt, generated])[None], use_cache=False).logits[0]
+        expected = alone[len(prompt) - 1 : len(prompt) - 1 + 8]
+        torch.testing.assert_close(step_logits[i], expected, rtol=0, atol=1e-4)
+        single = model.generate(prompt[None], **kwargs).sequences
+        assert torch.equal(generated, single[0, len(prompt) :])
 
 
-def test_beam_search_runs_with_routing_state():
+def test_beam_search_scores_equal_a_full_forward_of_the_returned_beams():
+    """Beam search with the routing cache: every returned beam's `sequences_scores` is the sum of its generated
+    tokens' log-probabilities under a full forward pass without cache, divided by `generated_length **
+    length_penalty`; and the masked path without cache returns the same beams."""
     model = tiny_model(routing_patch_size=2)
-    prompt = torch.randint(0, 61, (2, 5))
-    out = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
-    assert out.shape == (2, 11)
+    torch.manual_seed(5)
+    prompt = torch.randint(1, 61, (2, 5))
+    kwargs = dict(
+        max_new_tokens=6,
+        num_beams=3,
+        num_return_sequences=3,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,  # every beam runs the full 6 tokens
+        length_penalty=0.5,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    out = model.generate(prompt, use_cache=True, **kwargs)
+    assert out.sequences.shape == (6, 11)
+    assert torch.equal(out.sequences[:, :5], prompt.repeat_interleave(3, 0))
+    with torch.no_grad():
+        log_probs = model(out.sequences, use_cache=False).logits.log_softmax(-1)
+    generated = out.sequences[:, 5:]
+    total = log_probs[:, 4:-1].gather(-1, generated[..., None])[..., 0].sum(-1)
+    torch.testing.assert_close(out.sequences_scores, total / 6**0.5, rtol=0, atol=1e-4)
+    scores = out.sequences_scores.view(2, 3)
+    assert torch.equal(scores, scores.sort(dim=-1, descending=True).values)  # best beam first
+    assert len({tuple(row) for row in generated.tolist()}) == 6  # distinct beams
+
+    masked = tiny_model(routing_patch_size=2, routing_backend="masked")
+    reference = masked.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(reference.sequences, out.sequences)
+    torch.testing.assert_close(reference.sequences_scores, out.sequences_scores, rtol=0, atol=1e-4)
 
 
 # -- gradients and training modes ------------------------------------------------------------------
@@ -394,13 +432,27 @@ def test_grouped_mm_experts_backend_matches_reference():
 
 
 @pytest.mark.slow
-def test_torch_compile_forward_matches_eager():
-    model = tiny_model(routing_patch_size=2)
-    input_ids = torch.randint(0, 61, (2, 9))
-    with torch.no_grad():
-        expected = model(input_ids).logits
-        actual = torch.compile(model)(input_ids).logits
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+def test_torch_compile_fullgraph_training_step_matches_eager():
+    """The masked path compiles as one graph (`fullgraph=True`: no graph break, no host read) with its backward;
+    loss and every gradient match eager within 1e-5 relative. `aot_eager` traces forward and backward as Inductor
+    would but skips code generation, which keeps the test fast; the gathered path is compiled with Inductor in
+    `test_gathered.py`."""
+    eager = tiny_model(routing_patch_size=2, routing_backend="masked").train()
+    compiled_model = tiny_model(routing_patch_size=2, routing_backend="masked").train()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    input_ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(15))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    losses = []
+    for run in (eager, compiled):
+        out = run(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        out.loss.backward()
+        losses.append((out.loss.detach(), out.logits.detach()))
+    assert max_rel_error(losses[1][0], losses[0][0]) <= 1e-5
+    assert max_rel_error(losses[1][1], losses[0][1]) <= 1e-5
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        assert p.grad is not None and max_rel_error(q.grad, p.grad) <= 1e-5, name
 
 
 # -- 7. bad input ----------------------------------------------------------------------------------
