@@ -312,6 +312,53 @@ def test_router_gradients_equal_plain_loop_reference(gate_mode, top_k, backend):
         assert max_rel_error(params[name].grad, grad) <= 1e-5, name
 
 
+@pytest.mark.parametrize("backend", ["masked", "gathered"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("gate_mode", ["union", "weighted"])
+@pytest.mark.parametrize("block", ["self_attn", "mlp"])
+def test_router_gradient_equals_chain_rule_through_free_gate_leaves(block, gate_mode, top_k, backend, monkeypatch):
+    """One routed block on a fixed input: the router's gradient equals dL/dgate, taken with every gate replaced by
+    a free leaf of the same value, pushed through what the gate is as a function of the scores: the score itself
+    in union mode (straight through) and at weighted top-1, `s / sum(top-k s)` at weighted top-k > 1."""
+    from uoe import modeling_uoe
+    from uoe.modeling_uoe import RoutingInputs
+
+    model = tiny_model(gate_mode=gate_mode, attention_top_k=top_k, mlp_top_k=top_k, routing_backend=backend).double()
+    module = getattr(model.model.layers[0], block)
+    torch.manual_seed(6)
+    hidden = torch.randn(2, 9, 32, dtype=torch.float64)
+    weights = torch.randn(2, 9, 32, dtype=torch.float64)
+    routing = RoutingInputs(source_index=None, token_mask=None, segment_ids=None, router_losses=False)
+    rotary = model.model.rotary_emb(hidden, position_ids=torch.arange(9)[None])
+
+    def block_loss() -> torch.Tensor:
+        out = module(hidden, rotary, routing)[0] if block == "self_attn" else module(hidden, routing)[0]
+        return (out * weights).sum()
+
+    block_loss().backward()
+    actual = module.router.weight.grad.clone()
+
+    recorded = []
+    real_select = modeling_uoe.select_top_k
+
+    def select_with_free_gates(scores, k, mode):
+        index, gates = real_select(scores, k, mode)
+        leaf = gates.detach().clone().requires_grad_(True)
+        recorded.append((scores, index, leaf))
+        return index, leaf
+
+    monkeypatch.setattr(modeling_uoe, "select_top_k", select_with_free_gates)
+    block_loss().backward()
+    ((scores, index, leaf),) = recorded
+    chosen = scores.gather(-1, index)
+    as_function = chosen if gate_mode == "union" or top_k == 1 else chosen / chosen.sum(-1, keepdim=True)
+    if gate_mode == "weighted":
+        torch.testing.assert_close(leaf.detach(), as_function.detach(), rtol=0, atol=0)  # the gate values
+    (expected,) = torch.autograd.grad(as_function, module.router.weight, leaf.grad)
+    assert expected.abs().max() > 1e-4
+    assert max_rel_error(actual, expected) <= 1e-6
+
+
 def test_union_gates_do_not_scale_outputs():
     """In union mode the router's scores only enter the gradient: scaling the router weights (which
     keeps the top-k choice) must leave the logits bit-for-bit unchanged."""
