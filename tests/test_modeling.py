@@ -484,8 +484,9 @@ def test_torch_compile_fullgraph_training_step_matches_eager():
     loss and every gradient match eager within 1e-5 relative. `aot_eager` traces forward and backward as Inductor
     would but skips code generation, which keeps the test fast; the gathered path is compiled with Inductor in
     `test_gathered.py`."""
-    eager = tiny_model(routing_patch_size=2, routing_backend="masked").train()
-    compiled_model = tiny_model(routing_patch_size=2, routing_backend="masked").train()
+    # one layer keeps tracing short; the graph is the same for every layer
+    eager = tiny_model(routing_patch_size=2, routing_backend="masked", num_hidden_layers=1).train()
+    compiled_model = tiny_model(routing_patch_size=2, routing_backend="masked", num_hidden_layers=1).train()
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     input_ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(15))
     attention_mask = torch.ones_like(input_ids)

@@ -48,7 +48,9 @@ def test_trainer_with_gradient_checkpointing_learns_and_logs_router_stats(tmp_pa
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[UoERouterStatsCallback()])
     forwards = []  # each training forward's router losses, recorded here independently of the callback
-    model.register_forward_hook(lambda m, a, out: forwards.append((float(out.aux_loss), float(out.router_z_loss))))
+    model.register_forward_hook(
+        lambda m, a, out: forwards.append((float(out.aux_loss.detach()), float(out.router_z_loss.detach())))
+    )
     trainer.train()
     assert model.model.layers[0].gradient_checkpointing
 
