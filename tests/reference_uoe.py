@@ -35,19 +35,29 @@ def _rope(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
     return out
 
 
-def _select(logits: torch.Tensor, top_k: int, score_func: str, gate_mode: str) -> dict[int, float]:
+def _select(logits: torch.Tensor, top_k: int, score_func: str, gate_mode: str) -> dict[int, torch.Tensor]:
+    """Each selected expert's gate, as a 0-dim tensor that carries the router's gradient."""
     scores = torch.softmax(logits, -1) if score_func == "softmax" else torch.sigmoid(logits)
-    order = sorted(range(len(scores)), key=lambda e: -float(scores[e]))[:top_k]
-    if gate_mode == "union":
-        return {e: 1.0 for e in order}
-    total = sum(float(scores[e]) for e in order)
-    return {e: float(scores[e]) / total for e in order}
+    order = sorted(range(len(scores)), key=lambda e: -float(scores[e].detach()))[:top_k]
+    if gate_mode == "union":  # value 1, gradient of the score (straight through)
+        return {e: 1.0 + scores[e] - scores[e].detach() for e in order}
+    if top_k == 1:  # Switch: the raw score (renormalised it would be the constant 1)
+        return {order[0]: scores[order[0]]}
+    total = sum(scores[e] for e in order)
+    return {e: scores[e] / total for e in order}
 
 
-def reference_logits(model, input_ids: list[int]) -> torch.Tensor:
-    """Logits `(seq, vocab)` of one unpadded sequence, in float64."""
+def reference_logits(
+    model, input_ids: list[int], router_weights: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Logits `(seq, vocab)` of one unpadded sequence, in float64.
+
+    `router_weights` replaces the model's router weights by the given tensors (state-dict names), e.g. float64
+    leaves that require grad, so that autograd through this loop gives the routers' gradients.
+    """
     cfg = model.config
     sd = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
+    sd.update(router_weights or {})
     heads, head_dim, patch = cfg.num_attention_heads, cfg.head_dim, cfg.routing_patch_size
     kv_heads = cfg.num_key_value_heads
     group_size = heads // kv_heads

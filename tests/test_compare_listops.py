@@ -41,12 +41,19 @@ def test_quick_mode_reports_every_model(tmp_path):
         assert row["runs"] == 1 and not row["failed"], name
         for key in ("parameters", "analytic_flops", "counted_flops_probe"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key)
-        assert 0.0 <= row["accuracy"][0] <= 1.0 and math.isfinite(row["final_train_loss"][0])
+        assert math.isfinite(row["final_train_loss"][0])
+        run = payload["runs"][name][0]
+        assert run["eval_examples"] == 48  # every test expression scored once
+        correct = row["accuracy"][0] * 48  # a share of 48 predictions (harness.evaluate is checked by hand below)
+        assert abs(correct - round(correct)) < 1e-9 and run["accuracy"] == row["accuracy"][0]
         assert row["train_sequences_per_s"][0] > 0
     assert rows["uoe"]["parameters"] == rows["dense"]["parameters"]  # same model, different routing
     assert rows["uoe"]["analytic_flops"] < 0.7 * rows["dense"]["analytic_flops"]
-    assert 0.0 < payload["majority_class"]["test_accuracy"] < 1.0
     assert sum(payload["test_label_counts"].values()) == 48
+    train_counts, test_counts = payload["train_label_counts"], payload["test_label_counts"]
+    majority = max(train_counts, key=train_counts.get)  # the most frequent training label
+    assert str(payload["majority_class"]["label"]) == majority
+    assert payload["majority_class"]["test_accuracy"] == pytest.approx(test_counts.get(majority, 0) / 48, abs=1e-12)
 
     text = results_md.read_text()
     assert "vision stays" in text and cl.SECTION in text
@@ -148,3 +155,27 @@ def test_too_long_sequence_is_refused():
     model = cl.UoESequenceClassifier(cl.listops_config("uoe", 16))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.full((1, 40), listops.CLS_ID))
+
+
+def test_evaluate_accuracy_is_the_share_of_correct_predictions_over_all_batches():
+    """`harness.evaluate` against a hand count, on uneven batches (a mean of per-batch accuracies would give
+    (2/3 + 1/5 + 1) / 3 = 0.622 instead of 4/9 = 0.444) and a model that records its mode."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.modes = []
+
+        def forward(self, predictions):
+            self.modes.append(self.training)
+            return torch.nn.functional.one_hot(predictions, 4).float()
+
+    batches = [
+        ({"predictions": torch.tensor([0, 1, 2])}, torch.tensor([0, 1, 3])),  # 2 of 3
+        ({"predictions": torch.tensor([3, 3, 3, 3, 3])}, torch.tensor([0, 1, 2, 3, 0])),  # 1 of 5
+        ({"predictions": torch.tensor([2])}, torch.tensor([2])),  # 1 of 1
+    ]
+    model = Fixed().train()
+    result = harness.evaluate(model, iter(batches), lambda m, inputs: m(**inputs))
+    assert result["accuracy"] == pytest.approx(4 / 9, abs=1e-12) and result["eval_examples"] == 9
+    assert model.modes == [False] * 3 and model.training  # evaluated in eval mode, handed back in train mode

@@ -71,7 +71,10 @@ def test_quick_mode_reports_every_model(tmp_path):
         assert row["runs"] == 1 and not row["failed"], name
         for key in ("parameters", "analytic_flops", "counted_flops"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key)
-        assert 0.0 <= row["accuracy"][0] <= 1.0
+        run = payload["runs"][name][0]
+        assert run["eval_examples"] == 200  # every test image scored once
+        correct = row["accuracy"][0] * 200  # a share of 200 predictions (harness.evaluate: test_compare_listops)
+        assert abs(correct - round(correct)) < 1e-9 and run["accuracy"] == row["accuracy"][0]
         assert row["train_images_per_s"][0] > 0 and row["eval_images_per_s"][0] > 0
     # FLOP matching and parameter matching hold in the actual run
     uoe_active = rows["uoe"]["analytic_flops"]

@@ -373,9 +373,12 @@ def test_the_gathered_path_computes_a_fraction_of_the_dense_flops():
 
 @pytest.mark.slow
 def test_compiled_training_step_equals_eager():
+    """Inductor with `fullgraph=True`: under `torch.compile` the gathered path replaces its host reads (list
+    lengths, packed-row check) by static bounds, so forward and backward are one graph each. Loss within 1e-5,
+    gradients within 1e-4 relative (Inductor fuses and reorders float32 sums)."""
     eager = tiny_model(routing_patch_size=2, routing_backend="gathered").train()
     compiled_model = tiny_model(routing_patch_size=2, routing_backend="gathered").train()
-    compiled = torch.compile(compiled_model)
+    compiled = torch.compile(compiled_model, fullgraph=True)
     input_ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(14))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :3] = 0

@@ -286,3 +286,18 @@ def test_pytorch_backends_never_call_the_kernels_on_cpu(backend, monkeypatch):
     logits = tiny_model(routing_backend=backend)(input_ids).logits
     expected = tiny_model(routing_backend="masked")(input_ids).logits
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_triton_skips_the_kernel_suites_outside_ci_and_fails_in_ci(monkeypatch):
+    """`require_triton` (called at the top of the Triton test modules): a skip where Triton is missing, an
+    ImportError when `CI` is set, so that CI cannot pass with the kernel suite skipped."""
+    from .helpers import require_triton
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require_triton()
+    for value in ("1", "true"):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(ImportError):
+            require_triton()

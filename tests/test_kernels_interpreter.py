@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+from .helpers import require_triton
+
+require_triton()  # a skip outside CI, an error in CI
 
 from uoe.kernels_common import triton_module  # noqa: E402
 from uoe.kernels_routing import compact_selection, expert_routing_metadata  # noqa: E402
@@ -409,8 +411,9 @@ def model_loss_and_grads(model, **inputs):
         dict(gate_mode="union"),
         dict(gate_mode="weighted", router_score_func="sigmoid", routing_patch_size=3),
         dict(mlp_type="gelu", attention_top_k=1, mlp_top_k=3),
+        dict(gate_mode="weighted", attention_top_k=1, mlp_top_k=1, router_aux_loss_coef=0.0),
     ],
-    ids=["union", "weighted_sigmoid_patches", "gelu_top1"],
+    ids=["union", "weighted_sigmoid_patches", "gelu_top1", "weighted_top1"],
 )
 def test_causal_lm_with_triton_backend_matches_reference(overrides, kernel_calls):
     """The whole UoEForCausalLM: logits, loss and every parameter's gradient (routers included), on a
@@ -429,6 +432,31 @@ def test_causal_lm_with_triton_backend_matches_reference(overrides, kernel_calls
     for name, grad in expected[2].items():
         assert grad is not None and grad.abs().max() > 0, f"{name} has no gradient in the reference"
         assert_close(actual[2][name], grad, f"grad {name}")
+
+
+@pytest.mark.parametrize("gate_mode", ["union", "weighted"])
+def test_top1_router_gradients_through_the_kernels_equal_the_plain_loop_reference(gate_mode, kernel_calls):
+    """At top-1 (heads and experts) the kernels receive the gates the routing code computed (union
+    straight-through, weighted: the raw score): both routers' task gradients equal float64 autograd through the
+    plain-loop reference of `tests/reference_uoe.py` (float32 model, hence 1e-4)."""
+    from .reference_uoe import reference_logits
+
+    model = tiny_model(
+        gate_mode=gate_mode, attention_top_k=1, mlp_top_k=1, router_aux_loss_coef=0.0, routing_backend="triton"
+    ).train()
+    input_ids = torch.randint(0, 61, (11,), generator=torch.Generator().manual_seed(16)).tolist()
+    ids = torch.tensor([input_ids])
+    model(ids, labels=ids).loss.backward()
+    assert kernel_calls == {"attention": 2, "experts": 2}
+    names = [n for n, _ in model.named_parameters() if ".router." in n]
+    leaves = {n: p.detach().double().clone().requires_grad_(True) for n, p in model.named_parameters() if n in names}
+    logits = reference_logits(model, input_ids, router_weights=leaves)
+    loss = F.cross_entropy(logits[:-1], torch.tensor(input_ids[1:]))
+    expected = torch.autograd.grad(loss, list(leaves.values()))
+    params = dict(model.named_parameters())
+    for name, grad in zip(names, expected, strict=True):
+        assert grad.abs().max() > 1e-4, name
+        assert_close(params[name].grad.double(), grad, name)
 
 
 def test_causal_lm_with_triton_backend_on_packed_rows_matches_masked(kernel_calls):

@@ -99,7 +99,8 @@ class UoEConfig(PreTrainedConfig):
             `ceil(data_capacity * num_patches)` of the patches that chose it. Only for bidirectional
             models; `None` disables it.
         gate_mode: `"union"` adds the selected experts with weight exactly 1 and passes the router gradient
-            straight through; `"weighted"` multiplies by the renormalised top-k scores (Mixtral style).
+            straight through; `"weighted"` multiplies by the top-k scores renormalised to sum to 1 (Mixtral
+            style) or, at top-1, by the selected expert's raw score (Switch style, so the router is trained).
         router_score_func: `"softmax"` or `"sigmoid"` router scores.
         router_aux_loss_coef: Weight of the Switch-style load-balancing loss added to `loss`.
         router_z_loss_coef: Weight of the router z-loss added to `loss`.

@@ -6,7 +6,7 @@ The function is the one every experts back-end computes (see `UoESwiGLUExperts` 
 
 with `act` SwiGLU (`silu(gate) * up`, W1 = `gate_up_proj` = [gate rows; up rows]) or exact (erf) GELU
 (W1 = `up_proj`). `top_k_weights` are the gate factors: the union gates of value 1 (whose gradient reaches
-the router) or renormalised scores; the op returns their gradient.
+the router) or the weighted-mode scores (`routing.select_top_k`); the op returns their gradient.
 
 Pipeline (ScatterMoE-style, one job per kernel; each kernel's reference is the `*_reference` function of
 the same name here, and the tests hold every kernel to it):

@@ -77,7 +77,9 @@ def select_top_k(scores: torch.Tensor, top_k: int, gate_mode: str) -> tuple[torc
 
     `gate_mode="union"` gives gates whose value is exactly 1 (the experts' outputs are summed, as in
     the dense layer) but whose gradient is the score's, `1 + s - stop_grad(s)`, so routers learn.
-    `gate_mode="weighted"` gives the top-k scores renormalised to sum to 1.
+    `gate_mode="weighted"` gives, for `top_k > 1`, the top-k scores renormalised to sum to 1 (Mixtral); for
+    `top_k == 1`, the selected expert's raw score (Switch Transformer): renormalising a single score would
+    make the gate exactly 1 and cut the router off from the task gradient.
 
     Returns:
         `(top_k_index, top_k_gates)`, both `(..., top_k)`; gates are float32.
@@ -85,6 +87,8 @@ def select_top_k(scores: torch.Tensor, top_k: int, gate_mode: str) -> tuple[torc
     top_scores, top_index = torch.topk(scores, top_k, dim=-1)
     if gate_mode == "union":
         gates = 1.0 + (top_scores - top_scores.detach())
+    elif top_k == 1:
+        gates = top_scores
     else:
         gates = top_scores / top_scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(top_scores.dtype).tiny)
     return top_index, gates
