@@ -215,7 +215,9 @@ def fit_router(inputs: torch.Tensor, contributions: torch.Tensor, ridge: float =
     """
     x = inputs.double()
     c = contributions.double()
-    target = torch.log(c + 1e-6 * c.mean().clamp_min(torch.finfo(torch.float64).tiny))
+    # contributions below a millionth of the token's largest count as that (no log of 0)
+    floor = 1e-6 * c.amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    target = torch.log(torch.maximum(c, floor))
     target = target - target.mean(dim=1, keepdim=True)
     gram = x.T @ x
     gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
