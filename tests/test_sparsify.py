@@ -75,6 +75,25 @@ def test_full_routing_is_exact(num_mlp_experts, tie_word_embeddings):
     assert report.dense_loss == pytest.approx(report.sparse_loss, rel=1e-5)
 
 
+def test_padding_is_left_out_of_the_statistics():
+    """Right-padded calibration batches with an attention mask give the same sparse model as the unpadded tokens."""
+    model = UoEForCausalLM.from_dense(tiny_llama())
+    ids = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([ids, torch.randint(0, 128, (4, 8))], dim=1)
+    mask = torch.cat([torch.ones(4, 24), torch.zeros(4, 8)], dim=1).long()
+    plain, _ = sparsify(model, [ids], attention_top_k=2, mlp_top_k=2)
+    masked, report = sparsify(
+        model,
+        [{"input_ids": padded, "attention_mask": mask}],
+        attention_top_k=2,
+        mlp_top_k=2,
+        held_out_batches=[{"input_ids": padded, "attention_mask": mask}],
+    )
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(masked.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert report.num_tokens == 4 * 24
+
+
 def test_attention_group_outputs_sum_to_the_attention_output():
     torch.manual_seed(0)
     heads, head_dim, hidden, tokens = 4, 8, 16, 10

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -382,7 +382,6 @@ class SparsifyReport:
     num_tokens: int
     dense_loss: float
     sparse_loss: float
-    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def dense_perplexity(self) -> float:
