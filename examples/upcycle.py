@@ -12,7 +12,7 @@ token of the dense model, of the sparse model with random routers and the contig
 data-driven initialisation, before and after fine-tuning, and of a UoE of the same shape trained from scratch
 on the fine-tuning budget.
 
-    python examples/upcycle.py                         # the full run, ~13 minutes on 2 CPU cores
+    python examples/upcycle.py                         # the full run, ~10 minutes on 2 CPU cores (estimate)
     python examples/upcycle.py --quick                 # tiny sizes, < 1 minute: checks the plumbing
     python examples/upcycle.py --model_name_or_path runs/upcycle/dense   # start from a saved dense Llama
 

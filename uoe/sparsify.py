@@ -206,12 +206,15 @@ def cluster_mlp_units(unit_activations: torch.Tensor, down: torch.Tensor, num_ex
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def fit_router(inputs: torch.Tensor, contributions: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+def fit_router(
+    inputs: torch.Tensor, contributions: torch.Tensor, ridge: float = 1e-3, consistency: float = 0.0
+) -> torch.Tensor:
     """Router weight `(experts, hidden)` whose logits predict the per-token log contribution of each expert.
 
     Ridge least squares, in float64, from `(tokens, hidden)` router inputs to `log(contributions)` centred per
     token (a per-token constant changes neither softmax nor any ranking). `ridge` is relative to the mean
-    eigenvalue of the inputs' second-moment matrix.
+    eigenvalue of the inputs' second-moment matrix. `consistency` adds that multiple of each expert's mean target
+    to every token's target, which makes tokens agree more on their experts.
     """
     x = inputs.double()
     c = contributions.double()
@@ -219,6 +222,7 @@ def fit_router(inputs: torch.Tensor, contributions: torch.Tensor, ridge: float =
     floor = 1e-6 * c.amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     target = torch.log(torch.maximum(c, floor))
     target = target - target.mean(dim=1, keepdim=True)
+    target = target + consistency * target.mean(dim=0, keepdim=True)
     gram = x.T @ x
     gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram, x.T @ target).T
@@ -585,6 +589,7 @@ def sparsify(
     max_calibration_tokens: int = 16384,
     kmeans_iterations: int = 30,
     ridge: float = 1e-3,
+    attention_consistency: float = 3.0,
     seed: int = 0,
 ) -> tuple[UoEForCausalLM, SparsifyReport | None]:
     """Turn a UoE causal LM into a sparse one that starts close to its full-routing (dense) function.
@@ -609,6 +614,10 @@ def sparsify(
         max_calibration_tokens: non-padding tokens the statistics use.
         kmeans_iterations: iterations of the balanced k-means.
         ridge: relative ridge of the router fit (`fit_router`).
+        attention_consistency: `consistency` of the attention routers' fit. A group only sees the keys of tokens
+            that also selected it, so attention keeps more of the dense output when tokens agree on their groups
+            (measured on a small trained Llama with half the groups: kept 0.27 at 0 -> 0.45 at 3, flat to 10;
+            the MLP, without that coupling, is best at 0).
         seed: seed of the k-means initialisation and of newly initialised routers.
 
     Returns:
@@ -671,7 +680,9 @@ def sparsify(
                 )
                 state_dict[prefix + "mlp.router.weight"] = router.to(layer.mlp.router.weight)
         if fit_routers:
-            attention_router = fit_router(stats["attn_in"][index], stats["attn_c"][index], ridge)
+            attention_router = fit_router(
+                stats["attn_in"][index], stats["attn_c"][index], ridge, consistency=attention_consistency
+            )
             state_dict[prefix + "self_attn.router.weight"] = attention_router.to(layer.self_attn.router.weight)
             sizes = _expert_outputs(flat, act_fn, stats["mlp_in"][index], num_mlp_experts).norm(dim=-1)
             mlp_router = fit_router(stats["mlp_in"][index], sizes, ridge)
