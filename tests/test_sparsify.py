@@ -42,9 +42,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("num_mlp_experts", [4, 8])
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
-def test_full_routing_is_exact(num_mlp_experts, tie_word_embeddings):
-    """Clustering permutes the MLP's hidden units (here into 4 or 8 experts): at full routing nothing changes."""
-    llama = tiny_llama(tie_word_embeddings=tie_word_embeddings)
+@pytest.mark.parametrize("num_key_value_heads", [4, 2])
+def test_full_routing_is_exact(num_mlp_experts, tie_word_embeddings, num_key_value_heads):
+    """Clustering permutes the MLP's hidden units (here into 4 or 8 experts): at full routing nothing changes, with
+    multi-head and grouped-query attention (2 key/value groups of 2 query heads)."""
+    llama = tiny_llama(tie_word_embeddings=tie_word_embeddings, num_key_value_heads=num_key_value_heads)
     model = UoEForCausalLM.from_dense(llama)
     generator = torch.Generator().manual_seed(1)
     calibration = [torch.randint(0, 128, (4, 32), generator=generator) for _ in range(2)]
@@ -52,7 +54,7 @@ def test_full_routing_is_exact(num_mlp_experts, tie_word_embeddings):
     sparse, report = sparsify(
         model,
         calibration,
-        attention_top_k=4,
+        attention_top_k=num_key_value_heads,
         mlp_top_k=num_mlp_experts,
         num_mlp_experts=num_mlp_experts,
         held_out_batches=held_out,

@@ -17,6 +17,7 @@ from .configuration_uoe import UoEConfig
 from .flops import FlopsEstimate, estimate_flops_per_token
 from .modeling_uoe import UoECacheLayer, UoEForCausalLM, UoEModel, UoEPreTrainedModel
 from .modeling_uoe_vision import UoEForImageClassification, UoEImageClassifierOutput, UoEVisionModel
+from .sparsify import SparsifyReport, retention_report, sparsify
 
 # The image processor needs Pillow (transformers' "vision" extra); the models do not.
 if is_vision_available():
@@ -75,8 +76,11 @@ __all__ = [
     "UoEModel",
     "UoEPreTrainedModel",
     "UoERouterStatsCallback",
+    "SparsifyReport",
     "UoEVisionModel",
     "estimate_flops_per_token",
+    "retention_report",
+    "sparsify",
 ]
 
 if is_vision_available():
