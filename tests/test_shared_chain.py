@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from uoe import UoEConfig, UoEForCausalLM, estimate_flops_per_token
+from uoe import UoEConfig, UoEForCausalLM, UoERouterStatsCallback, estimate_flops_per_token
 from uoe.modeling_uoe import UoERouter, select_experts
 
 from .helpers import require_triton, returned_cache, tiny_config, tiny_model
@@ -110,8 +110,13 @@ REFERENCE_CASES = {
     "shared_union": dict(SHARED),
     "shared_weighted_patches": dict(SHARED, gate_mode="weighted", routing_patch_size=2),
     "shared_gqa": dict(
-        num_attention_heads=8, num_key_value_heads=4, head_dim=8, num_shared_attention_groups=2, attention_top_k=1,
-        num_shared_mlp_experts=2, mlp_top_k=1,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=8,
+        num_shared_attention_groups=2,
+        attention_top_k=1,
+        num_shared_mlp_experts=2,
+        mlp_top_k=1,
     ),
     "chain2": dict(CHAIN),
     "chain3_shared_weighted": dict(SHARED, mlp_chain_length=3, gate_mode="weighted", mlp_top_k=1),
@@ -280,7 +285,9 @@ def test_cached_decoding_equals_the_full_pass(overrides, backend):
         out = model(input_ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
         logits = [out.logits]
         for start, end in ((7, 9), (9, 10), (10, 11), (11, 12), (12, 13)):  # a chunk, then single tokens
-            out = model(input_ids[:, start:end], attention_mask=mask[:, :end], cache=returned_cache(out), use_cache=True)
+            out = model(
+                input_ids[:, start:end], attention_mask=mask[:, :end], cache=returned_cache(out), use_cache=True
+            )
             logits.append(out.logits)
     cached = torch.cat(logits, dim=1)
     real = mask.bool()
@@ -322,10 +329,14 @@ def test_trainer_steps_update_every_router(tmp_path):
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no",
         report_to=[], disable_tqdm=True, use_cpu=True, seed=0, logging_steps=1,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=RandomBlocks())
+    trainer = Trainer(model=model, args=args, train_dataset=RandomBlocks(), callbacks=[UoERouterStatsCallback()])
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor([entry["loss"] for entry in logs])))
+    # every chain iteration's router is logged, over its routed experts (3 of 4: one is shared)
+    for kind in ("attention", "mlp", "mlp_1"):
+        loads = [logs[-1][f"router/layer_1/{kind}/load_{e}"] for e in range(3)]
+        assert sum(loads) == pytest.approx(1.0, abs=1e-3) and f"router/layer_1/{kind}/load_3" not in logs[-1]
     params = dict(model.named_parameters())
     for name, before in routers.items():
         assert not torch.equal(params[name].detach(), before), f"{name} was not trained"

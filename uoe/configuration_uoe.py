@@ -304,8 +304,13 @@ class UoEConfig(PreTrainedConfig):
 
         # Shared experts and Chain-of-Experts (issue 15): the shared experts come first and are not routed.
         for name, value, total, top_k, top_k_name in (
-            ("num_shared_attention_groups", num_shared_attention_groups, num_key_value_heads, attention_top_k,
-             "attention_top_k"),
+            (
+                "num_shared_attention_groups",
+                num_shared_attention_groups,
+                num_key_value_heads,
+                attention_top_k,
+                "attention_top_k",
+            ),
             ("num_shared_mlp_experts", num_shared_mlp_experts, num_mlp_experts, mlp_top_k, "mlp_top_k"),
         ):
             _require(
