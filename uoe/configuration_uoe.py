@@ -84,10 +84,12 @@ class UoEConfig(PreTrainedConfig):
             `num_attention_heads`, defaults to it (multi-head attention). The SMHA expert is one key/value head
             with its `num_attention_heads // num_key_value_heads` query heads (a group of one head without GQA).
         head_dim: Width of one head; defaults to `hidden_size // num_attention_heads`.
-        attention_top_k: Head groups (SMHA experts) selected per routing patch, in `[1, num_key_value_heads]`.
+        attention_top_k: Head groups (SMHA experts) selected per routing patch, in `[1, num_key_value_heads]`; with
+            `num_shared_attention_groups` it counts the routed groups, besides the shared ones.
         intermediate_size: Width of the dense MLP that UoME decomposes.
         num_mlp_experts: Number of MLP slices; must divide `intermediate_size`.
-        mlp_top_k: MLP experts selected per routing patch, in `[1, num_mlp_experts]`.
+        mlp_top_k: MLP experts selected per routing patch, in `[1, num_mlp_experts]` (routed ones, besides
+            `num_shared_mlp_experts`).
         mlp_type: `"swiglu"` (gated, like Llama) or `"gelu"` (plain two-layer MLP, like ViT).
         hidden_act: Activation of the MLP; defaults to `"silu"` for SwiGLU and `"gelu"` for GELU.
         mlp_bias: Whether the MLP projections have biases (the input bias is split per expert, the

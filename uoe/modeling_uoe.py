@@ -250,7 +250,8 @@ class _SumGradientOverRanks(torch.autograd.Function):
 class UoEModelOutputWithPast(MoeModelOutputWithPast):
     r"""
     aux_loss (`torch.FloatTensor`, returned in training, with `labels` or with `output_router_logits=True`):
-        Switch load-balancing loss, averaged over the model's routed blocks (SMHA and UoME of every layer).
+        Switch load-balancing loss, averaged over the model's routed blocks (SMHA and UoME of every layer; each
+        Chain-of-Experts iteration is a UoME block), over the routed experts (shared ones have no router).
     router_z_loss (`torch.FloatTensor`, returned with `aux_loss`):
         Router z-loss, averaged over the routed blocks.
     router_logits (`tuple(torch.FloatTensor)`, returned with `output_router_logits=True`):
