@@ -373,12 +373,25 @@ def test_triton_backend_with_shared_experts_and_chain_matches_masked(monkeypatch
         out = model(input_ids, attention_mask=mask, labels=input_ids)
         out.loss.backward()
         results[backend] = (out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in model.named_parameters()})
-    assert calls == {"attention": 1, "experts": 2}
+    assert calls == {"attention": 1, "experts": 2}  # one layer: SMHA, two UoME iterations
     (logits, loss, grads), (expected_logits, expected_loss, expected_grads) = results["triton"], results["masked"]
     assert max_rel_error(logits, expected_logits) <= 1e-4 and max_rel_error(loss, expected_loss) <= 1e-4
     for name, grad in expected_grads.items():
         assert grad is not None and grad.abs().max() > 0, name
         assert max_rel_error(grads[name], grad) <= 1e-4, name
+    # KV-cache decoding through the kernels equals the masked full pass
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        logits = [out.logits]
+        for start, end in ((5, 7), (7, 8)):
+            out = model(
+                input_ids[:, start:end], attention_mask=mask[:, :end], cache=returned_cache(out), use_cache=True
+            )
+            logits.append(out.logits)
+    assert calls["attention"] == 4
+    real = mask[:, :8].bool()
+    assert max_rel_error(torch.cat(logits, 1)[real], expected_logits[:, :8][real]) <= 1e-4
 
 
 # -- FLOPs -------------------------------------------------------------------------------------------------------------
