@@ -5,7 +5,9 @@ sequence token by token and head by head, so that the vectorised model can be ch
 specification's rules (patch routed from its first token, a head group -- one key/value head with its
 query heads -- is the attention expert, a query head of a selected group attends to the earlier tokens
 that selected the group, RoPE at original positions, union of selected experts). Attention biases and
-per-head q/k RMSNorm (`qk_norm`) are read from the state dict when present.
+per-head q/k RMSNorm (`qk_norm`) are read from the state dict when present. Shared experts (the first
+`num_shared_*` of a block, every token's, gate 1, not scored by the router) and Chain-of-Experts iterations
+(`mlp_chain_length`: `x = x + UoME_t(norm(x))`, router t per iteration) follow SPEC-level rules as well.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def _select(logits: torch.Tensor, top_k: int, score_func: str, gate_mode: str) -
     return {e: scores[e] / total for e in order}
 
 
+def _select_with_shared(
+    logits: torch.Tensor, top_k: int, num_shared: int, score_func: str, gate_mode: str
+) -> dict[int, torch.Tensor]:
+    """Shared experts 0..num_shared-1 with gate 1, plus the routed ones (router index e is expert num_shared + e)."""
+    chosen = {num_shared + e: gate for e, gate in _select(logits, top_k, score_func, gate_mode).items()}
+    return {**{e: 1.0 for e in range(num_shared)}, **chosen}
+
+
 def reference_logits(
     model, input_ids: list[int], router_weights: dict[str, torch.Tensor] | None = None
 ) -> torch.Tensor:
@@ -71,8 +81,11 @@ def reference_logits(
         h = _rms_norm(x, sd[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         # routing: every token of a patch uses the decision of the patch's first token; experts are head groups
         router = h @ sd[p + "self_attn.router.weight"].T
+        shared_groups = getattr(cfg, "num_shared_attention_groups", 0)
         groups_of = [
-            _select(router[(t // patch) * patch], cfg.attention_top_k, cfg.router_score_func, cfg.gate_mode)
+            _select_with_shared(
+                router[(t // patch) * patch], cfg.attention_top_k, shared_groups, cfg.router_score_func, cfg.gate_mode
+            )
             for t in range(seq)
         ]
 
@@ -96,16 +109,24 @@ def reference_logits(
         if p + "self_attn.o_proj.bias" in sd:
             x = x + sd[p + "self_attn.o_proj.bias"]
 
-        h = _rms_norm(x, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        router = h @ sd[p + "mlp.router.weight"].T
         gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
-        mlp = torch.zeros_like(x)
-        for t in range(seq):
-            chosen = _select(router[(t // patch) * patch], cfg.mlp_top_k, cfg.router_score_func, cfg.gate_mode)
-            for expert, gate in chosen.items():
-                g, u = gate_up[expert][:expert_size] @ h[t], gate_up[expert][expert_size:] @ h[t]
-                mlp[t] += gate * (down[expert] @ (act(g) * u))
-        x = x + mlp
+        for step in range(getattr(cfg, "mlp_chain_length", 1)):
+            h = _rms_norm(x, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            router_name = "mlp.router.weight" if step == 0 else f"mlp.chain_routers.{step - 1}.weight"
+            router = h @ sd[p + router_name].T
+            mlp = torch.zeros_like(x)
+            for t in range(seq):
+                chosen = _select_with_shared(
+                    router[(t // patch) * patch],
+                    cfg.mlp_top_k,
+                    getattr(cfg, "num_shared_mlp_experts", 0),
+                    cfg.router_score_func,
+                    cfg.gate_mode,
+                )
+                for expert, gate in chosen.items():
+                    g, u = gate_up[expert][:expert_size] @ h[t], gate_up[expert][expert_size:] @ h[t]
+                    mlp[t] += gate * (down[expert] @ (act(g) * u))
+            x = x + mlp
     x = _rms_norm(x, sd["model.norm.weight"], cfg.rms_norm_eps)
     head_weight = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
     return x @ head_weight.T

@@ -87,10 +87,14 @@ class UoERouterStatsCallback(TrainerCallback):
                 kind, top_k = "mlp", config.mlp_top_k
             else:
                 continue
-            name = f"layer_{module.layer_idx}/{kind}"
-            stats = _RouterStats(name, module.router.num_experts, top_k, config.router_score_func)
-            self._handles.append(module.router.register_forward_hook(stats))
-            self._router_stats.append(stats)
+            # Chain-of-Experts: one router per iteration (`mlp_chain_length`), logged as `mlp_1`, `mlp_2`, ...
+            routers = [(kind, module.router)]
+            routers += [(f"{kind}_{t + 1}", r) for t, r in enumerate(getattr(module, "chain_routers", None) or [])]
+            for router_kind, router in routers:
+                name = f"layer_{module.layer_idx}/{router_kind}"
+                stats = _RouterStats(name, router.num_experts, top_k, config.router_score_func)
+                self._handles.append(router.register_forward_hook(stats))
+                self._router_stats.append(stats)
         self._handles.append(model.register_forward_hook(self._on_model_output))
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):

@@ -84,10 +84,12 @@ class UoEConfig(PreTrainedConfig):
             `num_attention_heads`, defaults to it (multi-head attention). The SMHA expert is one key/value head
             with its `num_attention_heads // num_key_value_heads` query heads (a group of one head without GQA).
         head_dim: Width of one head; defaults to `hidden_size // num_attention_heads`.
-        attention_top_k: Head groups (SMHA experts) selected per routing patch, in `[1, num_key_value_heads]`.
+        attention_top_k: Head groups (SMHA experts) selected per routing patch, in `[1, num_key_value_heads]`; with
+            `num_shared_attention_groups` it counts the routed groups, besides the shared ones.
         intermediate_size: Width of the dense MLP that UoME decomposes.
         num_mlp_experts: Number of MLP slices; must divide `intermediate_size`.
-        mlp_top_k: MLP experts selected per routing patch, in `[1, num_mlp_experts]`.
+        mlp_top_k: MLP experts selected per routing patch, in `[1, num_mlp_experts]` (routed ones, besides
+            `num_shared_mlp_experts`).
         mlp_type: `"swiglu"` (gated, like Llama) or `"gelu"` (plain two-layer MLP, like ViT).
         hidden_act: Activation of the MLP; defaults to `"silu"` for SwiGLU and `"gelu"` for GELU.
         mlp_bias: Whether the MLP projections have biases (the input bias is split per expert, the
@@ -134,6 +136,18 @@ class UoEConfig(PreTrainedConfig):
             on CUDA tensors when Triton is installed, the gathered path everywhere else (and for attention with
             dropout while training: the kernels have no dropout). An explicitly chosen `experts_implementation`
             (e.g. `"eager"` or `"grouped_mm"`) decides the UoME experts whatever the backend.
+        num_shared_attention_groups: Shared attention experts: head groups `0 .. N-1` are used by every token with
+            gate exactly 1 (in both gate modes); no router scores them and the router losses ignore them. The
+            SMHA router scores only the `num_key_value_heads - N` routed groups, of which each token (patch) selects
+            `attention_top_k`, so `N + attention_top_k <= num_key_value_heads`. Padding selects no group (not even
+            the shared ones); the encoder's data selection (`data_capacity`) limits only the routed groups.
+        num_shared_mlp_experts: Shared MLP experts, likewise: experts `0 .. N-1` on every token, `mlp_top_k` routed
+            experts among the other `num_mlp_experts - N`; `N + mlp_top_k <= num_mlp_experts`.
+        mlp_chain_length: Chain-of-Experts (Wang et al., 2025) for UoME: the MLP sub-block runs this many times in
+            sequence inside each layer, `x = x + UoME_t(post_attention_layernorm(x))` for `t = 0 .. C-1`. The
+            experts and the norm are shared by the iterations; each iteration has its own router (`mlp.router` for
+            the first, `mlp.chain_routers[t - 1]` for the others), its own selection and its own router losses.
+            `1` (default) is the plain layer.
     """
 
     model_type = "uoe"
@@ -181,6 +195,9 @@ class UoEConfig(PreTrainedConfig):
         patch_size: int = 16,
         num_channels: int = 3,
         routing_backend: str = "auto",
+        num_shared_attention_groups: int = 0,
+        num_shared_mlp_experts: int = 0,
+        mlp_chain_length: int = 1,
         **kwargs,
     ):
         for name, value in (
@@ -287,6 +304,28 @@ class UoEConfig(PreTrainedConfig):
             f'dropout), got {attention_dropout!r}; use `routing_backend="auto"` or `"gathered"`.',
         )
 
+        # Shared experts and Chain-of-Experts (issue 15): the shared experts come first and are not routed.
+        for name, value, total, top_k, top_k_name in (
+            (
+                "num_shared_attention_groups",
+                num_shared_attention_groups,
+                num_key_value_heads,
+                attention_top_k,
+                "attention_top_k",
+            ),
+            ("num_shared_mlp_experts", num_shared_mlp_experts, num_mlp_experts, mlp_top_k, "mlp_top_k"),
+        ):
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                f"`{name}` must be an integer >= 0, got {value!r}.",
+            )
+            _require(
+                value + top_k <= total,
+                f"`{name}` + `{top_k_name}` must be at most {total} (the experts of the block: routed ones are chosen "
+                f"among the non-shared), got {value} + {top_k}; `{name}` is at most {total - 1}.",
+            )
+        _check_positive_int("mlp_chain_length", mlp_chain_length)
+
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -327,6 +366,9 @@ class UoEConfig(PreTrainedConfig):
         self.patch_size = patch_size
         self.num_channels = num_channels
         self.routing_backend = routing_backend
+        self.num_shared_attention_groups = num_shared_attention_groups
+        self.num_shared_mlp_experts = num_shared_mlp_experts
+        self.mlp_chain_length = mlp_chain_length
         super().__init__(**kwargs)
         if position_embedding_type == "rope":
             # after transformers has standardised it (legacy `rope_scaling` / `rope_theta` keywords included)
@@ -342,13 +384,15 @@ class UoEConfig(PreTrainedConfig):
         """True when the model computes the dense function: every expert selected for every token, each with
         weight 1. `gate_mode="weighted"` scales experts by their renormalised scores, which is 1 only when a block
         has a single expert."""
+        routed_groups = self.num_key_value_heads - self.num_shared_attention_groups
+        routed_experts = self.num_mlp_experts - self.num_shared_mlp_experts
         every_expert = (
-            self.attention_top_k == self.num_key_value_heads
-            and self.mlp_top_k == self.num_mlp_experts
-            and self.data_capacity is None
+            self.attention_top_k == routed_groups and self.mlp_top_k == routed_experts and self.data_capacity is None
         )
-        unit_gates = self.gate_mode == "union" or (self.num_key_value_heads == 1 and self.num_mlp_experts == 1)
-        return every_expert and unit_gates
+        # shared experts have gate 1 in both modes; a single routed expert's softmax score is 1 too
+        unit_gates = self.gate_mode == "union" or (routed_groups == 1 and routed_experts == 1)
+        # a chain of C > 1 UoME iterations is a different function from the dense layer
+        return every_expert and unit_gates and self.mlp_chain_length == 1
 
 
 __all__ = ["UoEConfig"]

@@ -119,10 +119,11 @@ def uoe_config_from_dense(dense_config, architecture: str | None = None, **overr
         eos_token_id=dense_config.eos_token_id,
     )
     kwargs.update(overrides)
-    if "attention_top_k" not in overrides and "num_key_value_heads" in overrides:
-        kwargs["attention_top_k"] = kwargs["num_key_value_heads"]
+    # full routing by default: every routed expert besides the shared ones
+    if "attention_top_k" not in overrides:
+        kwargs["attention_top_k"] = kwargs["num_key_value_heads"] - kwargs.get("num_shared_attention_groups", 0)
     if "mlp_top_k" not in overrides:
-        kwargs["mlp_top_k"] = kwargs["num_mlp_experts"]
+        kwargs["mlp_top_k"] = kwargs["num_mlp_experts"] - kwargs.get("num_shared_mlp_experts", 0)
     return UoEConfig(**kwargs)
 
 

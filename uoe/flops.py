@@ -9,6 +9,10 @@ group sees on average the fraction `attention_top_k / num_key_value_heads` of th
 the same group).
 With `data_capacity = c`, each expert keeps at most a fraction `c` of the patches, so its share of
 tokens is `min(top_k / experts, c)`.
+Shared experts (`num_shared_attention_groups`, `num_shared_mlp_experts`) take every token (share 1, data
+selection does not apply to them; a query head of a shared group sees every key) and the routers score only the
+routed experts, among which the `top_k` routed selections spread evenly. With `mlp_chain_length = C` the UoME
+block, its router included, runs C times per layer (the dense equivalent too).
 """
 
 from __future__ import annotations
@@ -40,26 +44,34 @@ def estimate_flops_per_token(config: UoEConfig, seq_len: int, include_lm_head: b
     layers = config.num_hidden_layers
     context = (seq_len + 1) / 2 if config.is_causal else seq_len
 
-    head_share = config.attention_top_k / kv_heads
-    mlp_share = config.mlp_top_k / config.num_mlp_experts
+    shared_groups, shared_experts = config.num_shared_attention_groups, config.num_shared_mlp_experts
+    routed_groups, routed_experts = kv_heads - shared_groups, config.num_mlp_experts - shared_experts
+    chain = config.mlp_chain_length
+    # the share of tokens one routed expert computes
+    routed_head_share = config.attention_top_k / routed_groups
+    routed_mlp_share = config.mlp_top_k / routed_experts
     if config.data_capacity is not None:
-        head_share = min(head_share, config.data_capacity)
-        mlp_share = min(mlp_share, config.data_capacity)
+        routed_head_share = min(routed_head_share, config.data_capacity)
+        routed_mlp_share = min(routed_mlp_share, config.data_capacity)
+    head_share = (shared_groups + routed_groups * routed_head_share) / kv_heads
+    # a query head of a shared group meets every key; one of a routed group the keys that chose the group too
+    score_share = (shared_groups + routed_groups * routed_head_share**2) / kv_heads
+    mlp_share = (shared_experts + routed_experts * routed_mlp_share) / config.num_mlp_experts
 
     projections = 2 * 2 * hidden * (heads + kv_heads) * head_dim  # q and o per query head, k and v per kv head
     attention = 2 * 2 * heads * head_dim * context  # scores and weighted values
     mlp_matrices = 3 if config.mlp_type == "swiglu" else 2
     mlp = mlp_matrices * 2 * hidden * config.intermediate_size
-    routers = 2 * hidden * (kv_heads + config.num_mlp_experts)
+    routers = 2 * hidden * (routed_groups + chain * routed_experts)
     lm_head = 2 * hidden * config.vocab_size if include_lm_head else 0
 
     breakdown = {
         "attention_projections": layers * projections * head_share,
         # a query head of group g meets only the keys that also chose g
-        "attention_scores": layers * attention * head_share * head_share,
-        "mlp": layers * mlp * mlp_share,
+        "attention_scores": layers * attention * score_share,
+        "mlp": layers * chain * mlp * mlp_share,
         "routers": layers * routers,
         "lm_head": lm_head,
     }
-    dense = layers * (projections + attention + mlp) + lm_head
+    dense = layers * (projections + attention + chain * mlp) + lm_head
     return FlopsEstimate(active=sum(breakdown.values()), dense=dense, breakdown=breakdown)

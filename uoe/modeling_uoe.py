@@ -117,7 +117,7 @@ def attention_path(attention: nn.Module, tensor: torch.Tensor, num_keys: int) ->
         return "masked"
     if config.routing_backend != "auto":
         return path
-    full_routing = attention.top_k == attention.num_key_value_heads and not config.data_capacity
+    full_routing = attention.num_selected == attention.num_key_value_heads and not config.data_capacity
     if full_routing or config._attn_implementation != "sdpa":
         return "masked"
     if path == "gathered" and num_keys < GATHERED_ATTENTION_MIN_KEYS:
@@ -250,13 +250,16 @@ class _SumGradientOverRanks(torch.autograd.Function):
 class UoEModelOutputWithPast(MoeModelOutputWithPast):
     r"""
     aux_loss (`torch.FloatTensor`, returned in training, with `labels` or with `output_router_logits=True`):
-        Switch load-balancing loss, averaged over the model's routed blocks (SMHA and UoME of every layer).
+        Switch load-balancing loss, averaged over the model's routed blocks (SMHA and UoME of every layer; each
+        Chain-of-Experts iteration is a UoME block), over the routed experts (shared ones have no router).
     router_z_loss (`torch.FloatTensor`, returned with `aux_loss`):
         Router z-loss, averaged over the routed blocks.
     router_logits (`tuple(torch.FloatTensor)`, returned with `output_router_logits=True`):
         One `(batch, seq, experts)` tensor per routed block in execution order: layer 0 SMHA (experts =
-        head groups, i.e. heads without grouped-query attention), layer 0 UoME, layer 1 SMHA, ... These are the logits each token was routed with (its
-        routing patch's logits).
+        head groups, i.e. heads without grouped-query attention), layer 0 UoME, layer 1 SMHA, ...; with
+        `mlp_chain_length = C` each layer has C UoME entries, one per chain iteration, in iteration order. These are
+        the logits each token was routed with (its routing patch's logits); `experts` counts the routed experts only
+        (shared experts have no router).
     """
 
     aux_loss: torch.FloatTensor | None = None
@@ -588,6 +591,24 @@ class Selection(NamedTuple):
     max_list_length: int | None
 
 
+def with_shared_experts(
+    top_index: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor | None, num_shared: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Put the shared experts `0 .. num_shared - 1` in front of a routed selection whose indices count the routed
+    experts only: routed expert e becomes expert `num_shared + e`. Shared experts get gate exactly 1 (a constant:
+    no router reaches it) and are kept wherever the token is (padding, `keep` False for every slot, selects none;
+    data selection never drops them)."""
+    if num_shared == 0:
+        return top_index, gates, keep
+    shape = (*top_index.shape[:-1], num_shared)
+    shared = torch.arange(num_shared, device=top_index.device, dtype=top_index.dtype).expand(shape)
+    top_index = torch.cat([shared, top_index + num_shared], dim=-1)
+    gates = torch.cat([gates.new_ones(shape), gates], dim=-1)
+    if keep is not None:
+        keep = torch.cat([keep[..., :1].expand(shape), keep], dim=-1)
+    return top_index, gates, keep
+
+
 def select_experts(
     router: UoERouter,
     hidden_states: torch.Tensor,
@@ -596,10 +617,15 @@ def select_experts(
     routing: "RoutingInputs | None",
     cache_layer: "UoECacheLayer | None",
     cache_name: str,
+    num_shared: int = 0,
 ) -> Selection:
     """Route one block. Causal models route every token from its patch's first token (padding selects nothing);
     the bidirectional encoder routes each patch of image tokens from their mean, sends its CLS token (token 0)
-    through every expert, and with `data_capacity` keeps only each expert's best patches."""
+    through every expert, and with `data_capacity` keeps only each expert's best patches.
+
+    The router scores the block's routed experts only; the `num_shared` shared experts (the block's first ones) are
+    added to every token's `top_k` routed ones (`with_shared_experts`), so every path computes them like any other
+    selected expert. The router losses see the routed experts only."""
     if config.is_causal:
         cached_logits = cache_layer.last_routing(cache_name) if cache_layer is not None else None
         logits = router(hidden_states, routing.source_index, cached_logits)
@@ -607,9 +633,11 @@ def select_experts(
             cache_layer.update_routing(cache_name, logits)
         top_index, gates, aux = route(logits, top_k, config, routing.token_mask, routing.router_losses)
         keep = None if routing.token_mask is None else routing.token_mask[..., None].expand_as(top_index)
+        top_index, gates, keep = with_shared_experts(top_index, gates, keep, num_shared)
         return Selection([Slots(top_index, gates, keep)], logits, aux, None)
 
-    batch, patch_size, num_experts = hidden_states.shape[0], config.routing_patch_size, router.num_experts
+    batch, patch_size = hidden_states.shape[0], config.routing_patch_size
+    num_experts = router.num_experts + num_shared
     logits = router(patch_mean(hidden_states[:, 1:], patch_size))
     top_index, gates, aux = route(logits, top_k, config, None, routing is None or routing.router_losses)
     keep, max_list_length = None, None
@@ -617,7 +645,10 @@ def select_experts(
         capacity = math.ceil(config.data_capacity * logits.shape[1])
         # rank by router score (softmax normalises per patch, so logits would rank differently)
         keep = capacity_keep(router_scores(logits, config.router_score_func), top_index, capacity)
-        max_list_length = 1 + capacity * patch_size
+        # shared experts take every token: data selection limits the routed experts' load only
+        max_list_length = hidden_states.shape[1] if num_shared else 1 + capacity * patch_size
+        keep = torch.cat([keep.new_ones(*keep.shape[:-1], num_shared), keep], dim=-1) if num_shared else keep
+    top_index, gates, _ = with_shared_experts(top_index, gates, None, num_shared)
     if patch_size > 1:
         top_index, gates = top_index.repeat_interleave(patch_size, 1), gates.repeat_interleave(patch_size, 1)
         keep = None if keep is None else keep.repeat_interleave(patch_size, 1)
@@ -646,7 +677,9 @@ class UoESelectiveAttention(nn.Module):
         self.num_key_value_heads = config.num_key_value_heads  # = the experts (head groups)
         self.group_size = self.num_heads // self.num_key_value_heads  # query heads per group
         self.head_dim = config.head_dim
-        self.top_k = config.attention_top_k
+        self.top_k = config.attention_top_k  # routed groups per token
+        self.num_shared = config.num_shared_attention_groups  # groups 0 .. num_shared - 1: every token's
+        self.num_selected = self.num_shared + self.top_k
         # The attention functions get keys and values already expanded to one per query head.
         self.num_key_value_groups = 1
         self.scaling = self.head_dim**-0.5
@@ -661,7 +694,7 @@ class UoESelectiveAttention(nn.Module):
         self.o_proj = nn.Linear(width, config.hidden_size, bias=config.attention_bias)
         self.q_norm = UoERMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = UoERMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
-        self.router = UoERouter(config.hidden_size, self.num_key_value_heads)
+        self.router = UoERouter(config.hidden_size, self.num_key_value_heads - self.num_shared)  # routed groups only
         self.tp_mesh = None  # set by tensor parallelism (`UoESelectiveHeadsParallel`): this rank computes its groups
 
     def _per_query_head(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -688,7 +721,14 @@ class UoESelectiveAttention(nn.Module):
         """Returns `(output, attention weights or None, router logits, aux)`."""
         cache_layer = cache.layers[self.layer_idx] if cache is not None else None
         selection = select_experts(
-            self.router, hidden_states, self.top_k, self.config, routing, cache_layer, "attention_router_logits"
+            self.router,
+            hidden_states,
+            self.top_k,
+            self.config,
+            routing,
+            cache_layer,
+            "attention_router_logits",
+            self.num_shared,
         )
         segment_ids = routing.segment_ids if routing is not None else None
         past_length = cache_layer.get_seq_length() if cache_layer is not None else 0
@@ -736,7 +776,7 @@ class UoESelectiveAttention(nn.Module):
         else:
             # every head of every token, no padding, one sequence per row: the dense layer's attention
             dense = (
-                self.top_k == self.num_key_value_heads
+                self.num_selected == self.num_key_value_heads
                 and (routing is None or routing.token_mask is None)
                 and self.config.data_capacity is None
                 and key_segments is None
@@ -884,7 +924,7 @@ class UoESelectiveAttention(nn.Module):
         """One new token per sequence with a KV cache: the selected heads' projections (grouped products that read
         only their weights) and, per token, attention over its selected heads' cached keys."""
         batch, _, hidden = hidden_states.shape
-        heads, head_dim, top_k, group = self.num_key_value_heads, self.head_dim, self.top_k, self.group_size
+        heads, head_dim, top_k, group = self.num_key_value_heads, self.head_dim, self.num_selected, self.group_size
         block = selection.slots[0]
         index = block.index[:, 0]  # (batch, top_k) selected groups, token-major
         widths = [group * head_dim, head_dim, head_dim]  # a group's query heads, its key head, its value head
@@ -1060,15 +1100,25 @@ def masked_weights(
 
 
 class UoESparseMLP(nn.Module):
-    """Union of MLP Experts: each token (patch) selects `mlp_top_k` slices of the MLP (the encoder's CLS token
-    all of them). The experts follow `experts_implementation`; its default `"uoe"` follows `routing_backend`."""
+    """Union of MLP Experts: each token (patch) selects `mlp_top_k` slices of the MLP besides the
+    `num_shared_mlp_experts` shared ones (the encoder's CLS token all of them). The experts follow
+    `experts_implementation`; its default `"uoe"` follows `routing_backend`.
+
+    With `mlp_chain_length = C > 1` (Chain-of-Experts) the decoder layer calls the block C times; iteration t routes
+    with its own router (`router` for t = 0, `chain_routers[t - 1]` after) through the same experts."""
 
     def __init__(self, config: UoEConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.top_k = config.mlp_top_k
-        self.router = UoERouter(config.hidden_size, config.num_mlp_experts)
+        self.top_k = config.mlp_top_k  # routed experts per token
+        self.num_shared = config.num_shared_mlp_experts  # experts 0 .. num_shared - 1: every token's
+        routed = config.num_mlp_experts - self.num_shared
+        self.router = UoERouter(config.hidden_size, routed)
+        # a separate router per further chain iteration (CoE's iteration-wise routing); none at C = 1, so the
+        # parameter names of a plain layer do not change
+        chain = config.mlp_chain_length
+        self.chain_routers = nn.ModuleList([UoERouter(config.hidden_size, routed) for _ in range(chain - 1)])
         if config.mlp_type == "swiglu":
             self.experts = UoESwiGLUExperts(config)
         elif config.is_causal:
@@ -1079,13 +1129,20 @@ class UoESparseMLP(nn.Module):
         self.output_bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.mlp_bias else None
 
     def forward(
-        self, hidden_states: torch.Tensor, routing: "RoutingInputs | None" = None, cache: Cache | None = None
+        self,
+        hidden_states: torch.Tensor,
+        routing: "RoutingInputs | None" = None,
+        cache: Cache | None = None,
+        iteration: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns `(output, router logits, aux)`."""
+        """Returns `(output, router logits, aux)`; `iteration` is the Chain-of-Experts step (its router and its
+        routing state in the KV cache)."""
         batch_size, _, hidden_dim = hidden_states.shape
         cache_layer = cache.layers[self.layer_idx] if cache is not None else None
+        router = self.router if iteration == 0 else self.chain_routers[iteration - 1]
+        cache_name = "mlp_router_logits" if iteration == 0 else f"mlp_router_logits_{iteration}"
         selection = select_experts(
-            self.router, hidden_states, self.top_k, self.config, routing, cache_layer, "mlp_router_logits"
+            router, hidden_states, self.top_k, self.config, routing, cache_layer, cache_name, self.num_shared
         )
         outputs, start = [], 0
         for block in selection.slots:  # one block, or the encoder's CLS and its routed tokens
@@ -1115,6 +1172,7 @@ class UoEDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: UoEConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
+        self.mlp_chain_length = config.mlp_chain_length
         self.self_attn = UoESelectiveAttention(config, layer_idx)
         self.mlp = UoESparseMLP(config, layer_idx)
         self.input_layernorm = UoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -1135,11 +1193,16 @@ class UoEDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
 
-        residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states, _, mlp_aux = self.mlp(hidden_states, routing, cache=cache)
-        hidden_states = residual + hidden_states
-        return hidden_states, None if attention_aux is None else attention_aux + mlp_aux
+        aux = attention_aux
+        # Chain-of-Experts: C pre-norm residual iterations of the UoME block (one at C = 1: the plain layer), sharing
+        # the norm and the experts, each routed by its own router from the stream the previous one left
+        for iteration in range(self.mlp_chain_length):
+            residual = hidden_states
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states, _, mlp_aux = self.mlp(hidden_states, routing, cache=cache, iteration=iteration)
+            hidden_states = residual + hidden_states
+            aux = None if aux is None else aux + mlp_aux
+        return hidden_states, aux
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1384,7 +1447,9 @@ class UoEModel(UoEPreTrainedModel):
             if aux_total is not None:
                 aux_total = aux_total + aux
         hidden_states = self.norm(hidden_states)
-        aux_mean = [None, None] if aux_total is None else aux_total / (2 * self.config.num_hidden_layers)
+        # averaged over the routed blocks: per layer one SMHA and `mlp_chain_length` UoME iterations
+        routed_blocks = self.config.num_hidden_layers * (1 + self.config.mlp_chain_length)
+        aux_mean = [None, None] if aux_total is None else aux_total / routed_blocks
 
         return UoEModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -1497,7 +1562,11 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         state_dict = uoe_state_dict_from_dense(dense_model.state_dict(), config)
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         # Only the routers (and a tied head) are new; anything else missing means the layouts disagree.
-        missing = [name for name in missing if ".router." not in name and name != "lm_head.weight"]
+        missing = [
+            name
+            for name in missing
+            if ".router." not in name and ".chain_routers." not in name and name != "lm_head.weight"
+        ]
         if missing or unexpected:
             raise ValueError(
                 f"Dense checkpoint does not match the UoE layout: missing {missing}, unexpected {unexpected}"

@@ -149,6 +149,11 @@ def _check_vision_config(config: UoEConfig) -> None:
         raise ValueError("UoE vision models are bidirectional encoders: set `is_causal=False`.")
     if config.mlp_type != "gelu":
         raise ValueError(f"UoE vision models use GELU MLP experts: set `mlp_type='gelu'`, got {config.mlp_type!r}.")
+    if config.mlp_chain_length != 1:
+        raise ValueError(
+            f"`mlp_chain_length` (Chain-of-Experts) is an option of the causal LM; UoE vision models need 1, got "
+            f"{config.mlp_chain_length}."
+        )
     num_tokens = (config.image_size // config.patch_size) ** 2
     if num_tokens % config.routing_patch_size != 0:
         raise ValueError(
