@@ -26,18 +26,20 @@ from .test_vision import vision_config
 
 FSDP_CONFIG = EXAMPLES / "fsdp_config.json"
 CHECKS = Path(__file__).with_name("distributed_checks.py")
-MODELS = ["lm", "lm_tied", "lm_gqa", "vision", "vision_no_bias"]  # the folders of the `models` fixture
+MODELS = ["lm", "lm_tied", "lm_gqa", "lm_shared", "vision", "vision_no_bias"]  # the folders of the `models` fixture
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """`lm`: the tests' tiny sparse UoE (2 of 4 heads, 2 of 4 experts) with router losses large enough to show in the
-    loss (doubling them would move it by about 0.15); `lm_tied`: with the LM head tied to the embeddings; `lm_gqa`: 4 query heads in 2 key/value groups, 1 selected; `vision` / `vision_no_bias`: the vision tests' image classifier
+    loss (doubling them would move it by about 0.15); `lm_tied`: with the LM head tied to the embeddings; `lm_gqa`: 4 query heads in 2 key/value groups, 1 selected; `lm_shared`: a shared head and expert plus 1 routed; `vision` / `vision_no_bias`: the vision tests' image classifier
     (routing patches, CLS through every expert) with and without MLP biases."""
     folder = tmp_path_factory.mktemp("models")
     tiny_model(router_aux_loss_coef=0.1, router_z_loss_coef=0.01).save_pretrained(folder / "lm")
     tiny_model(tie_word_embeddings=True).save_pretrained(folder / "lm_tied")
     tiny_model(num_key_value_heads=2, attention_top_k=1).save_pretrained(folder / "lm_gqa")  # a group per rank
+    shared = dict(num_shared_attention_groups=1, attention_top_k=1, num_shared_mlp_experts=1, mlp_top_k=1)
+    tiny_model(**shared).save_pretrained(folder / "lm_shared")  # the shared head is rank 0's
     for name, mlp_bias in (("vision", True), ("vision_no_bias", False)):
         torch.manual_seed(0)
         model = UoEForImageClassification(vision_config(mlp_bias=mlp_bias))
