@@ -115,6 +115,19 @@ def test_grouping_counts_applications_in_flops_and_distinct_layers_in_parameters
     assert sorted({name.split(".")[2] for name, _ in grouped.named_parameters() if ".layers." in name}) == ["0", "1"]
 
 
+def test_grouped_model_refuses_pipeline_stages():
+    """A pipeline stage replaces the layers it does not run by placeholders; the applications of a group need them."""
+
+    class Placeholder(torch.nn.Module):  # like transformers' pipeline identity layer
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    model = tiny_model(num_hidden_layers=4, num_layer_groups=2)
+    model.model.layers[1] = Placeholder()
+    with pytest.raises(ValueError, match="num_layer_groups"):
+        model(torch.randint(0, 61, (1, 5)))
+
+
 @pytest.mark.parametrize(
     "backend, norm_placement, token_major",
     [("masked", "pre", True), ("gathered", "pre", True), ("gathered", "peri", True), ("gathered", "peri", False)],
@@ -360,6 +373,16 @@ def test_each_option_trains_with_trainer_and_gradient_checkpointing(name, tmp_pa
 def test_invalid_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         tiny_config(num_hidden_layers=4, **{field: value})
+
+
+def test_from_dense_refuses_layer_grouping():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(
+        LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    )
+    with pytest.raises(ValueError, match="num_layer_groups"):
+        uoe.UoEForCausalLM.from_dense(dense, num_mlp_experts=4, num_layer_groups=1)
 
 
 @pytest.mark.parametrize("field, value", [("num_layer_groups", 1), ("norm_placement", "peri")])

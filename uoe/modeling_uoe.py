@@ -260,8 +260,9 @@ class UoEModelOutputWithPast(MoeModelOutputWithPast):
         Router z-loss, averaged over the routed blocks.
     router_logits (`tuple(torch.FloatTensor)`, returned with `output_router_logits=True`):
         One `(batch, seq, experts)` tensor per routed block in execution order: layer 0 SMHA (experts =
-        head groups, i.e. heads without grouped-query attention), layer 0 UoME, layer 1 SMHA, ... These are the logits each token was routed with (its
-        routing patch's logits).
+        head groups, i.e. heads without grouped-query attention), layer 0 UoME, layer 1 SMHA, ... (with
+        `num_layer_groups`, one per application of a shared layer). These are the logits each token was routed with
+        (its routing patch's logits).
     """
 
     aux_loss: torch.FloatTensor | None = None
@@ -1453,6 +1454,14 @@ class UoEModel(UoEPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        if self.config.num_layer_groups is not None and not all(
+            isinstance(layer, UoEDecoderLayer) for layer in self.layers
+        ):
+            # a pipeline stage holds some distinct layers, but every application of a group needs all of them
+            raise ValueError(
+                "`num_layer_groups` (shared layers applied several times) does not support pipeline parallelism: "
+                "load the model without `pp_size`."
+            )
         # Router statistics per distinct layer, summed over its applications.
         layer_aux: list[torch.Tensor | None] = [None] * len(self.layers)
         # Application a of distinct layer j (a grouped model applies layers 0..G-1 in turn, num_hidden_layers / G
@@ -1608,6 +1617,10 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         reproduce (another architecture, a sliding window, an MLP bias, an unsupported RoPE variant, ...) raises a
         `ValueError` naming the field.
         """
+        if config_overrides.get("num_layer_groups") is not None:
+            raise ValueError(
+                "`num_layer_groups` cannot be set by `from_dense`: every layer of the dense model has its own weights."
+            )
         config = uoe_config_from_dense(dense_model.config, type(dense_model).__name__, **config_overrides)
         model = cls(config)
         state_dict = uoe_state_dict_from_dense(dense_model.state_dict(), config)
