@@ -98,6 +98,7 @@ def test_grouped_model_with_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         model = tiny_model(num_hidden_layers=4, num_layer_groups=2, router_balance_loss="entropy").train()
+        assert len(model.model.layers) == 2
         if checkpointing:
             model.activation_checkpointing_enable()
         model(**batch, labels=batch["input_ids"]).loss.backward()
@@ -162,6 +163,7 @@ def test_grouped_cached_decoding_equals_full_pass_with_a_cache_slot_per_applicat
 
 def test_grouped_greedy_generation_same_with_and_without_cache():
     model = tiny_model(num_hidden_layers=4, num_layer_groups=2, norm_placement="peri")
+    assert len(model.model.layers) == 2
     prompt = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(2))
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(
@@ -207,6 +209,7 @@ def test_entropy_loss_trains_the_routers_and_is_weighted_by_its_coefficient():
     model = tiny_model(router_balance_loss="entropy", router_aux_loss_coef=0.3, router_z_loss_coef=0.0).train()
     input_ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(3))
     out = model(input_ids, labels=input_ids)
+    assert float(out.aux_loss.detach()) < 0  # a negative entropy
     token_loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 61), input_ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, token_loss + 0.3 * out.aux_loss)
     out.aux_loss.backward()
@@ -215,7 +218,8 @@ def test_entropy_loss_trains_the_routers_and_is_weighted_by_its_coefficient():
 
 
 def test_entropy_loss_under_gradient_accumulation_is_the_token_weighted_mean_of_micro_batches(tmp_path):
-    """Like the Switch loss: each micro-batch's entropy loss over its own tokens, weighted by its token share."""
+    """Like the Switch loss: each micro-batch's entropy loss over its own tokens, weighted by its token share (the
+    entropy loss itself is checked against the formula above)."""
     on = dict(
         router_aux_loss_coef=0.5,
         router_z_loss_coef=0.1,
@@ -295,13 +299,54 @@ def test_peri_norm_layer_equals_plain_loop_reference(backend, top_k):
     assert float((outputs["pre"] - outputs["peri"]).abs().max()) > 1e-2
 
 
-# -- checkpoints, Trainer, invalid values ----------------------------------------------------------
+# -- compile, checkpoints, Trainer, invalid values -------------------------------------------------
+
+
+def test_all_options_compile_as_one_graph_with_the_eager_loss_and_gradients():
+    """One distinct layer applied twice, the entropy loss and peri-norm: `fullgraph=True` (no graph break) forward and
+    backward give eager's loss and gradients (`aot_eager`, as in test_modeling's compile test)."""
+    options = dict(
+        routing_backend="masked",
+        num_hidden_layers=2,
+        num_layer_groups=1,
+        router_balance_loss="entropy",
+        norm_placement="peri",
+    )
+    eager, compiled_model = tiny_model(**options).train(), tiny_model(**options).train()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    batch = padded_batch(seq_len=9)
+    losses = []
+    for run in (eager, compiled):
+        out = run(**batch, labels=batch["input_ids"])
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        assert float(out.aux_loss.detach()) < 0  # the entropy loss
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        assert p.grad is not None and float(p.grad.abs().max()) > 0, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
 
 OPTIONS = {
     "grouped": dict(num_hidden_layers=4, num_layer_groups=2),
     "entropy": dict(router_balance_loss="entropy"),
     "peri": dict(norm_placement="peri"),
 }
+
+
+def check_option_is_active(model: uoe.UoEForCausalLM, name: str, batch: dict[str, torch.Tensor]) -> None:
+    """The option changes the model (not only a config attribute that nothing reads)."""
+    with torch.no_grad():
+        out = model(**batch, output_router_logits=True)
+    if name == "grouped":
+        assert len(model.model.layers) == 2 and len(out.router_logits) == 2 * 4
+    elif name == "entropy":  # a negative entropy; the Switch loss is >= 1
+        assert -math.log(4) <= float(out.aux_loss) < 0
+    else:  # the same weights with pre-norm give other logits
+        pre = uoe.UoEForCausalLM(uoe.UoEConfig(**{**model.config.to_diff_dict(), "norm_placement": "pre"})).eval()
+        pre.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert float((pre(**batch).logits - out.logits).abs().max()) > 1e-3
 
 
 def test_each_option_round_trips_through_save_pretrained_and_remote_code(tmp_path):
@@ -314,6 +359,7 @@ def test_each_option_round_trips_through_save_pretrained_and_remote_code(tmp_pat
         loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
         for field, value in options.items():
             assert getattr(loaded.config, field) == value
+        check_option_is_active(loaded, name, batch)
         with torch.no_grad():
             expected.append(model(**batch).logits)
             assert torch.equal(loaded(**batch).logits, expected[-1])
@@ -354,6 +400,7 @@ def test_each_option_trains_with_trainer_and_gradient_checkpointing(name, tmp_pa
     Trainer(model=model, args=args, train_dataset=RandomTokens()).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed == set(before), set(before) - changed  # every weight, routers and shared layers included
+    check_option_is_active(model.eval(), name, padded_batch())
 
 
 @pytest.mark.parametrize(

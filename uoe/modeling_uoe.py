@@ -1508,7 +1508,8 @@ class UoEModel(UoEPreTrainedModel):
             zero = reference.new_zeros((), dtype=torch.float32)
             return zero, zero
         stats = torch.stack(stats)
-        blocks_per_layer = sum(isinstance(module, UoERouter) for module in self.layers[0].modules())
+        real_layer = next(layer for layer in self.layers if isinstance(layer, UoEDecoderLayer))  # not a pipeline stub
+        blocks_per_layer = sum(isinstance(module, UoERouter) for module in real_layer.modules())
         block_applications = blocks_per_layer * self.config.num_hidden_layers
         z_loss = stats[:, 1].sum() / block_applications
         if self.config.router_balance_loss == "switch":
