@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 import uoe
 from uoe.modeling_uoe import RoutingInputs
 
-from .helpers import returned_cache, tiny_config, tiny_model
+from .helpers import require_triton, returned_cache, tiny_config, tiny_model
 from .reference_uoe import _rms_norm, _rope, _select
 from .remote_code import many_logits_without_uoe
 from .test_training import assert_same_gradients, promised_gradients, trainer_gradients
@@ -436,3 +436,21 @@ def test_from_dense_refuses_layer_grouping():
 def test_image_encoder_refuses_the_causal_lm_options(field, value):
     with pytest.raises(ValueError, match=field):
         uoe.UoEForImageClassification(vision_config(**{field: value}))
+
+
+def test_grouped_peri_model_on_the_triton_path_under_the_interpreter(monkeypatch):
+    """The Triton path (kernels under Triton's CPU interpreter) of a grouped peri-norm model gives the masked path's
+    logits, and its cached decoding the full pass's."""
+    require_triton()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    options = dict(num_hidden_layers=2, num_layer_groups=1, norm_placement="peri")
+    masked, triton = tiny_model(routing_backend="masked", **options), tiny_model(routing_backend="triton", **options)
+    input_ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = masked(input_ids).logits
+        torch.testing.assert_close(triton(input_ids).logits, expected, rtol=0, atol=1e-4)
+        out = triton(input_ids[:, :5], use_cache=True)
+        steps = [out.logits] + [
+            triton(input_ids[:, t : t + 1], cache=returned_cache(out), use_cache=True).logits for t in (5, 6)
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=0, atol=1e-4)
