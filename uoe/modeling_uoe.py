@@ -1195,7 +1195,7 @@ class UoEDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns `(hidden_states, aux)`: `aux` is `[load-balancing loss, z-loss]` summed over the layer's routed
         blocks (`None` without router losses), followed with `router_balance_loss="entropy"` by each block's averaged
-        router distribution (`routing.mean_router_distribution`), which `UoEModel` averages over the applications of
+        router distribution (`mean_router_distribution`), which `UoEModel` averages over the applications of
         a shared layer. `cache_index`: the cache layer of this application (default: the layer's index)."""
         normed = self.input_layernorm(hidden_states)
         attention_output, _, attention_logits, attention_aux = self.self_attn(
