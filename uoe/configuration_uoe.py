@@ -14,6 +14,8 @@ ROUTER_SCORE_FUNCS = ("softmax", "sigmoid")
 NORM_TYPES = ("rmsnorm", "layernorm")
 POSITION_EMBEDDING_TYPES = ("rope", "learned")
 ROUTING_BACKENDS = ("auto", "gathered", "masked", "triton")
+ROUTER_BALANCE_LOSSES = ("switch", "entropy")
+NORM_PLACEMENTS = ("pre", "peri")
 # Name used before the gathered path existed (uoe 0.1): the masked reference.
 _LEGACY_ROUTING_BACKENDS = {"reference": "masked"}
 # transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`; earlier 5.x
@@ -148,6 +150,18 @@ class UoEConfig(PreTrainedConfig):
             experts and the norm are shared by the iterations; each iteration has its own router (`mlp.router` for
             the first, `mlp.chain_routers[t - 1]` for the others), its own selection and its own router losses.
             `1` (default) is the plain layer.
+        num_layer_groups: MoEUT's layer grouping (Csordás et al., 2024), causal LM only: `G` distinct decoder layers
+            (`model.layers.0` ... `model.layers.{G-1}`) applied in sequence `num_hidden_layers / G` times (MoEUT's `group_size` is G) with shared
+            weights (layers 0..G-1, then 0..G-1 again, ...). Every application keeps its own KV-cache layer (slot
+            `a * G + j` for application `a` of layer `j`) and router logits. `None` (default): every layer has its
+            own weights.
+        router_balance_loss: `"switch"` (default): the Switch-Transformer loss `E * sum_e f_e P_e` of every routed
+            block. `"entropy"`: σ-MoE's entropy regulariser, the negative entropy of the router's softmax averaged
+            over the batch's non-padding tokens (and, with `num_layer_groups`, over all applications of a shared
+            layer). Either is `aux_loss`, averaged over the routed blocks and weighted by `router_aux_loss_coef`.
+        norm_placement: `"pre"` (default): pre-norm, every block reads the normalised stream. `"peri"`: MoEUT's
+            peri-layernorm (causal LM only): only the routers and the query/key projections read the normalised
+            stream; the value projection and the MLP experts read the residual stream itself.
     """
 
     model_type = "uoe"
@@ -198,6 +212,9 @@ class UoEConfig(PreTrainedConfig):
         num_shared_attention_groups: int = 0,
         num_shared_mlp_experts: int = 0,
         mlp_chain_length: int = 1,
+        num_layer_groups: int | None = None,
+        router_balance_loss: str = "switch",
+        norm_placement: str = "pre",
         **kwargs,
     ):
         for name, value in (
@@ -303,6 +320,15 @@ class UoEConfig(PreTrainedConfig):
             f'`routing_backend="triton"` needs `attention_dropout=0` (the selective-attention kernels have no '
             f'dropout), got {attention_dropout!r}; use `routing_backend="auto"` or `"gathered"`.',
         )
+        # MoEUT options: layer grouping, entropy balance loss, peri-layernorm
+        if num_layer_groups is not None:
+            _check_positive_int("num_layer_groups", num_layer_groups)
+            _require(
+                num_hidden_layers % num_layer_groups == 0,
+                f"`num_layer_groups` must divide `num_hidden_layers` ({num_hidden_layers}), got {num_layer_groups}.",
+            )
+        _check_choice("router_balance_loss", router_balance_loss, ROUTER_BALANCE_LOSSES)
+        _check_choice("norm_placement", norm_placement, NORM_PLACEMENTS)
 
         # Shared experts and Chain-of-Experts (issue 15): the shared experts come first and are not routed.
         for name, value, total, top_k, top_k_name in (
@@ -369,6 +395,9 @@ class UoEConfig(PreTrainedConfig):
         self.num_shared_attention_groups = num_shared_attention_groups
         self.num_shared_mlp_experts = num_shared_mlp_experts
         self.mlp_chain_length = mlp_chain_length
+        self.num_layer_groups = num_layer_groups
+        self.router_balance_loss = router_balance_loss
+        self.norm_placement = norm_placement
         super().__init__(**kwargs)
         if position_embedding_type == "rope":
             # after transformers has standardised it (legacy `rope_scaling` / `rope_theta` keywords included)

@@ -40,6 +40,9 @@ BASE_CONFIG_FIELDS = (
     "router_score_func",
     "router_aux_loss_coef",
     "max_position_embeddings",
+    "num_layer_groups",
+    "router_balance_loss",
+    "norm_placement",
 )
 
 # Figures the template reads; `write_model_card` refuses to render a card with any of them missing.

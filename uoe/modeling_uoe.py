@@ -43,6 +43,7 @@ from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_dense, uoe_state_dict_from_dense
 from .gathered import (
     Slots,
+    SortedPairs,
     cached_list_attention,
     compact_heads,
     from_lists,
@@ -65,8 +66,10 @@ from .kernels_uome import register_uoe_experts_kernels, uoe_triton_experts_forwa
 from .routing import (
     capacity_keep,
     dense_gates,
+    entropy_balance_loss,
     gather_patch_logits,
     load_balancing_loss,
+    mean_router_distribution,
     packed_segment_ids,
     patch_mean,
     patch_source_index,
@@ -250,16 +253,19 @@ class _SumGradientOverRanks(torch.autograd.Function):
 class UoEModelOutputWithPast(MoeModelOutputWithPast):
     r"""
     aux_loss (`torch.FloatTensor`, returned in training, with `labels` or with `output_router_logits=True`):
-        Switch load-balancing loss, averaged over the model's routed blocks (SMHA and UoME of every layer; each
-        Chain-of-Experts iteration is a UoME block), over the routed experts (shared ones have no router).
+        Load-balancing loss (`config.router_balance_loss`): the Switch loss averaged over the model's routed blocks
+        (SMHA and UoME of every layer application; each Chain-of-Experts iteration is a UoME block), over the routed
+        experts (shared ones have no router), or σ-MoE's negative router entropy averaged over the routed blocks of
+        the distinct layers (each over all applications of its layer).
     router_z_loss (`torch.FloatTensor`, returned with `aux_loss`):
         Router z-loss, averaged over the routed blocks.
     router_logits (`tuple(torch.FloatTensor)`, returned with `output_router_logits=True`):
         One `(batch, seq, experts)` tensor per routed block in execution order: layer 0 SMHA (experts =
         head groups, i.e. heads without grouped-query attention), layer 0 UoME, layer 1 SMHA, ...; with
-        `mlp_chain_length = C` each layer has C UoME entries, one per chain iteration, in iteration order. These are
-        the logits each token was routed with (its routing patch's logits); `experts` counts the routed experts only
-        (shared experts have no router).
+        `mlp_chain_length = C` each layer has C UoME entries, one per chain iteration, in iteration order, and with
+        `num_layer_groups` there is one set per application of a shared layer. These are the logits each token was
+        routed with (its routing patch's logits); `experts` counts the routed experts only (shared experts have no
+        router).
     """
 
     aux_loss: torch.FloatTensor | None = None
@@ -564,12 +570,17 @@ def route(
     router_losses: bool = True,
 ):
     """Select experts from router logits; return `(top_k_index, top_k_gates, aux)` with
-    `aux = [load-balancing loss, z-loss]` of this block (`None` without `router_losses`)."""
+    `aux = [load-balancing loss, z-loss]` of this block (`None` without `router_losses`). The load-balancing loss is
+    `config.router_balance_loss`'s: the Switch loss, or σ-MoE's negative entropy of this block's averaged router
+    distribution (the decoder recomputes it over all applications of a shared layer, see `UoEModel`)."""
     scores = router_scores(router_logits, config.router_score_func)
     top_index, top_gates = select_top_k(scores, top_k, config.gate_mode)
     aux = None
     if router_losses:
-        balance = load_balancing_loss(scores, top_index, token_mask)
+        if config.router_balance_loss == "entropy":
+            balance = entropy_balance_loss(mean_router_distribution(router_logits, token_mask))
+        else:
+            balance = load_balancing_loss(scores, top_index, token_mask)
         aux = torch.stack([balance, router_z_loss(router_logits, token_mask)])
     return top_index, top_gates, aux
 
@@ -716,10 +727,19 @@ class UoESelectiveAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         routing: "RoutingInputs | None" = None,
         cache: Cache | None = None,
+        cache_index: int | None = None,
+        value_states: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Returns `(output, attention weights or None, router logits, aux)`."""
-        cache_layer = cache.layers[self.layer_idx] if cache is not None else None
+        """Returns `(output, attention weights or None, router logits, aux)`.
+
+        `hidden_states` feed the router and the query/key projections; `value_states` (default: `hidden_states`) feed
+        the value projection (MoEUT's peri-layernorm gives it the un-normalised residual stream). `cache_index` is the
+        cache layer of this application of the layer (default `layer_idx`; a grouped model applies a layer several
+        times)."""
+        cache_layer = None
+        if cache is not None:
+            cache_layer = cache.layers[self.layer_idx if cache_index is None else cache_index]
         selection = select_experts(
             self.router,
             hidden_states,
@@ -735,7 +755,7 @@ class UoESelectiveAttention(nn.Module):
         path = attention_path(self, hidden_states, past_length + hidden_states.shape[1])
         if path == "gathered":
             output = self._gathered(
-                hidden_states, position_embeddings, selection, segment_ids, cache_layer, past_length
+                hidden_states, position_embeddings, selection, segment_ids, cache_layer, past_length, value_states
             )
             return output, None, selection.router_logits, selection.aux
 
@@ -747,7 +767,8 @@ class UoESelectiveAttention(nn.Module):
         # -1: this rank's heads under tensor parallelism
         query = query.view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
         key = key.view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        value_input = hidden_states if value_states is None else value_states
+        value = self.v_proj(value_input).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         key_selected, key_segments = selected, segment_ids
@@ -836,6 +857,7 @@ class UoESelectiveAttention(nn.Module):
         segment_ids: torch.Tensor | None,
         cache_layer: "UoECacheLayer | None",
         past_length: int,
+        value_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The gathered path: only the selected (token, group) pairs are projected, attended and projected back. A
         pair's query row holds its group's query heads side by side (`group_size * head_dim`), its key and value rows
@@ -843,10 +865,11 @@ class UoESelectiveAttention(nn.Module):
         batch, seq_len, hidden = hidden_states.shape
         heads = self.num_key_value_heads  # the experts: head groups
         if seq_len == 1 and cache_layer is not None and len(selection.slots) == 1:
-            return self._gathered_decode(hidden_states, position_embeddings, selection, segment_ids, cache_layer)
+            return self._gathered_decode(
+                hidden_states, position_embeddings, selection, segment_ids, cache_layer, value_states
+            )
         pairs = sort_pairs(selection.slots, heads, seq_len)
-        rows = hidden_states.reshape(batch * seq_len, hidden).index_select(0, pairs.token)
-        query, key, value = project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
+        query, key, value = self._project_pairs(hidden_states, value_states, pairs)
         query, key = self._norm_heads(query, key)
         if position_embeddings is not None:
             cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
@@ -913,6 +936,19 @@ class UoESelectiveAttention(nn.Module):
             output = output + self.o_proj.bias
         return output.to(hidden_states.dtype)
 
+    def _project_pairs(
+        self, hidden_states: torch.Tensor, value_states: torch.Tensor | None, pairs: SortedPairs
+    ) -> list[torch.Tensor]:
+        """Query, key and value rows of the sorted (token, group) pairs; the values read `value_states` when given."""
+        heads, hidden = self.num_key_value_heads, hidden_states.shape[-1]
+        rows = hidden_states.reshape(-1, hidden).index_select(0, pairs.token)
+        if value_states is None:
+            return project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
+        value_rows = value_states.reshape(-1, hidden).index_select(0, pairs.token)
+        query, key = project_pairs(rows, (self.q_proj, self.k_proj), pairs, heads)
+        (value,) = project_pairs(value_rows, (self.v_proj,), pairs, heads)
+        return [query, key, value]
+
     def _gathered_decode(
         self,
         hidden_states: torch.Tensor,
@@ -920,6 +956,7 @@ class UoESelectiveAttention(nn.Module):
         selection: Selection,
         segment_ids: torch.Tensor | None,
         cache_layer: "UoECacheLayer",
+        value_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One new token per sequence with a KV cache: the selected heads' projections (grouped products that read
         only their weights) and, per token, attention over its selected heads' cached keys."""
@@ -932,7 +969,17 @@ class UoESelectiveAttention(nn.Module):
             # small heads: copy the selected slices and multiply (fewer ops than sorting and grouped products)
             projections, flat_index = (self.q_proj, self.k_proj, self.v_proj), index.reshape(-1)
             weight = torch.cat([p.weight.view(heads, -1, hidden).index_select(0, flat_index) for p in projections], 1)
-            qkv = torch.bmm(weight, hidden_states.repeat_interleave(top_k, 0).mT)
+            if value_states is None:
+                qkv = torch.bmm(weight, hidden_states.repeat_interleave(top_k, 0).mT)
+            else:  # peri-norm: queries and keys from the normalised stream, values from the residual stream
+                qk_width = widths[0] + widths[1]
+                qkv = torch.cat(
+                    [
+                        torch.bmm(weight[:, :qk_width], hidden_states.repeat_interleave(top_k, 0).mT),
+                        torch.bmm(weight[:, qk_width:], value_states.repeat_interleave(top_k, 0).mT),
+                    ],
+                    dim=1,
+                )
             qkv = qkv.view(batch, top_k, sum(widths))
             if self.q_proj.bias is not None:
                 qkv = qkv + torch.cat([p.bias.view(heads, -1) for p in projections], 1)[index]
@@ -955,8 +1002,7 @@ class UoESelectiveAttention(nn.Module):
             slot_query, pairs = query.view(batch, top_k, group, head_dim), None
         else:
             pairs = sort_pairs(selection.slots, heads, 1)
-            rows = hidden_states.reshape(batch, hidden).index_select(0, pairs.token)
-            query, key, value = project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
+            query, key, value = self._project_pairs(hidden_states, value_states, pairs)
             query, key = self._norm_heads(query, key)
             if position_embeddings is not None:
                 cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
@@ -1134,15 +1180,24 @@ class UoESparseMLP(nn.Module):
         routing: "RoutingInputs | None" = None,
         cache: Cache | None = None,
         iteration: int = 0,
+        cache_index: int | None = None,
+        router_states: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns `(output, router logits, aux)`; `iteration` is the Chain-of-Experts step (its router and its
-        routing state in the KV cache)."""
+        """Returns `(output, router logits, aux)`.
+
+        The experts read `hidden_states`, the router `router_states` (default: `hidden_states`; MoEUT's peri-layernorm
+        routes from the normalised stream while the experts read the residual stream). `iteration` is the
+        Chain-of-Experts step (its router and its routing state in the KV cache); `cache_index`: the cache layer of
+        this application of the layer (default `layer_idx`)."""
         batch_size, _, hidden_dim = hidden_states.shape
-        cache_layer = cache.layers[self.layer_idx] if cache is not None else None
+        cache_layer = None
+        if cache is not None:
+            cache_layer = cache.layers[self.layer_idx if cache_index is None else cache_index]
+        router_input = hidden_states if router_states is None else router_states
         router = self.router if iteration == 0 else self.chain_routers[iteration - 1]
         cache_name = "mlp_router_logits" if iteration == 0 else f"mlp_router_logits_{iteration}"
         selection = select_experts(
-            router, hidden_states, self.top_k, self.config, routing, cache_layer, cache_name, self.num_shared
+            router, router_input, self.top_k, self.config, routing, cache_layer, cache_name, self.num_shared
         )
         outputs, start = [], 0
         for block in selection.slots:  # one block, or the encoder's CLS and its routed tokens
@@ -1169,10 +1224,16 @@ class UoESparseMLP(nn.Module):
 
 
 class UoEDecoderLayer(GradientCheckpointingLayer):
+    """`x + SMHA(norm(x))`, then `x + UoME(norm(x))` (`norm_placement="pre"`). With MoEUT's peri-layernorm
+    (`"peri"`) the norms feed only the routers and the query/key projections; the value projection and the MLP
+    experts read the residual stream `x` itself."""
+
     def __init__(self, config: UoEConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.mlp_chain_length = config.mlp_chain_length
+        self.peri_norm = config.norm_placement == "peri"
+        self.entropy_balance = config.router_balance_loss == "entropy"
         self.self_attn = UoESelectiveAttention(config, layer_idx)
         self.mlp = UoESparseMLP(config, layer_idx)
         self.input_layernorm = UoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -1184,24 +1245,50 @@ class UoEDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         routing: RoutingInputs,
         cache: Cache | None = None,
+        cache_index: int | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _, _, attention_aux = self.self_attn(
-            hidden_states, position_embeddings, routing, cache=cache, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns `(hidden_states, aux)`: `aux` is `[load-balancing loss, z-loss]` summed over the layer's routed
+        blocks (`None` without router losses), followed with `router_balance_loss="entropy"` by each block's averaged
+        router distribution (`mean_router_distribution`), which `UoEModel` averages over the applications of
+        a shared layer. `cache_index`: the cache layer of this application (default: the layer's index)."""
+        normed = self.input_layernorm(hidden_states)
+        attention_output, _, attention_logits, attention_aux = self.self_attn(
+            normed,
+            position_embeddings,
+            routing,
+            cache=cache,
+            cache_index=cache_index,
+            value_states=hidden_states if self.peri_norm else None,
+            **kwargs,
         )
-        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + attention_output
 
         aux = attention_aux
-        # Chain-of-Experts: C pre-norm residual iterations of the UoME block (one at C = 1: the plain layer), sharing
-        # the norm and the experts, each routed by its own router from the stream the previous one left
+        distributions = []
+        if aux is not None and self.entropy_balance:
+            distributions.append(mean_router_distribution(attention_logits, routing.token_mask))
+        # Chain-of-Experts: C residual iterations of the UoME block (one at C = 1: the plain layer), sharing the norm
+        # and the experts, each routed by its own router from the stream the previous one left
         for iteration in range(self.mlp_chain_length):
-            residual = hidden_states
-            hidden_states = self.post_attention_layernorm(hidden_states)
-            hidden_states, _, mlp_aux = self.mlp(hidden_states, routing, cache=cache, iteration=iteration)
-            hidden_states = residual + hidden_states
-            aux = None if aux is None else aux + mlp_aux
+            normed = self.post_attention_layernorm(hidden_states)
+            mlp_output, mlp_logits, mlp_aux = self.mlp(
+                hidden_states if self.peri_norm else normed,
+                routing,
+                cache=cache,
+                iteration=iteration,
+                cache_index=cache_index,
+                router_states=normed if self.peri_norm else None,
+            )
+            hidden_states = hidden_states + mlp_output
+            if aux is not None:
+                aux = aux + mlp_aux
+                if self.entropy_balance:
+                    distributions.append(mean_router_distribution(mlp_logits, routing.token_mask))
+        if aux is None:
+            return hidden_states, None
+        if distributions:
+            aux = torch.cat([aux, *distributions])
         return hidden_states, aux
 
 
@@ -1322,9 +1409,10 @@ class UoEModel(UoEPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [UoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        # MoEUT's layer grouping: `num_layer_groups` distinct layers, applied in turn until `num_hidden_layers`
+        # applications are done (see `forward`).
+        num_distinct = config.num_layer_groups or config.num_hidden_layers
+        self.layers = nn.ModuleList([UoEDecoderLayer(config, layer_idx) for layer_idx in range(num_distinct)])
         self.norm = UoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = UoERotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -1429,34 +1517,70 @@ class UoEModel(UoEPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        aux_total = inputs_embeds.new_zeros(2, dtype=torch.float32) if compute_router_losses else None
-        for decoder_layer in self.layers:
-            layer_output = decoder_layer(
-                hidden_states,
-                position_embeddings,
-                routing,
-                cache=cache,
-                use_cache=use_cache,
-                **kwargs,
+        if self.config.num_layer_groups is not None and not all(
+            isinstance(layer, UoEDecoderLayer) for layer in self.layers
+        ):
+            # a pipeline stage holds some distinct layers, but every application of a group needs all of them
+            raise ValueError(
+                "`num_layer_groups` (shared layers applied several times) does not support pipeline parallelism: "
+                "load the model without `pp_size`."
             )
-            if isinstance(layer_output, torch.Tensor):
-                # pipeline parallelism: a placeholder passing the hidden states on for a layer another stage runs
-                hidden_states = layer_output
-                continue
-            hidden_states, aux = layer_output
-            if aux_total is not None:
-                aux_total = aux_total + aux
+        # Router statistics per distinct layer, summed over its applications.
+        layer_aux: list[torch.Tensor | None] = [None] * len(self.layers)
+        # Application a of distinct layer j (a grouped model applies layers 0..G-1 in turn, num_hidden_layers / G
+        # times) is the model's layer a * G + j: its cache slot and its place in the router logits and hidden states.
+        for application in range(self.config.num_hidden_layers // len(self.layers)):
+            for index, decoder_layer in enumerate(self.layers):
+                layer_output = decoder_layer(
+                    hidden_states,
+                    position_embeddings,
+                    routing,
+                    cache=cache,
+                    use_cache=use_cache,
+                    cache_index=application * len(self.layers) + index,
+                    **kwargs,
+                )
+                if isinstance(layer_output, torch.Tensor):
+                    # pipeline parallelism: a placeholder passing the hidden states on for a layer another stage runs
+                    hidden_states = layer_output
+                    continue
+                hidden_states, aux = layer_output
+                if aux is not None:
+                    layer_aux[index] = aux if layer_aux[index] is None else layer_aux[index] + aux
         hidden_states = self.norm(hidden_states)
-        # averaged over the routed blocks: per layer one SMHA and `mlp_chain_length` UoME iterations
-        routed_blocks = self.config.num_hidden_layers * (1 + self.config.mlp_chain_length)
-        aux_mean = [None, None] if aux_total is None else aux_total / routed_blocks
+        aux_loss, z_loss = self._router_losses(layer_aux, inputs_embeds) if compute_router_losses else (None, None)
 
         return UoEModelOutputWithPast(
             last_hidden_state=hidden_states,
             **{CACHE_FIELD: cache if use_cache else None},
-            aux_loss=aux_mean[0],
-            router_z_loss=aux_mean[1],
+            aux_loss=aux_loss,
+            router_z_loss=z_loss,
         )
+
+    def _router_losses(
+        self, layer_aux: list[torch.Tensor | None], reference: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`aux_loss` and `router_z_loss` from the per-layer router statistics (see `UoEDecoderLayer.forward`).
+
+        The z-loss and the Switch loss are averaged over every routed block of every application. The entropy loss
+        (σ-MoE / MoEUT) is taken per routed block of each distinct layer from its router distribution averaged over
+        the layer's applications (the same tokens each time, so the mean of the applications' means is the mean over
+        all of them), and averaged over those blocks."""
+        stats = [aux for aux in layer_aux if aux is not None]
+        if not stats:  # no layer on this pipeline stage
+            zero = reference.new_zeros((), dtype=torch.float32)
+            return zero, zero
+        stats = torch.stack(stats)
+        real_layer = next(layer for layer in self.layers if isinstance(layer, UoEDecoderLayer))  # not a pipeline stub
+        blocks_per_layer = sum(isinstance(module, UoERouter) for module in real_layer.modules())
+        block_applications = blocks_per_layer * self.config.num_hidden_layers
+        z_loss = stats[:, 1].sum() / block_applications
+        if self.config.router_balance_loss == "switch":
+            return stats[:, 0].sum() / block_applications, z_loss
+        applications = self.config.num_hidden_layers // len(self.layers)
+        # each layer's blocks' distributions side by side: the loss of the row is the sum of its blocks' losses
+        distributions = stats[:, 2:] / applications
+        return entropy_balance_loss(distributions).sum() / (blocks_per_layer * len(self.layers)), z_loss
 
 
 class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
@@ -1557,6 +1681,10 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         reproduce (another architecture, a sliding window, an MLP bias, an unsupported RoPE variant, ...) raises a
         `ValueError` naming the field.
         """
+        if config_overrides.get("num_layer_groups") is not None:
+            raise ValueError(
+                "`num_layer_groups` cannot be set by `from_dense`: every layer of the dense model has its own weights."
+            )
         config = uoe_config_from_dense(dense_model.config, type(dense_model).__name__, **config_overrides)
         model = cls(config)
         state_dict = uoe_state_dict_from_dense(dense_model.state_dict(), config)

@@ -147,6 +147,12 @@ def _check_vision_config(config: UoEConfig) -> None:
         raise ValueError("`image_size` must be set in the config of a UoE vision model.")
     if config.is_causal:
         raise ValueError("UoE vision models are bidirectional encoders: set `is_causal=False`.")
+    for name, value, default in (
+        ("num_layer_groups", config.num_layer_groups, None),
+        ("norm_placement", config.norm_placement, "pre"),
+    ):
+        if value != default:  # MoEUT's layer grouping and peri-layernorm exist for the causal LM only
+            raise ValueError(f"UoE vision models need `{name}={default!r}` (a causal-LM option), got {value!r}.")
     if config.mlp_type != "gelu":
         raise ValueError(f"UoE vision models use GELU MLP experts: set `mlp_type='gelu'`, got {config.mlp_type!r}.")
     if config.mlp_chain_length != 1:

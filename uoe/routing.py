@@ -126,6 +126,33 @@ def load_balancing_loss(scores: torch.Tensor, top_index: torch.Tensor, token_mas
     return num_experts * (fraction_routed * mean_prob).sum()
 
 
+def mean_router_distribution(logits: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """σ-MoE's averaged router distribution of one routed block: the softmax over experts of the router logits, in
+    float32, averaged over the batch's and sequence's non-padding tokens. Softmax whatever `router_score_func`: σ-MoE
+    selects with sigmoids but regularises the softmax of the same logits.
+
+    Args:
+        logits: `(batch, seq, experts)` router logits.
+        token_mask: `(batch, seq)` bool, False for padding; `None` means all tokens count.
+
+    Returns:
+        `(experts,)` probabilities summing to 1 (all zero when every token is padding).
+    """
+    probs = F.softmax(logits.float(), dim=-1)
+    if token_mask is None:
+        return probs.mean(dim=(0, 1))
+    weight = token_mask.to(probs.dtype)[..., None]
+    return (probs * weight).sum(dim=(0, 1)) / weight.sum().clamp_min(1.0)
+
+
+def entropy_balance_loss(distribution: torch.Tensor) -> torch.Tensor:
+    """σ-MoE's entropy balance loss: the negative entropy `sum_e p_e log p_e` of an averaged router distribution
+    (`mean_router_distribution`), summed over the last axis. It is `-log(experts)` at perfect balance and 0 when a
+    single expert takes all the probability. Pass several blocks' distributions concatenated to get the sum of their
+    losses."""
+    return (distribution * distribution.clamp_min(torch.finfo(distribution.dtype).tiny).log()).sum(dim=-1)
+
+
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """ST-MoE router z-loss: mean squared log-partition of the router logits over non-padding tokens."""
     z = torch.logsumexp(logits.float(), dim=-1).square()
