@@ -50,6 +50,45 @@ o_proj as one dense product.
 
 Results: a table on stdout, a section of `benchmarks/RESULTS.md` (other sections are kept), loss curves in
 `benchmarks/compare_lm_loss.png`, raw results in `benchmarks/results/compare_lm.json`.
+
+The frontier sweep (issue 15; section 6 below):
+
+    .venv/bin/python benchmarks/compare_lm.py --sweep            # ~45 minutes on 2 idle CPU cores (estimate below)
+    .venv/bin/python benchmarks/compare_lm.py --sweep --quick    # tiny models, in process, about a minute
+
+Every family at three compute levels (`sweep_levels`), on the same data, tokenizer, optimizer, schedule and seeds
+as above, with a budget of its own (`SWEEP_FULL`: the sizes of `FULL`, 200 steps = 409,600 tokens per run):
+- `llama` by width: hidden 64 / 96 / 128, MLP 4x hidden, 4 heads;
+- `mixtral`, `qwen3_moe`, `deepseek_v3` by (routed) top-k 1 / 2 / 4 of 8, their expert width matched to UoE's total
+  parameters at top-2 as in the main comparison (so every level of a family has the same parameters);
+- `moeut`, the MoEUT baseline of `benchmarks/moeut.py` (SwitchHead attention with 4 value/output experts per head,
+  σ-MoE MLP of experts of width intermediate/16, 2 distinct layers applied twice, peri-layernorm; its number of
+  MLP experts solved to match UoE's parameters), by (attention top-k, MLP top-k) = (1, 2), (2, 4), (4, 8);
+- UoE by (selected heads, selected MLP slices) = (2, 2), (3, 4), (4, 6): `uoe_union` and `uoe_weighted`, and on
+  the weighted one the variants of issue 15: `uoe_shared` (1 shared head and 1 shared slice + routed (1, 1),
+  (2, 3), (3, 5)), `uoe_moeut` (`num_layer_groups=2`, `router_balance_loss="entropy"`, `norm_placement="peri"`) and
+  `uoe_chain` (`mlp_chain_length=2`, (2, 1), (3, 2), (4, 3)). A variant whose fields this `UoEConfig` does not take
+  (checked on its signature; its **kwargs would swallow them) is skipped with the reason in the table.
+Balance: every Switch loss at the same pressure. UoE's is 1 at perfect balance (mean over its 2L blocks);
+transformers' Mixtral / Qwen3-MoE `load_balancing_loss_func` (E * sum_e f_e P_e with sum_e f_e = top_k) is top_k
+there, so with `Setup.normalize_aux_by_top_k` (on in the sweep, off in the main comparison to keep its results)
+their loss is weighted `aux_coef / top_k` (`aux_loss_weight`). DeepSeek-V3 keeps its bias update, the MoEUT baseline
+its own entropy loss (coefficients 0.01 MLP / 0.001 attention, as its public code), `uoe_moeut` UoE's entropy loss
+x `aux_coef`.
+Learning rate: per family, the argmin of validation perplexity over `LR_GRID` (the same grid for all) on a
+60-step run (seed 0) at its middle level; recorded in the JSON (`lr_search`) and the RESULTS.md section.
+Output: a table of every point (perplexity mean ± std and [min, max] over seeds, analytic active FLOPs/token,
+parameters, median-step tokens/s, frontier membership), each family's frontier (the points no cheaper-or-equal point
+of the family beats), the paper's claim read off the frontiers (best UoE variant vs best MoE, MoEUT included, at 5
+log-spaced FLOP levels over the range both cover; each frontier linear in log FLOPs between its points and flat from
+its best point to its costliest level), `benchmarks/compare_lm_frontier.png`, a RESULTS.md section and
+`benchmarks/results/compare_lm_sweep.json`.
+Time estimate of the full sweep (2 idle cores): 10 families x 3 levels x 2 seeds x 200 steps + 10 x 3 learning
+rates x 60 steps = 13,800 training steps of 2,048 tokens; the main comparison's median steps take 0.115-0.148 s
+(17,800-13,700 tokens/s) and the MoEUT baseline's about 1.9x Llama's (measured side by side here), so about 0.15 s
+on average: ~35 minutes, plus ~7 s per process (start, evaluation, FLOP count) x 90 = ~10 minutes: ~45 minutes
+(<= 50). Before the variants are merged (7 families) about 32 minutes. `--quick` trains in this process (no peak
+RSS, no FLOP counter), 3 steps of tiny models: about a minute.
 """
 
 from __future__ import annotations
@@ -528,6 +567,7 @@ def train_and_evaluate(
         "validation_loss": validation_loss,
         "validation_perplexity": math.exp(validation_loss),
         "validation_tokens": count,
+        "learning_rate": setup.learning_rate,
         "train_seconds": train_seconds,
         # The median step is robust to bursts of load from other processes; the wall-time mean is not.
         "tokens_per_second": setup.batch_size * setup.seq_len / statistics.median(step_seconds),
@@ -1017,7 +1057,7 @@ def sweep_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
                     continue
                 run = run_point(name, config, dataclasses.replace(setup, learning_rate=lr), seed, data_path, work_dir,
                                 plan, args.run_timeout)  # fmt: skip
-                run.update(family=family, level=label, learning_rate=lr)
+                run.update(family=family, level=label)
                 runs.append(run)
                 done = f"val ppl {run['validation_perplexity']:.2f}" if run["status"] == "ok" else run["status"]
                 print(f"[sweep] {name} seed {seed} lr {lr:g}: {done}", flush=True)
