@@ -67,7 +67,9 @@ as above, with a budget of its own (`SWEEP_FULL`: the sizes of `FULL`, 200 steps
 - UoE by (selected heads, selected MLP slices) = (2, 2), (3, 4), (4, 6): `uoe_union` and `uoe_weighted`, and on
   the weighted one the variants of issue 15: `uoe_shared` (1 shared head and 1 shared slice + routed (1, 1),
   (2, 3), (3, 5)), `uoe_moeut` (`num_layer_groups=2`, `router_balance_loss="entropy"`, `norm_placement="peri"`) and
-  `uoe_chain` (`mlp_chain_length=2`, (2, 1), (3, 2), (4, 3)). A variant whose fields this `UoEConfig` does not take
+  `uoe_chain` (`mlp_chain_length=2`, (2, 1), (3, 2), (4, 3)); `uoe_moeut` shares its layers two by two
+  (`num_layer_groups` = layers / 2), so it has fewer parameters than the others at the same FLOPs (the MoEUT
+  baseline instead spends the saved parameters on more MLP experts). A variant whose fields this `UoEConfig` does not take
   (checked on its signature; its **kwargs would swallow them) is skipped with the reason in the table.
 Balance: every Switch loss at the same pressure. UoE's is 1 at perfect balance (mean over its 2L blocks);
 transformers' Mixtral / Qwen3-MoE `load_balancing_loss_func` (E * sum_e f_e P_e with sum_e f_e = top_k) is top_k
@@ -865,11 +867,13 @@ FAMILY_DESCRIPTIONS = {
     "mixtral": "MixtralForCausalLM, by top-k of 8 (expert width matched to UoE's parameters at top-2)",
     "qwen3_moe": "Qwen3MoeForCausalLM, by top-k of 8 (expert width matched at top-2)",
     "deepseek_v3": "DeepseekV3ForCausalLM, by routed top-k of 8 (+1 shared expert; width matched at top-2)",
-    "moeut": "MoEUT baseline (benchmarks/moeut.py), by SwitchHead / sigma-MoE top-k",
+    "moeut": "MoEUT baseline (benchmarks/moeut.py; layers shared two by two, parameters matched by its number of "
+    "MLP experts), by SwitchHead / sigma-MoE top-k",
     "uoe_union": "UoE, union gates, by selected heads / MLP slices",
     "uoe_weighted": "UoE, weighted gates, by selected heads / MLP slices",
     "uoe_shared": "UoE weighted + 1 shared head and 1 shared MLP slice, by routed heads / slices",
-    "uoe_moeut": "UoE weighted, MoEUT-style: 2 layer groups (4 layers = 2 distinct x 2), entropy loss, peri-norm",
+    "uoe_moeut": "UoE weighted, MoEUT-style: layers shared two by two (num_layer_groups = layers/2; so fewer "
+    "parameters at the same FLOPs), entropy balance loss, peri-layernorm",
     "uoe_chain": "UoE weighted, Chain-of-Experts: the UoME block twice per layer (C=2)",
 }
 
@@ -933,9 +937,10 @@ UOE_VARIANT_FIELDS = {
     "uoe_union": {"gate_mode": "union"},
     "uoe_weighted": {"gate_mode": "weighted"},
     "uoe_shared": {"gate_mode": "weighted", "num_shared_attention_groups": 1, "num_shared_mlp_experts": 1},
+    # num_layer_groups None here: half the layers, set per setup in sweep_base_configs (4 layers = 2 distinct x 2)
     "uoe_moeut": {
         "gate_mode": "weighted",
-        "num_layer_groups": 2,
+        "num_layer_groups": None,
         "router_balance_loss": "entropy",
         "norm_placement": "peri",
     },  # fmt: skip
@@ -956,7 +961,7 @@ def missing_uoe_fields(family: str) -> list[str]:
 def _moeut_config(setup: Setup, num_mlp_experts: int, **levels):
     return moeut.MoEUTConfig(
         vocab_size=setup.vocab_size, hidden_size=setup.hidden_size, num_hidden_layers=setup.num_layers,
-        group_size=2 if setup.num_layers % 2 == 0 else 1, num_attention_heads=setup.num_heads,
+        group_size=max(1, setup.num_layers // 2), num_attention_heads=setup.num_heads,
         num_attention_experts=4, num_mlp_experts=num_mlp_experts, mlp_expert_size=setup.intermediate_size // 16,
         max_position_embeddings=setup.seq_len, **levels,
     )  # fmt: skip
@@ -985,6 +990,8 @@ def sweep_base_configs(setup: Setup, families: tuple[str, ...]) -> dict[str, Any
             builders[family] = lambda o, experts=experts: _moeut_config(setup, experts, **o)
         else:
             values = {**base["uoe_union"].to_dict(), **UOE_VARIANT_FIELDS[family]}
+            if "num_layer_groups" in values and values["num_layer_groups"] is None:
+                values["num_layer_groups"] = max(1, setup.num_layers // 2)
             builders[family] = lambda o, values=values: UoEConfig.from_dict({**values, **o})
     return builders
 
@@ -1245,7 +1252,7 @@ def plot_frontier(record: dict[str, Any], summary: dict[str, Any], path: Path) -
         axis.errorbar(flops, means, yerr=spread, fmt="o", color=colors(i), capsize=3, alpha=0.8)
         front = [summary["points"][n] for n in summary["frontiers"][family]]
         axis.plot([p["flops_analytic"] / 1e6 for p in front], [p["perplexity_mean"] for p in front], style,
-                  color=colors(i), label=family)  # fmt: skip
+                  color=colors(i), marker="o", markersize=7, markerfacecolor="none", label=family)  # fmt: skip
     axis.set_xscale("log")
     axis.set_xlabel("analytic active forward FLOPs per token (M)")
     axis.set_ylabel("validation perplexity (mean over seeds; bars: min-max)")
