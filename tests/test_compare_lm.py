@@ -154,6 +154,8 @@ def test_bad_arguments_name_the_parameter(compare_lm, capsys):
         (["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
         (["--max_steps", "0"], "--max_steps: must be an integer >= 1"),
         (["--max_steps", "3", "--tokens", "100"], "not allowed with argument"),
+        (["--sweep", "--families", "llama,gpt2"], "--families: unknown family(s) ['gpt2']; allowed: llama, mixtral"),
+        (["--families", "llama"], "--families: only with --sweep"),
     ):
         with pytest.raises(SystemExit):
             compare_lm.parse_args(argv)
