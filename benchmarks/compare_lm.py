@@ -57,7 +57,7 @@ The frontier sweep (issue 15; section 6 below):
     .venv/bin/python benchmarks/compare_lm.py --sweep --quick    # tiny models, in process, about a minute
 
 Every family at three compute levels (`sweep_levels`), on the same data, tokenizer, optimizer, schedule and seeds
-as above, with a budget of its own (`SWEEP_FULL`: the sizes of `FULL`, 200 steps = 409,600 tokens per run):
+as above, with a budget of its own (`SWEEP_FULL`: the sizes of `FULL`, 180 steps = 368,640 tokens per run):
 - `llama` by width: hidden 64 / 96 / 128, MLP 4x hidden, 4 heads;
 - `mixtral`, `qwen3_moe`, `deepseek_v3` by (routed) top-k 1 / 2 / 4 of 8, their expert width matched to UoE's total
   parameters at top-2 as in the main comparison (so every level of a family has the same parameters);
@@ -85,12 +85,14 @@ of the family beats), the paper's claim read off the frontiers (best UoE variant
 log-spaced FLOP levels over the range both cover; each frontier linear in log FLOPs between its points and flat from
 its best point to its costliest level), `benchmarks/compare_lm_frontier.png`, a RESULTS.md section and
 `benchmarks/results/compare_lm_sweep.json`.
-Time estimate of the full sweep (2 idle cores): 10 families x 3 levels x 2 seeds x 200 steps + 10 x 3 learning
-rates x 60 steps = 13,800 training steps of 2,048 tokens; the main comparison's median steps take 0.115-0.148 s
-(17,800-13,700 tokens/s) and the MoEUT baseline's about 1.9x Llama's (measured side by side here), so about 0.15 s
-on average: ~35 minutes, plus ~7 s per process (start, evaluation, FLOP count) x 90 = ~10 minutes: ~45 minutes
-(<= 50). Before the variants are merged (7 families) about 32 minutes. `--quick` trains in this process (no peak
-RSS, no FLOP counter), 3 steps of tiny models: about a minute.
+Time estimate of the full sweep (2 idle cores): 10 families x 3 levels x 2 seeds x 180 steps + 10 x 3 learning
+rates x 60 steps = 12,600 training steps of 2,048 tokens. The main comparison's median steps take 0.115 s (Llama,
+17,800 tokens/s) to 0.148 s (UoE); measured side by side with Llama here (fastest of 6 interleaved steps), Mixtral
+and Qwen3-MoE take 0.9-1.6x Llama's step across top-k 1-4, DeepSeek-V3 1.3-1.5x, UoE 1.3-1.5x and the MoEUT
+baseline (dense experts) 1.9-2.0x: on average about 1.4 x 0.115 = 0.16 s, i.e. ~34 minutes, plus ~7 s per process
+(start, evaluation, FLOP count) x 90 = ~10 minutes: ~44 minutes (<= 50; the variants' chain doubles the MLP, so
+`uoe_chain` may add a minute or two). Before the variants are merged (7 families) about 31 minutes. `--quick` trains
+in this process (no peak RSS, no FLOP counter), 3 steps of tiny models: about a minute.
 """
 
 from __future__ import annotations
@@ -890,7 +892,7 @@ class SweepPlan:
 
 
 SWEEP_FULL = SweepPlan(
-    setup=dataclasses.replace(FULL, max_steps=200, warmup_steps=20, normalize_aux_by_top_k=True), lr_steps=60
+    setup=dataclasses.replace(FULL, max_steps=180, warmup_steps=18, normalize_aux_by_top_k=True), lr_steps=60
 )
 SWEEP_QUICK = SweepPlan(
     setup=dataclasses.replace(

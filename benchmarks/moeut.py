@@ -27,10 +27,13 @@ from the papers' equations; for one layer with input x (a token's residual strea
   projections' fan-in being the full H·d_head (attention) and N_E·m (MLP); embeddings N(0, 1/d); LayerNorms 1 and 0.
 
 Departures from the paper and its public code (github.com/RobertCsordas/moeut), all deliberate:
-- no Triton CVMM kernel: the experts are a readable sort + pad + `torch.bmm` (`expert_matmul`): the (row, expert)
-  pairs are sorted by expert, padded to the busiest expert and multiplied in one batched product. It needs the
-  largest expert load on the host (one sync per expert block), and the padding is computed, so its executed FLOPs
-  exceed the active ones under imbalance (the analytic active FLOPs of `compare_lm.py` count only the active ones);
+- no Triton CVMM kernel. Two readable implementations, equal up to rounding (`expert_implementation`):
+  `"gathered"`: the (row, expert) pairs are sorted by expert, padded to the busiest expert and multiplied in one
+  `torch.bmm` (`expert_matmul`; one host sync per expert block for the largest load; the padding is computed);
+  `"dense"` (the default, what the sweep trains): every expert is computed and the unselected ones are weighted 0,
+  two matmuls per block. At the comparison's CPU sizes the dense one is several times faster (sort, scatter and
+  gather dominate the small products), at the cost of executing all experts' FLOPs: its tokens/s are those of the
+  dense computation, while `compare_lm.py` reports the analytic *active* FLOPs for every model;
 - positions: RoPE on half of each head's channels (the public code's `SwitchHeadRope`, `rotate_fraction=0.5`), not
   the Transformer-XL relative positions of the paper's main results;
 - the entropy loss averages the router distribution over the batch *and* the positions before taking the entropy
@@ -78,6 +81,7 @@ class MoEUTConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         max_position_embeddings: int = 2048,
         layer_norm_eps: float = 1e-5,
+        expert_implementation: str = "dense",
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
@@ -113,6 +117,8 @@ class MoEUTConfig(PretrainedConfig):
         for name, value in (("mlp_entropy_coef", mlp_entropy_coef), ("attention_entropy_coef", attention_entropy_coef)):
             if value < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+        if expert_implementation not in ("dense", "gathered"):
+            raise ValueError(f"`expert_implementation` must be 'dense' or 'gathered', got {expert_implementation!r}.")
         if tie_word_embeddings:
             raise ValueError("`tie_word_embeddings` must be False: the comparison uses untied embeddings.")
         self.vocab_size = vocab_size
@@ -132,6 +138,7 @@ class MoEUTConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.layer_norm_eps = layer_norm_eps
+        self.expert_implementation = expert_implementation
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
@@ -209,26 +216,31 @@ class SwitchHeadAttention(nn.Module):
         self.v_router = nn.Linear(hidden, heads * experts, bias=False)
         self.o_router = nn.Linear(hidden, heads * experts, bias=False)
         self.rotary = MoEUTRotary(config)
+        self.dense = config.expert_implementation == "dense"
 
     def _select(self, router: nn.Linear, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits `(N, H, E)`, the top-k gates `(N, H, k)` and flat expert ids h * E + e `(N, H, k)`."""
+        """Router logits `(N, H, E)`, the top-k gates `(N, H, k)` and their experts' indices `(N, H, k)`."""
         logits = router(normed).view(-1, self.num_heads, self.num_experts)
         gates, index = torch.sigmoid(logits).topk(self.top_k, dim=-1, sorted=False)
-        heads = torch.arange(self.num_heads, device=index.device)[:, None]
-        return logits, gates, index + heads * self.num_experts
+        return logits, gates, index
 
     def forward(self, x: torch.Tensor, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, seq, hidden = x.shape
         tokens, flat_x, flat_n = batch * seq, x.reshape(-1, hidden), normed.reshape(-1, hidden)
         v_logits, v_gates, v_index = self._select(self.v_router, flat_n)
         o_logits, o_gates, o_index = self._select(self.o_router, flat_n)
-
-        # values: every (token, head, slot) pair projects the raw residual with its expert, weighted by its gate
         pairs = tokens * self.num_heads * self.top_k
-        token_of_pair = torch.arange(tokens, device=x.device).repeat_interleave(self.num_heads * self.top_k)
-        v_plan = expert_plan(v_index.reshape(pairs), len(self.v_experts))
-        values = expert_matmul(flat_x[token_of_pair], v_plan, self.v_experts)
-        values = (values.view(tokens, self.num_heads, self.top_k, self.head_dim) * v_gates[..., None]).sum(2)
+        heads = torch.arange(self.num_heads, device=x.device)[:, None] * self.num_experts  # flat id h * E + e
+
+        if self.dense:  # every expert of every head, the unselected ones weighted 0: one matmul each way
+            v_full = torch.zeros_like(v_logits).scatter(-1, v_index, v_gates)
+            every = flat_x @ self.v_experts.permute(1, 0, 2).reshape(hidden, -1)
+            values = (every.view(tokens, self.num_heads, self.num_experts, -1) * v_full[..., None]).sum(2)
+        else:  # every (token, head, slot) pair projects the raw residual with its expert, weighted by its gate
+            token_of_pair = torch.arange(tokens, device=x.device).repeat_interleave(self.num_heads * self.top_k)
+            v_plan = expert_plan((v_index + heads).reshape(pairs), len(self.v_experts))
+            values = expert_matmul(flat_x[token_of_pair], v_plan, self.v_experts)
+            values = (values.view(tokens, self.num_heads, self.top_k, self.head_dim) * v_gates[..., None]).sum(2)
 
         def heads_first(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
@@ -238,11 +250,16 @@ class SwitchHeadAttention(nn.Module):
         attended = F.scaled_dot_product_attention(query, key, heads_first(values), is_causal=True)
         attended = attended.transpose(1, 2).reshape(tokens, self.num_heads, self.head_dim)
 
-        # output: every (token, head, slot) pair projects its head's result with its expert; summed over heads/slots
-        rows = attended[:, :, None, :].expand(tokens, self.num_heads, self.top_k, self.head_dim).reshape(pairs, -1)
-        o_plan = expert_plan(o_index.reshape(pairs), len(self.o_experts))
-        outputs = expert_matmul(rows, o_plan, self.o_experts).view(tokens, -1, hidden)
-        outputs = (outputs * o_gates.reshape(tokens, -1, 1)).sum(1)
+        # output: sum over heads and selected experts of gate * (head result @ expert)
+        if self.dense:
+            o_full = torch.zeros_like(o_logits).scatter(-1, o_index, o_gates)
+            gated = (attended[:, :, None, :] * o_full[..., None]).reshape(tokens, -1)  # (N, H * E * d_head)
+            outputs = gated @ self.o_experts.reshape(-1, hidden)
+        else:
+            rows = attended[:, :, None, :].expand(tokens, self.num_heads, self.top_k, self.head_dim).reshape(pairs, -1)
+            o_plan = expert_plan((o_index + heads).reshape(pairs), len(self.o_experts))
+            outputs = expert_matmul(rows, o_plan, self.o_experts).view(tokens, -1, hidden)
+            outputs = (outputs * o_gates.reshape(tokens, -1, 1)).sum(1)
         return outputs.view(batch, seq, hidden), v_logits, o_logits
 
 
@@ -256,12 +273,19 @@ class SigmaMoE(nn.Module):
         self.up = nn.Parameter(torch.empty(experts, hidden, width))
         self.down = nn.Parameter(torch.empty(experts, width, hidden))
         self.router = nn.Linear(hidden, experts, bias=False)
+        self.dense = config.expert_implementation == "dense"
 
     def forward(self, x: torch.Tensor, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape, hidden = x.shape, x.shape[-1]
         flat_x = x.reshape(-1, hidden)
         logits = self.router(normed.reshape(-1, hidden))
         gates, index = torch.sigmoid(logits).topk(self.top_k, dim=-1, sorted=False)
+        if self.dense:  # every expert, the unselected ones weighted 0 (their ReLU output times a zero gate)
+            full = torch.zeros_like(logits).scatter(-1, index, gates)
+            experts, width = self.up.shape[0], self.up.shape[2]
+            every = F.relu(flat_x @ self.up.permute(1, 0, 2).reshape(hidden, -1)).view(-1, experts, width)
+            out = (every * full[..., None]).reshape(len(flat_x), -1) @ self.down.reshape(-1, hidden)
+            return out.view(shape), logits
         token_of_pair = torch.arange(len(flat_x), device=x.device).repeat_interleave(self.top_k)
         plan = expert_plan(index.reshape(-1), len(self.up))  # shared by the up and down projections
         hidden_act = F.relu(expert_matmul(flat_x[token_of_pair], plan, self.up))

@@ -152,8 +152,9 @@ def reference_forward(model, config, ids: torch.Tensor) -> tuple[list, float]:
     return all_logits, entropy
 
 
-def test_forward_matches_a_plain_loop_reading_of_the_equations(moeut):
-    config = tiny_config(moeut)
+@pytest.mark.parametrize("implementation", ["dense", "gathered"])
+def test_forward_matches_a_plain_loop_reading_of_the_equations(moeut, implementation):
+    config = tiny_config(moeut, expert_implementation=implementation)
     torch.manual_seed(0)
     model = moeut.MoEUTForCausalLM(config).double()
     ids = torch.randint(0, config.vocab_size, (2, 5))
@@ -178,7 +179,7 @@ def test_gathered_experts_equal_a_loop(moeut):
 
 
 def test_loss_decreases_on_a_fixed_batch(moeut):
-    config = tiny_config(moeut, vocab_size=32, hidden_size=16, head_dim=8)
+    config = tiny_config(moeut, vocab_size=32, hidden_size=16, head_dim=8)  # the dense experts, the sweep's
     torch.manual_seed(0)
     model = moeut.MoEUTForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (4, 12))
@@ -202,6 +203,7 @@ def test_loss_decreases_on_a_fixed_batch(moeut):
         ({"mlp_top_k": 6}, "`mlp_top_k` (6) must be <= `num_mlp_experts` (5)"),
         ({"num_mlp_experts": 0}, "`num_mlp_experts` must be an integer >= 1"),
         ({"tie_word_embeddings": True}, "`tie_word_embeddings` must be False"),
+        ({"expert_implementation": "cvmm"}, "`expert_implementation` must be 'dense' or 'gathered'"),
     ],
 )
 def test_invalid_configs_raise(moeut, overrides, message):
