@@ -154,9 +154,160 @@ def test_bad_arguments_name_the_parameter(compare_lm, capsys):
         (["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
         (["--max_steps", "0"], "--max_steps: must be an integer >= 1"),
         (["--max_steps", "3", "--tokens", "100"], "not allowed with argument"),
+        (["--sweep", "--families", "llama,gpt2"], "--families: unknown family(s) ['gpt2']; allowed: llama, mixtral"),
+        (["--families", "llama"], "--families: only with --sweep"),
     ):
         with pytest.raises(SystemExit):
             compare_lm.parse_args(argv)
         assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="`attention` must be 'causal' or 'full'"):
         compare_lm.analytic_flops_per_token(compare_lm.build_configs(compare_lm.QUICK, ("llama",))["llama"], 8, "half")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The frontier sweep (--sweep)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def independent_flops(config: dict, seq_len: int) -> float | None:
+    """Active forward FLOPs per token written out again for the families with a short formula (None otherwise)."""
+    d, layers, kind = config["hidden_size"], config["num_hidden_layers"], config["model_type"]
+    context, lm_head = (seq_len + 1) / 2, 2 * d * config["vocab_size"]
+    if kind == "moeut_baseline":
+        heads, head_dim = config["num_attention_heads"], config["head_dim"]
+        per_layer = (
+            4 * d * heads * head_dim  # dense q and k
+            + 2 * d * (2 * heads * config["num_attention_experts"] + config["num_mlp_experts"])  # three routers
+            + 4 * d * head_dim * heads * config["attention_top_k"]  # value and output experts
+            + 4 * heads * head_dim * context  # scores and weighted values
+            + 4 * d * config["mlp_expert_size"] * config["mlp_top_k"]  # two-layer experts
+        )
+        return layers * per_layer + lm_head
+    if kind not in ("llama", "mixtral", "qwen3_moe"):
+        return None
+    attention = 8 * d * d + 4 * d * context  # q, k, v, o (no GQA) + scores and values
+    if kind == "llama":
+        mlp = 6 * d * config["intermediate_size"]
+    else:
+        experts = config.get("num_local_experts") or config["num_experts"]
+        width = config.get("moe_intermediate_size") or config["intermediate_size"]
+        mlp = 2 * d * experts + config["num_experts_per_tok"] * 6 * d * width
+    return layers * (attention + mlp) + lm_head
+
+
+@pytest.mark.slow
+def test_sweep_quick_produces_every_point(compare_lm, tmp_path):
+    """`--sweep --quick` in <= 2 minutes: every family at >= 3 levels and 2 seeds, the LR the grid's argmin, the
+    FLOPs the analytic formula, each frontier the lower envelope of its points, the table, PNG and JSON written."""
+    from uoe import UoEConfig  # noqa: PLC0415
+
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Benchmarks\n\n## LM comparison (compare_lm.py)\n\nkept\n")
+    command = [
+        sys.executable, str(SCRIPT), "--sweep", "--quick", "--output", str(tmp_path / "sweep.json"),
+        "--plot", str(tmp_path / "frontier.png"), "--results_md", str(results_md), "--work_dir", str(tmp_path / "w"),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True, timeout=400
+    )
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    assert record["wall_seconds"] < 120, f"--sweep --quick took {record['wall_seconds']:.0f} s (> 2 minutes)"
+    summary, setup = record["summary"], record["setup"]
+
+    # every family runs, or is skipped exactly when UoEConfig lacks its variant's fields
+    assert set(record["families"]) | set(record["skipped"]) == set(compare_lm.SWEEP_FAMILIES)
+    for family in compare_lm.SWEEP_FAMILIES:
+        assert (family in record["skipped"]) == bool(compare_lm.missing_uoe_fields(family)), family
+    for family in ("llama", "mixtral", "qwen3_moe", "deepseek_v3", "moeut", "uoe_union", "uoe_weighted"):
+        assert family in record["families"], family
+
+    for family in record["families"]:
+        mine = {n: p for n, p in summary["points"].items() if p["family"] == family}
+        assert len(mine) >= 3 and all(p["status"] == "ok" for p in mine.values()), (family, mine)
+        assert len({p["flops_analytic"] for p in mine.values()}) == len(mine), f"{family}: levels of equal FLOPs"
+        # the learning rate: the argmin of the grid's perplexities, used by every run of the family
+        search = record["lr_search"][family]
+        assert len(search["perplexity"]) >= 3 and set(map(float, search["perplexity"])) == set(
+            record["plan"]["lr_grid"]
+        )
+        argmin = min(search["perplexity"], key=lambda lr: search["perplexity"][lr])
+        assert search["chosen"] == float(argmin)
+        runs = [r for r in record["runs"] if r.get("family") == family]
+        assert len(runs) == 2 * len(mine) and {r["learning_rate"] for r in runs} == {float(argmin)}  # as trained
+        for name, point in mine.items():
+            # FLOPs: the analytic formula (uoe.estimate_flops_per_token for UoE)
+            config = record["points"][name]["config"]
+            if config["model_type"] == "uoe":
+                expected = estimate_flops_per_token(UoEConfig.from_dict(config), setup["seq_len"]).active
+            else:
+                expected = independent_flops(config, setup["seq_len"])
+                if expected is None:  # DeepSeek-V3's MLA: the formula checked against FlopCounterMode above
+                    expected = compare_lm.analytic_flops_per_token(
+                        compare_lm.config_from_dict(config), setup["seq_len"]
+                    )
+            assert point["flops_analytic"] == pytest.approx(expected, rel=1e-9), name
+            ppl = [r["validation_perplexity"] for r in record["runs"] if r["model"] == name]
+            assert len(ppl) == 2 and point["perplexity_mean"] == pytest.approx(sum(ppl) / 2, rel=1e-12)
+            assert point["perplexity_std"] == pytest.approx(abs(ppl[0] - ppl[1]) / math.sqrt(2), rel=1e-9)
+            assert point["tokens_per_second"] > 0
+        # the frontier: exactly the points that no cheaper-or-equal point of the family beats (by dominance)
+        dominated = {
+            n for n, p in mine.items()
+            if any(q["flops_analytic"] <= p["flops_analytic"] and q["perplexity_mean"] < p["perplexity_mean"]
+                   for m, q in mine.items() if m != n)
+        }  # fmt: skip
+        assert set(summary["frontiers"][family]) == set(mine) - dominated, family
+        frontier_flops = [mine[n]["flops_analytic"] for n in summary["frontiers"][family]]
+        assert frontier_flops == sorted(frontier_flops)
+
+    for level in summary["claim"]["levels"]:
+        assert level["difference"] == pytest.approx(level["uoe_perplexity"] - level["moe_perplexity"])
+        assert level["uoe_family"].startswith("uoe") and level["moe_family"] in compare_lm.SWEEP_MOE_FAMILIES
+
+    document = results_md.read_text()
+    assert "## LM comparison (compare_lm.py)\n\nkept" in document  # the other section is kept
+    section = document[document.index("## LM frontier sweep (compare_lm.py --sweep)") :]
+    for name, point in summary["points"].items():
+        assert f"\n| {point['family']} | {point['level']} | " in section, name
+    assert "Paper's claim" in section and "![frontier](frontier.png)" in section
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_frontier_and_its_reading(compare_lm):
+    points = {
+        "a": {"flops_analytic": 1.0, "perplexity_mean": 10.0},
+        "b": {"flops_analytic": 2.0, "perplexity_mean": 12.0},  # dominated by a
+        "c": {"flops_analytic": 3.0, "perplexity_mean": 8.0},
+        "d": {"flops_analytic": 3.0, "perplexity_mean": 9.0},  # dominated by c (equal FLOPs)
+        "e": {"flops_analytic": 4.0, "perplexity_mean": 8.5},  # dominated by c
+    }
+    assert compare_lm.pareto_frontier(points) == ["a", "c"]
+    curve = [(1.0, 10.0), (3.0, 8.0)]
+    assert compare_lm.frontier_at(curve, 2.0, 4.0) == pytest.approx(10.0 - 2.0 * math.log(2) / math.log(3))
+    assert compare_lm.frontier_at(curve, 1.0, 4.0) == 10.0
+    assert compare_lm.frontier_at(curve, 4.0, 4.0) == 8.0  # flat past the best point, up to the costliest level
+    assert compare_lm.frontier_at(curve, 0.5, 4.0) is None and compare_lm.frontier_at(curve, 5.0, 4.0) is None
+
+
+def test_switch_losses_weigh_the_same(compare_lm, tiny_setup):
+    """At uniform router probabilities transformers' Mixtral/Qwen3-MoE loss is top_k and UoE's is 1, so the sweep
+    divides the former's coefficient by top_k."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: PLC0415
+
+    from uoe.routing import load_balancing_loss  # noqa: PLC0415
+
+    experts, top_k = 8, 4
+    logits = torch.zeros(3 * 16, experts)
+    assert load_balancing_loss_func((logits, logits), experts, top_k).item() == pytest.approx(top_k)
+    scores = torch.full((3, 16, experts), 1.0 / experts)
+    index = torch.arange(top_k).expand(3, 16, top_k)
+    assert load_balancing_loss(scores, index, None).item() == pytest.approx(1.0)
+
+    setup = dataclasses.replace(tiny_setup, top_k=top_k, normalize_aux_by_top_k=True)
+    configs = compare_lm.build_configs(setup, ("mixtral", "qwen3_moe", "uoe_union"))
+    for name in ("mixtral", "qwen3_moe"):
+        assert compare_lm.aux_loss_weight(configs[name], setup) == pytest.approx(setup.aux_coef / top_k), name
+    assert compare_lm.aux_loss_weight(configs["uoe_union"], setup) == setup.aux_coef
+    unnormalised = dataclasses.replace(setup, normalize_aux_by_top_k=False)  # the main comparison keeps its rule
+    assert compare_lm.aux_loss_weight(configs["mixtral"], unnormalised) == setup.aux_coef
