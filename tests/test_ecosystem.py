@@ -529,3 +529,26 @@ def test_run_clm_refuses_a_dataset_name_that_is_no_hub_id(tmp_path):
     argv = ["--output_dir", str(tmp_path / "out"), "--train_file", str(tmp_path / "train.txt")]
     with pytest.raises(ValueError, match="--dataset_name: `dataset_id` must be a Hub dataset ID"):
         run_clm.main([*argv, "--dataset_name", "my data/train.txt"])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({}, ("selects 2 of 4 heads) and each", "(2 selected per token).")),
+        (
+            dict(num_key_value_heads=2, attention_top_k=1, num_shared_mlp_experts=1, mlp_top_k=1),
+            ("selects 1 of 2 groups of 2 query heads) and each", "(1 selected per token, plus 1 shared)."),
+        ),
+        (
+            dict(num_shared_attention_groups=1, attention_top_k=2),
+            ("selects 2 of 4 heads, plus 1 shared) and each", "(2 selected per token)."),
+        ),
+    ],
+)
+def test_model_card_describes_the_attention_experts_and_shared_experts(tmp_path, overrides, expected):
+    card = write_model_card(
+        tmp_path, tiny_model(**overrides).config, _card_results(), model_name="m", dataset_description="x"
+    )
+    text = " ".join(card.text.split())  # the template wraps its lines
+    for phrase in expected:
+        assert phrase in text, phrase
