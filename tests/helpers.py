@@ -53,3 +53,22 @@ def require_triton():
 
         return triton
     return pytest.importorskip("triton")
+
+
+def count_kernel_calls(monkeypatch) -> dict[str, int]:
+    """Count the model's calls into the SMHA and UoME Triton kernels (`{"attention": n, "experts": m}`, updated in
+    place), so that a silent fallback to the reference fails a comparison instead of comparing it with itself."""
+    import uoe.modeling_uoe as modeling
+
+    calls = {"attention": 0, "experts": 0}
+
+    def counted(kind, fn):
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(modeling, "selective_attention", counted("attention", modeling.selective_attention))
+    monkeypatch.setattr(modeling, "uoe_triton_experts_forward", counted("experts", modeling.uoe_triton_experts_forward))
+    return calls

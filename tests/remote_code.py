@@ -6,14 +6,15 @@ import subprocess
 import sys
 import textwrap
 
-_LOAD_SCRIPT = textwrap.dedent(
+# Makes `uoe` unimportable in the child interpreter (and proves it is), so only the checkpoint's copied code can load.
+BLOCK_UOE_PREAMBLE = textwrap.dedent(
     """
     import importlib.abc, json, sys
 
     class BlockUoE(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name == "uoe" or name.startswith("uoe."):
-                raise ModuleNotFoundError(f"blocked: {{name}}")
+                raise ModuleNotFoundError(f"blocked: {name}")
 
     sys.meta_path.insert(0, BlockUoE())
     try:
@@ -21,7 +22,11 @@ _LOAD_SCRIPT = textwrap.dedent(
         raise SystemExit("uoe is importable; the test would prove nothing")
     except ModuleNotFoundError:
         pass
+    """
+)
 
+_LOAD_SCRIPT = textwrap.dedent(
+    """
     import torch
     from transformers import {auto_class}
 
@@ -55,16 +60,20 @@ def many_logits_without_uoe(folders, inputs: dict, tmp_path, auto_class: str = "
 
     inputs_path, output_path = tmp_path / "inputs.pt", tmp_path / "logits.pt"
     torch.save(inputs, inputs_path)
+    stdout = run_without_uoe(
+        _LOAD_SCRIPT.format(auto_class=auto_class),
+        [str(inputs_path), str(output_path), *(str(folder) for folder in folders)],
+        tmp_path,
+    )
+    info = json.loads(stdout.strip().splitlines()[-1])
+    return torch.load(output_path), info
+
+
+def run_without_uoe(script: str, args: list[str], tmp_path) -> str:
+    """Run `BLOCK_UOE_PREAMBLE + script` with `args` in a fresh offline interpreter (cwd `tmp_path`); return its stdout."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _LOAD_SCRIPT.format(auto_class=auto_class),
-            str(inputs_path),
-            str(output_path),
-            *(str(folder) for folder in folders),
-        ],
+        [sys.executable, "-c", BLOCK_UOE_PREAMBLE + script, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -72,5 +81,4 @@ def many_logits_without_uoe(folders, inputs: dict, tmp_path, auto_class: str = "
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    info = json.loads(result.stdout.strip().splitlines()[-1])
-    return torch.load(output_path), info
+    return result.stdout

@@ -4,9 +4,6 @@ with `compute_metrics`, every Auto class (in process and by remote code), no cus
 import builtins
 import copy
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -27,6 +24,7 @@ from uoe import UoEConfig, UoEImageProcessor, UoEModel, UoEVisionModel
 from uoe.model_card import REQUIRED_RESULTS, write_model_card
 
 from .helpers import tiny_model
+from .remote_code import run_without_uoe
 from .test_examples import load_example
 from .test_vision import vision_config, vision_model
 
@@ -341,20 +339,6 @@ def test_auto_model_picks_the_family_base_model(lm_folder, image_folder):
 
 _REMOTE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockUoE(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "uoe" or name.startswith("uoe."):
-                raise ModuleNotFoundError(f"blocked: {name}")
-
-    sys.meta_path.insert(0, BlockUoE())
-    try:
-        import uoe  # noqa: F401
-        raise SystemExit("uoe is importable; the test would prove nothing")
-    except ModuleNotFoundError:
-        pass
-
     import numpy as np, torch, transformers
     from PIL import Image
 
@@ -390,18 +374,10 @@ def test_every_auto_class_loads_by_remote_code(lm_folder, image_folder, tmp_path
     pixel_values = processor(images, return_tensors="pt")["pixel_values"]
     inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "images": torch.from_numpy(np.stack(images))}
     torch.save(inputs, tmp_path / "inputs.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    command = [sys.executable, "-c", _REMOTE_SCRIPT, str(lm_dir), str(image_dir)]
-    result = subprocess.run(
-        [*command, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
+    stdout = run_without_uoe(
+        _REMOTE_SCRIPT, [str(lm_dir), str(image_dir), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], tmp_path
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(stdout.strip().splitlines()[-1])
     assert not report["uoe_loaded"]
     expected_classes = {
         "AutoConfig:False": "UoEConfig",

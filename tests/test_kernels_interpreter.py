@@ -29,7 +29,7 @@ from uoe.kernels_uome import (  # noqa: E402
     weight_grad_reference,
 )
 
-from .helpers import returned_cache, tiny_model  # noqa: E402
+from .helpers import count_kernel_calls, returned_cache, tiny_model  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -382,20 +382,7 @@ def test_uoe_triton_experts_forward_handles_expert_biases():
 def kernel_calls(monkeypatch):
     """Counts the model's calls into the SMHA and UoME kernels (a silent fallback would make the comparisons
     below compare the reference with itself)."""
-    import uoe.modeling_uoe as modeling
-
-    calls = {"attention": 0, "experts": 0}
-
-    def counted(kind, fn):
-        def wrapper(*args, **kwargs):
-            calls[kind] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    monkeypatch.setattr(modeling, "selective_attention", counted("attention", modeling.selective_attention))
-    monkeypatch.setattr(modeling, "uoe_triton_experts_forward", counted("experts", modeling.uoe_triton_experts_forward))
-    return calls
+    return count_kernel_calls(monkeypatch)
 
 
 def model_loss_and_grads(model, **inputs):

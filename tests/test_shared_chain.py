@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from uoe import UoEConfig, UoEForCausalLM, UoERouterStatsCallback, estimate_flops_per_token
 from uoe.modeling_uoe import UoERouter, select_experts
 
-from .helpers import require_triton, returned_cache, tiny_config, tiny_model
+from .helpers import count_kernel_calls, require_triton, returned_cache, tiny_config, tiny_model
 from .reference_uoe import reference_logits
 from .remote_code import logits_without_uoe
 
@@ -350,19 +350,7 @@ def test_triton_backend_with_shared_experts_and_chain_matches_masked(monkeypatch
     path, on a left-padded batch; the kernels are counted so that a silent fallback fails."""
     require_triton()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import uoe.modeling_uoe as modeling
-
-    calls = {"attention": 0, "experts": 0}
-
-    def counted(kind, fn):
-        def wrapper(*args, **kwargs):
-            calls[kind] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    monkeypatch.setattr(modeling, "selective_attention", counted("attention", modeling.selective_attention))
-    monkeypatch.setattr(modeling, "uoe_triton_experts_forward", counted("experts", modeling.uoe_triton_experts_forward))
+    calls = count_kernel_calls(monkeypatch)
     overrides = dict(SHARED, **CHAIN, num_hidden_layers=1, gate_mode="weighted")
     input_ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(11))
     mask = torch.ones_like(input_ids)
