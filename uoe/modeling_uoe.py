@@ -389,6 +389,14 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
     return past_key_values
 
 
+def block_cache_layer(cache: Cache | None, layer_idx: int, cache_index: int | None) -> "UoECacheLayer | None":
+    """The cache layer of one application of a decoder layer: `cache_index` (a grouped model applies its layers
+    several times, each with a cache layer of its own) or, by default, the layer's own index."""
+    if cache is None:
+        return None
+    return cache.layers[layer_idx if cache_index is None else cache_index]
+
+
 def renamed_cache_argument(forward: Callable) -> Callable:
     """Take the KV cache under its pre-5.24 name `past_key_values` as well as `cache`.
 
@@ -737,9 +745,7 @@ class UoESelectiveAttention(nn.Module):
         the value projection (MoEUT's peri-layernorm gives it the un-normalised residual stream). `cache_index` is the
         cache layer of this application of the layer (default `layer_idx`; a grouped model applies a layer several
         times)."""
-        cache_layer = None
-        if cache is not None:
-            cache_layer = cache.layers[self.layer_idx if cache_index is None else cache_index]
+        cache_layer = block_cache_layer(cache, self.layer_idx, cache_index)
         selection = select_experts(
             self.router,
             hidden_states,
@@ -1190,9 +1196,7 @@ class UoESparseMLP(nn.Module):
         Chain-of-Experts step (its router and its routing state in the KV cache); `cache_index`: the cache layer of
         this application of the layer (default `layer_idx`)."""
         batch_size, _, hidden_dim = hidden_states.shape
-        cache_layer = None
-        if cache is not None:
-            cache_layer = cache.layers[self.layer_idx if cache_index is None else cache_index]
+        cache_layer = block_cache_layer(cache, self.layer_idx, cache_index)
         router_input = hidden_states if router_states is None else router_states
         router = self.router if iteration == 0 else self.chain_routers[iteration - 1]
         cache_name = "mlp_router_logits" if iteration == 0 else f"mlp_router_logits_{iteration}"
