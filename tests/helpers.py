@@ -36,6 +36,25 @@ def returned_cache(outputs):
     return getattr(outputs, CACHE_FIELD)
 
 
+def enable_checkpointing(model) -> None:
+    """Turn on activation checkpointing under the name this transformers has (`activation_checkpointing_enable` from
+    5.24 on, `gradient_checkpointing_enable` before)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
+def checkpointing_argument() -> dict:
+    """`TrainingArguments` keyword that turns on activation checkpointing in this transformers."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
+
+
+# The refusal of a cache passed under both names: transformers' `deprecate_kwarg` (5.24 on) or UoE's own (before).
+BOTH_CACHE_NAMES = r"Both `past_key_values` and `cache`|as `cache` or as `past_key_values`.*not both"
+
+
 def running_in_ci() -> bool:
     """Whether the `CI` environment variable is set (`.ci/run` sets it; so do hosted CI services)."""
     import os

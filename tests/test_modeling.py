@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from uoe import UoEForCausalLM
 
-from .helpers import returned_cache, tiny_model
+from .helpers import BOTH_CACHE_NAMES, enable_checkpointing, returned_cache, tiny_model
 from .reference_uoe import reference_logits
 from .test_routing import switch_loss_by_hand, z_loss_by_hand
 
@@ -408,7 +408,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = tiny_model().train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            enable_checkpointing(model)
         model(input_ids, labels=input_ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -515,7 +515,7 @@ def test_malformed_attention_mask_and_foreign_cache_raise():
     foreign.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 0)
     with pytest.raises(ValueError, match="`cache`.*without UoE routing state"):
         model(input_ids, cache=foreign)
-    with pytest.raises(ValueError, match="Both `past_key_values` and `cache`"):
+    with pytest.raises(ValueError, match=BOTH_CACHE_NAMES):
         model(input_ids, cache=DynamicCache(), past_key_values=DynamicCache())
 
 

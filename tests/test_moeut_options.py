@@ -11,7 +11,14 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 import uoe
 from uoe.modeling_uoe import RoutingInputs
 
-from .helpers import require_triton, returned_cache, tiny_config, tiny_model
+from .helpers import (
+    checkpointing_argument,
+    enable_checkpointing,
+    require_triton,
+    returned_cache,
+    tiny_config,
+    tiny_model,
+)
 from .reference_uoe import _rms_norm, _rope, _select
 from .remote_code import many_logits_without_uoe
 from .test_training import assert_same_gradients, promised_gradients, trainer_gradients
@@ -100,7 +107,7 @@ def test_grouped_model_with_gradient_checkpointing_gives_the_same_gradients():
         model = tiny_model(num_hidden_layers=4, num_layer_groups=2, router_balance_loss="entropy").train()
         assert len(model.model.layers) == 2
         if checkpointing:
-            model.activation_checkpointing_enable()
+            enable_checkpointing(model)
         model(**batch, labels=batch["input_ids"]).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and any(".router." in name for name in grads[0])
@@ -390,7 +397,7 @@ def test_each_option_trains_with_trainer_and_gradient_checkpointing(name, tmp_pa
         max_steps=2,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
-        activation_checkpointing=True,
+        **checkpointing_argument(),
         logging_steps=1,
         save_strategy="no",
         report_to=[],

@@ -8,7 +8,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from uoe import UoERouterStatsCallback
 from uoe.data import read_text, shakespeare_files
 
-from .helpers import tiny_model
+from .helpers import checkpointing_argument, tiny_model
 
 
 class ByteBlocks(torch.utils.data.Dataset):
@@ -38,7 +38,7 @@ def test_trainer_with_gradient_checkpointing_learns_and_logs_router_stats(tmp_pa
         per_device_train_batch_size=8,
         learning_rate=3e-3,
         lr_scheduler_type="constant",
-        activation_checkpointing=True,
+        **checkpointing_argument(),
         logging_steps=1,
         save_strategy="no",
         report_to=[],

@@ -172,7 +172,9 @@ register_uoe_experts_kernels()
 # ---------------------------------------------------------------------------------------------------------------------
 # The union is the tensor-parallel split: a rank holds whole heads (colwise q/k/v, rowwise o_proj) and a slice of every
 # MLP expert (transformers' `moe_tp_experts`); routers and norms are replicated and every rank routes every token. The
-# two styles below check that the split is even and tell SMHA which heads are its own.
+# two styles below check that the split is even and tell SMHA which heads are its own. `install_forward` takes what
+# transformers passes besides the module and the mesh (5.25 added the keywords `config` and `mesh_manager`; earlier
+# releases pass neither), so one signature serves every supported release.
 
 
 class UoESelectiveHeadsParallel(TensorParallelLayer):
@@ -180,7 +182,7 @@ class UoESelectiveHeadsParallel(TensorParallelLayer):
     `[rank * G / tp, (rank + 1) * G / tp)` (their key/value heads and query heads) of the replicated routing (see
     `UoESelectiveAttention._local_groups`)."""
 
-    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+    def install_forward(self, module: nn.Module, mesh, **kwargs) -> nn.Module:
         if module.num_key_value_heads % mesh.size():
             raise ValueError(
                 "Tensor parallelism gives every rank whole head groups: `num_key_value_heads`="
@@ -194,7 +196,7 @@ class UoEUnionMLPParallel(TensorParallelLayer):
     """TP style `"uoe_union_mlp"` of a `UoESparseMLP`: checks that every expert's hidden units split evenly (the experts'
     own rules shard them; the block's output bias is added once, after their all-reduce)."""
 
-    def install_forward(self, module: nn.Module, mesh) -> nn.Module:
+    def install_forward(self, module: nn.Module, mesh, **kwargs) -> nn.Module:
         if module.experts.intermediate_dim % mesh.size():
             raise ValueError(
                 f"Tensor parallelism gives every rank a slice of each MLP expert: `mlp_expert_size`="
