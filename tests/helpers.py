@@ -77,6 +77,7 @@ def require_triton():
 def count_kernel_calls(monkeypatch) -> dict[str, int]:
     """Count the model's calls into the SMHA and UoME Triton kernels (`{"attention": n, "experts": m}`, updated in
     place), so that a silent fallback to the reference fails a comparison instead of comparing it with itself."""
+    import uoe.kernels_smha as kernels_smha
     import uoe.modeling_uoe as modeling
 
     calls = {"attention": 0, "experts": 0}
@@ -88,6 +89,6 @@ def count_kernel_calls(monkeypatch) -> dict[str, int]:
 
         return wrapper
 
-    monkeypatch.setattr(modeling, "selective_attention", counted("attention", modeling.selective_attention))
+    monkeypatch.setattr(kernels_smha, "selective_attention", counted("attention", kernels_smha.selective_attention))
     monkeypatch.setattr(modeling, "uoe_triton_experts_forward", counted("experts", modeling.uoe_triton_experts_forward))
     return calls

@@ -328,7 +328,7 @@ def computed_rows(monkeypatch):
         raise AssertionError("the masked reference ran")
 
     monkeypatch.setattr(gathered, "grouped_mm", counting)
-    monkeypatch.setattr(modeling.UoESelectiveAttention, "_masked_attention", forbidden)
+    monkeypatch.setitem(modeling.ALL_SELECTIVE_ATTENTION_FUNCTIONS, "masked", forbidden)
     monkeypatch.setattr(modeling.UoESwiGLUExperts.forward, "__wrapped__", forbidden)
     return rows
 
@@ -399,21 +399,21 @@ def test_compiled_training_step_equals_eager():
 
 def test_auto_attends_on_the_gathered_path_except_where_the_masked_one_is_faster(monkeypatch):
     calls = []
-    for name in ("_gathered", "_masked_attention"):
-        original = getattr(modeling.UoESelectiveAttention, name)
+    for name in ("gathered", "masked"):  # each registered implementation, recording its calls
+        original = modeling.ALL_SELECTIVE_ATTENTION_FUNCTIONS[name]
 
-        def recorded(self, *args, _original=original, _name=name, **kwargs):
+        def recorded(*args, _original=original, _name=name, **kwargs):
             calls.append(_name)
-            return _original(self, *args, **kwargs)
+            return _original(*args, **kwargs)
 
-        monkeypatch.setattr(modeling.UoESelectiveAttention, name, recorded)
+        monkeypatch.setitem(modeling.ALL_SELECTIVE_ATTENTION_FUNCTIONS, name, recorded)
     short = torch.randint(0, 61, (1, modeling.GATHERED_ATTENTION_MIN_KEYS - 1))
     long = torch.randint(0, 61, (1, modeling.GATHERED_ATTENTION_MIN_KEYS))
     with torch.no_grad():
         for model, input_ids, expected in (
-            (tiny_model(), long, "_gathered"),
-            (tiny_model(), short, "_masked_attention"),  # a short sequence: the per-head mask is cheaper
-            (tiny_model(attention_top_k=4), long, "_masked_attention"),  # full routing: the dense layer
+            (tiny_model(), long, "gathered"),
+            (tiny_model(), short, "masked"),  # a short sequence: the per-head mask is cheaper
+            (tiny_model(attention_top_k=4), long, "masked"),  # full routing: the dense layer
         ):
             calls.clear()
             model(input_ids)

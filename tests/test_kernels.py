@@ -280,7 +280,7 @@ def test_pytorch_backends_never_call_the_kernels_on_cpu(backend, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("kernel called")
 
-    monkeypatch.setattr(modeling, "selective_attention", forbidden)
+    monkeypatch.setitem(modeling.ALL_SELECTIVE_ATTENTION_FUNCTIONS, "triton", forbidden)
     monkeypatch.setattr(modeling, "uoe_triton_experts_forward", forbidden)
     input_ids = torch.randint(0, 61, (2, 7))
     logits = tiny_model(routing_backend=backend)(input_ids).logits

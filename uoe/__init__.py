@@ -17,6 +17,7 @@ from .configuration_uoe import UoEConfig
 from .flops import FlopsEstimate, estimate_flops_per_token
 from .modeling_uoe import UoECacheLayer, UoEForCausalLM, UoEModel, UoEPreTrainedModel
 from .modeling_uoe_vision import UoEForImageClassification, UoEImageClassifierOutput, UoEVisionModel
+from .selective_attention import ALL_SELECTIVE_ATTENTION_FUNCTIONS, SelectiveAttentionInterface
 from .sparsify import SparsifyReport, retention_report, sparsify
 
 # The image processor needs Pillow (transformers' "vision" extra); the models do not.
@@ -67,7 +68,9 @@ UoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 UoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
+    "ALL_SELECTIVE_ATTENTION_FUNCTIONS",
     "FlopsEstimate",
+    "SelectiveAttentionInterface",
     "UoECacheLayer",
     "UoEConfig",
     "UoEForCausalLM",

@@ -30,7 +30,7 @@ def _require(condition: bool, message: str) -> None:
 
 def _check_positive_int(name: str, value) -> None:
     _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        _is_int(value) and value >= 1,
         f"`{name}` must be an integer >= 1, got {value!r}.",
     )
 
@@ -65,6 +65,184 @@ def _check_rope_parameters(rope_parameters) -> None:
     _require(
         factor == 1.0,
         f"`rope_parameters['partial_rotary_factor']` must be 1.0 (UoE rotates whole heads), got {factor!r}.",
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_sizes(config: "UoEConfig") -> None:
+    """Counts and widths: positive integers that divide as the decomposition needs."""
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "attention_top_k",
+        "intermediate_size",
+        "num_mlp_experts",
+        "mlp_top_k",
+        "routing_patch_size",
+        "max_position_embeddings",
+        "patch_size",
+        "num_channels",
+        "mlp_chain_length",
+    ):
+        _check_positive_int(name, getattr(config, name))
+    if config.head_dim is None:
+        _require(
+            False,
+            f"`hidden_size` ({config.hidden_size}) must be divisible by `num_attention_heads` "
+            f"({config.num_attention_heads}) when `head_dim` is not given.",
+        )
+    _check_positive_int("head_dim", config.head_dim)
+    _check_positive_int("num_key_value_heads", config.num_key_value_heads)
+    heads, groups = config.num_attention_heads, config.num_key_value_heads
+    _require(heads % groups == 0, f"`num_key_value_heads` must divide `num_attention_heads` ({heads}), got {groups}.")
+    _require(
+        config.attention_top_k <= groups,
+        f"`attention_top_k` counts head groups and must be in [1, num_key_value_heads={groups}], got "
+        f"{config.attention_top_k}.",
+    )
+    _require(
+        config.mlp_top_k <= config.num_mlp_experts,
+        f"`mlp_top_k` must be in [1, num_mlp_experts={config.num_mlp_experts}], got {config.mlp_top_k}.",
+    )
+    _require(
+        config.intermediate_size % config.num_mlp_experts == 0,
+        f"`intermediate_size` ({config.intermediate_size}) must be divisible by `num_mlp_experts` "
+        f"({config.num_mlp_experts}).",
+    )
+    if config.image_size is not None:
+        _check_positive_int("image_size", config.image_size)
+        _require(
+            config.image_size % config.patch_size == 0,
+            f"`image_size` ({config.image_size}) must be divisible by `patch_size` ({config.patch_size}).",
+        )
+    if config.position_embedding_type == "rope":
+        # rotate_half pairs dimension i with i + head_dim / 2
+        _require(
+            config.head_dim % 2 == 0,
+            f"`head_dim` must be even with rotary position embeddings, got {config.head_dim}.",
+        )
+    if config.pad_token_id is not None:
+        _require(
+            _is_int(config.pad_token_id) and 0 <= config.pad_token_id < config.vocab_size,
+            f"`pad_token_id` must be None or a token id in [0, vocab_size={config.vocab_size}), got "
+            f"{config.pad_token_id!r}.",
+        )
+
+
+def _validate_choices(config: "UoEConfig") -> None:
+    """Fields that take one of a few names."""
+    for name, allowed in (
+        ("mlp_type", MLP_TYPES),
+        ("gate_mode", GATE_MODES),
+        ("router_score_func", ROUTER_SCORE_FUNCS),
+        ("norm_type", NORM_TYPES),
+        ("position_embedding_type", POSITION_EMBEDDING_TYPES),
+        ("routing_backend", ROUTING_BACKENDS),
+        ("router_balance_loss", ROUTER_BALANCE_LOSSES),
+        ("norm_placement", NORM_PLACEMENTS),
+    ):
+        _check_choice(name, getattr(config, name), allowed)
+    _require(
+        config.hidden_act in ACT2FN,
+        f"`hidden_act` must be one of transformers' activations {sorted(ACT2FN)}, got {config.hidden_act!r}.",
+    )
+    # the registry of implementations lives with the models, which check the name when they are built
+    name = config.selective_attention_implementation
+    _require(
+        name is None or isinstance(name, str),
+        f"`selective_attention_implementation` must be None or the name of a registered SMHA implementation, got "
+        f"{name!r}.",
+    )
+    if config.position_embedding_type == "rope":
+        # after transformers has standardised it (legacy `rope_scaling` / `rope_theta` keywords included)
+        _check_rope_parameters(config.rope_parameters)
+
+
+def _validate_numbers(config: "UoEConfig") -> None:
+    """Coefficients, epsilons, rates and the data-selection capacity."""
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "rms_norm_eps", "layer_norm_eps", "initializer_range"):
+        _check_number(name, getattr(config, name), 0)
+    _check_number("attention_dropout", config.attention_dropout, 0, 1, high_inclusive=False)
+    if config.data_capacity is not None:
+        _require(
+            _is_number(config.data_capacity) and 0.0 < config.data_capacity <= 1.0,
+            f"`data_capacity` must be None or a number in (0, 1], got {config.data_capacity!r}.",
+        )
+        _require(
+            not config.is_causal,
+            "`data_capacity` (patch-wise data selection) chooses patches across the whole sequence, so it "
+            "would let a token's output depend on later tokens: it is only allowed with `is_causal=False`.",
+        )
+    _require(
+        not (config.routing_backend == "triton" and config.attention_dropout > 0),
+        f'`routing_backend="triton"` needs `attention_dropout=0` (the selective-attention kernels have no '
+        f'dropout), got {config.attention_dropout!r}; use `routing_backend="auto"` or `"gathered"`.',
+    )
+
+
+def _validate_variants(config: "UoEConfig") -> None:
+    """Shared experts, Chain-of-Experts and MoEUT's layer grouping."""
+    if config.num_layer_groups is not None:
+        _check_positive_int("num_layer_groups", config.num_layer_groups)
+        _require(
+            config.num_hidden_layers % config.num_layer_groups == 0,
+            f"`num_layer_groups` must divide `num_hidden_layers` ({config.num_hidden_layers}), got "
+            f"{config.num_layer_groups}.",
+        )
+    # the shared experts come first and are not routed
+    for name, total, top_k_name in (
+        ("num_shared_attention_groups", config.num_key_value_heads, "attention_top_k"),
+        ("num_shared_mlp_experts", config.num_mlp_experts, "mlp_top_k"),
+    ):
+        value, top_k = getattr(config, name), getattr(config, top_k_name)
+        _require(_is_int(value) and value >= 0, f"`{name}` must be an integer >= 0, got {value!r}.")
+        _require(
+            value + top_k <= total,
+            f"`{name}` + `{top_k_name}` must be at most {total} (the experts of the block: routed ones are chosen "
+            f"among the non-shared), got {value} + {top_k}; `{name}` is at most {total - 1}.",
+        )
+
+
+# What each model needs of the config beyond valid values: `{model: {field: (required value, why)}}`.
+MODEL_REQUIREMENTS = {
+    "causal_lm": {
+        "is_causal": (True, "the causal RMSNorm/RoPE decoder (the bidirectional encoder is UoEForImageClassification)"),
+        "mlp_bias": (False, "the causal RMSNorm/RoPE decoder"),
+        "norm_type": ("rmsnorm", "the causal RMSNorm/RoPE decoder"),
+        "position_embedding_type": ("rope", "the causal RMSNorm/RoPE decoder"),
+    },
+    "vision": {
+        "is_causal": (False, "UoE vision models are bidirectional encoders"),
+        "mlp_type": ("gelu", "UoE vision models use GELU MLP experts"),
+        "num_layer_groups": (None, "MoEUT's layer grouping is a causal-LM option"),
+        "norm_placement": ("pre", "peri-layernorm is a causal-LM option"),
+        "mlp_chain_length": (1, "Chain-of-Experts is a causal-LM option"),
+    },
+}
+
+
+def _validate_model_requirements(config: "UoEConfig", model: str) -> None:
+    for name, (required, why) in MODEL_REQUIREMENTS[model].items():
+        value = getattr(config, name)
+        _require(value == required, f"`{name}` must be {required!r} for this model ({why}), got {value!r}.")
+    if model != "vision":
+        return
+    _require(config.image_size is not None, "`image_size` must be set in the config of a UoE vision model.")
+    num_tokens = (config.image_size // config.patch_size) ** 2
+    _require(
+        num_tokens % config.routing_patch_size == 0,
+        f"`routing_patch_size` ({config.routing_patch_size}) must divide the number of image tokens "
+        f"((image_size / patch_size)^2 = {num_tokens}).",
+    )
+    _require(
+        config.position_embedding_type != "rope" or config.max_position_embeddings >= num_tokens + 1,
+        f"`max_position_embeddings` ({config.max_position_embeddings}) must be >= the number of tokens "
+        f"including CLS ({num_tokens + 1}) for rotary positions.",
     )
 
 
@@ -138,6 +316,10 @@ class UoEConfig(PreTrainedConfig):
             on CUDA tensors when Triton is installed, the gathered path everywhere else (and for attention with
             dropout while training: the kernels have no dropout). An explicitly chosen `experts_implementation`
             (e.g. `"eager"` or `"grouped_mm"`) decides the UoME experts whatever the backend.
+        selective_attention_implementation: The SMHA implementation by its registered name (`"masked"`,
+            `"gathered"`, `"triton"`, or one added with `uoe.SelectiveAttentionInterface.register`), the way
+            `attn_implementation` names transformers' attention functions; `None` (default): the one `routing_backend`
+            picks. It decides SMHA only (the UoME experts follow `routing_backend` / `experts_implementation`).
         num_shared_attention_groups: Shared attention experts: head groups `0 .. N-1` are used by every token with
             gate exactly 1 (in both gate modes); no router scores them and the router losses ignore them. The
             SMHA router scores only the `num_key_value_heads - N` routed groups, of which each token (patch) selects
@@ -167,241 +349,95 @@ class UoEConfig(PreTrainedConfig):
     model_type = "uoe"
     keys_to_ignore_at_inference = [CACHE_FIELD, "aux_loss", "router_z_loss"]
 
-    def __init__(
-        self,
-        vocab_size: int = 32000,
-        hidden_size: int = 512,
-        num_hidden_layers: int = 8,
-        num_attention_heads: int = 8,
-        num_key_value_heads: int | None = None,
-        head_dim: int | None = None,
-        attention_top_k: int = 4,
-        intermediate_size: int = 2048,
-        num_mlp_experts: int = 4,
-        mlp_top_k: int = 2,
-        mlp_type: str = "swiglu",
-        hidden_act: str | None = None,
-        mlp_bias: bool = False,
-        attention_bias: bool = False,
-        qk_norm: bool = False,
-        routing_patch_size: int = 1,
-        data_capacity: float | None = None,
-        gate_mode: str = "union",
-        router_score_func: str = "softmax",
-        router_aux_loss_coef: float = 0.01,
-        router_z_loss_coef: float = 0.0,
-        is_causal: bool = True,
-        max_position_embeddings: int = 2048,
-        rope_parameters: dict | None = None,
-        rms_norm_eps: float = 1e-6,
-        initializer_range: float = 0.02,
-        attention_dropout: float = 0.0,
-        use_cache: bool = True,
-        tie_word_embeddings: bool = False,
-        output_router_logits: bool = False,
-        pad_token_id: int | None = None,
-        bos_token_id: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        norm_type: str = "rmsnorm",
-        layer_norm_eps: float = 1e-12,
-        position_embedding_type: str = "rope",
-        image_size: int | None = None,
-        patch_size: int = 16,
-        num_channels: int = 3,
-        routing_backend: str = "auto",
-        num_shared_attention_groups: int = 0,
-        num_shared_mlp_experts: int = 0,
-        mlp_chain_length: int = 1,
-        num_layer_groups: int | None = None,
-        router_balance_loss: str = "switch",
-        norm_placement: str = "pre",
-        **kwargs,
-    ):
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("hidden_size", hidden_size),
-            ("num_hidden_layers", num_hidden_layers),
-            ("num_attention_heads", num_attention_heads),
-            ("attention_top_k", attention_top_k),
-            ("intermediate_size", intermediate_size),
-            ("num_mlp_experts", num_mlp_experts),
-            ("mlp_top_k", mlp_top_k),
-            ("routing_patch_size", routing_patch_size),
-            ("max_position_embeddings", max_position_embeddings),
-        ):
-            _check_positive_int(name, value)
-        if head_dim is None:
-            _require(
-                hidden_size % num_attention_heads == 0,
-                f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` "
-                f"({num_attention_heads}) when `head_dim` is not given.",
-            )
-            head_dim = hidden_size // num_attention_heads
-        _check_positive_int("head_dim", head_dim)
-        if num_key_value_heads is None:
-            num_key_value_heads = num_attention_heads
-        _check_positive_int("num_key_value_heads", num_key_value_heads)
-        _require(
-            num_attention_heads % num_key_value_heads == 0,
-            f"`num_key_value_heads` must divide `num_attention_heads` ({num_attention_heads}), got "
-            f"{num_key_value_heads}.",
-        )
-        _require(
-            attention_top_k <= num_key_value_heads,
-            f"`attention_top_k` counts head groups and must be in [1, num_key_value_heads={num_key_value_heads}], "
-            f"got {attention_top_k}.",
-        )
-        _require(
-            mlp_top_k <= num_mlp_experts,
-            f"`mlp_top_k` must be in [1, num_mlp_experts={num_mlp_experts}], got {mlp_top_k}.",
-        )
-        _require(
-            intermediate_size % num_mlp_experts == 0,
-            f"`intermediate_size` ({intermediate_size}) must be divisible by `num_mlp_experts` ({num_mlp_experts}).",
-        )
-        _check_choice("mlp_type", mlp_type, MLP_TYPES)
-        _check_choice("gate_mode", gate_mode, GATE_MODES)
-        _check_choice("router_score_func", router_score_func, ROUTER_SCORE_FUNCS)
-        _check_choice("norm_type", norm_type, NORM_TYPES)
-        _check_choice("position_embedding_type", position_embedding_type, POSITION_EMBEDDING_TYPES)
-        if routing_backend in _LEGACY_ROUTING_BACKENDS:
-            replacement = _LEGACY_ROUTING_BACKENDS[routing_backend]
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    attention_top_k: int = 4
+    intermediate_size: int = 2048
+    num_mlp_experts: int = 4
+    mlp_top_k: int = 2
+    mlp_type: str = "swiglu"
+    hidden_act: str | None = None
+    mlp_bias: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    routing_patch_size: int = 1
+    data_capacity: float | None = None
+    gate_mode: str = "union"
+    router_score_func: str = "softmax"
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    is_causal: bool = True
+    max_position_embeddings: int = 2048
+    rope_parameters: dict | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    attention_dropout: float = 0.0
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    output_router_logits: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    norm_type: str = "rmsnorm"
+    layer_norm_eps: float = 1e-12
+    position_embedding_type: str = "rope"
+    image_size: int | None = None
+    patch_size: int = 16
+    num_channels: int = 3
+    routing_backend: str = "auto"
+    selective_attention_implementation: str | None = None
+    num_shared_attention_groups: int = 0
+    num_shared_mlp_experts: int = 0
+    mlp_chain_length: int = 1
+    num_layer_groups: int | None = None
+    router_balance_loss: str = "switch"
+    norm_placement: str = "pre"
+
+    def __post_init__(self, **kwargs):
+        if self.routing_backend in _LEGACY_ROUTING_BACKENDS:
+            replacement = _LEGACY_ROUTING_BACKENDS[self.routing_backend]
             warnings.warn(
-                f'`routing_backend="{routing_backend}"` is now called "{replacement}"; using "{replacement}".',
+                f'`routing_backend="{self.routing_backend}"` is now called "{replacement}"; using "{replacement}".',
                 FutureWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            routing_backend = replacement
-        _check_choice("routing_backend", routing_backend, ROUTING_BACKENDS)
-        _check_positive_int("patch_size", patch_size)
-        _check_positive_int("num_channels", num_channels)
-        if image_size is not None:
-            _check_positive_int("image_size", image_size)
-            _require(
-                image_size % patch_size == 0,
-                f"`image_size` ({image_size}) must be divisible by `patch_size` ({patch_size}).",
-            )
-        if data_capacity is not None:
-            _require(
-                isinstance(data_capacity, (int, float))
-                and not isinstance(data_capacity, bool)
-                and 0.0 < data_capacity <= 1.0,
-                f"`data_capacity` must be None or a number in (0, 1], got {data_capacity!r}.",
-            )
-            _require(
-                not is_causal,
-                "`data_capacity` (patch-wise data selection) chooses patches across the whole sequence, so it "
-                "would let a token's output depend on later tokens: it is only allowed with `is_causal=False`.",
-            )
-        for name, value in (
-            ("router_aux_loss_coef", router_aux_loss_coef),
-            ("router_z_loss_coef", router_z_loss_coef),
-            ("rms_norm_eps", rms_norm_eps),
-            ("layer_norm_eps", layer_norm_eps),
-            ("initializer_range", initializer_range),
-        ):
-            _check_number(name, value, 0)
-        _check_number("attention_dropout", attention_dropout, 0, 1, high_inclusive=False)
-        if hidden_act is not None:
-            _require(
-                isinstance(hidden_act, str) and hidden_act in ACT2FN,
-                f"`hidden_act` must be one of transformers' activations {sorted(ACT2FN)}, got {hidden_act!r}.",
-            )
-        if pad_token_id is not None:
-            _require(
-                isinstance(pad_token_id, int) and not isinstance(pad_token_id, bool) and 0 <= pad_token_id < vocab_size,
-                f"`pad_token_id` must be None or a token id in [0, vocab_size={vocab_size}), got {pad_token_id!r}.",
-            )
-        if position_embedding_type == "rope":
-            # rotate_half pairs dimension i with i + head_dim / 2
-            _require(head_dim % 2 == 0, f"`head_dim` must be even with rotary position embeddings, got {head_dim}.")
-        _require(
-            not (routing_backend == "triton" and attention_dropout > 0),
-            f'`routing_backend="triton"` needs `attention_dropout=0` (the selective-attention kernels have no '
-            f'dropout), got {attention_dropout!r}; use `routing_backend="auto"` or `"gathered"`.',
-        )
-        # MoEUT options: layer grouping, entropy balance loss, peri-layernorm
-        if num_layer_groups is not None:
-            _check_positive_int("num_layer_groups", num_layer_groups)
-            _require(
-                num_hidden_layers % num_layer_groups == 0,
-                f"`num_layer_groups` must divide `num_hidden_layers` ({num_hidden_layers}), got {num_layer_groups}.",
-            )
-        _check_choice("router_balance_loss", router_balance_loss, ROUTER_BALANCE_LOSSES)
-        _check_choice("norm_placement", norm_placement, NORM_PLACEMENTS)
+            self.routing_backend = replacement
+        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_attention_heads):
+            if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
+                self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_act is None:
+            self.hidden_act = "silu" if self.mlp_type == "swiglu" else "gelu"
+        super().__post_init__(**kwargs)
+        self.validate()
 
-        # Shared experts and Chain-of-Experts (issue 15): the shared experts come first and are not routed.
-        for name, value, total, top_k, top_k_name in (
-            (
-                "num_shared_attention_groups",
-                num_shared_attention_groups,
-                num_key_value_heads,
-                attention_top_k,
-                "attention_top_k",
-            ),
-            ("num_shared_mlp_experts", num_shared_mlp_experts, num_mlp_experts, mlp_top_k, "mlp_top_k"),
-        ):
-            _require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                f"`{name}` must be an integer >= 0, got {value!r}.",
-            )
-            _require(
-                value + top_k <= total,
-                f"`{name}` + `{top_k_name}` must be at most {total} (the experts of the block: routed ones are chosen "
-                f"among the non-shared), got {value} + {top_k}; `{name}` is at most {total - 1}.",
-            )
-        _check_positive_int("mlp_chain_length", mlp_chain_length)
+    def validate(self, model: str | None = None) -> None:
+        """Check every field; raise a `ValueError` naming the first invalid one and the values it allows.
 
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim
-        self.attention_top_k = attention_top_k
-        self.intermediate_size = intermediate_size
-        self.num_mlp_experts = num_mlp_experts
-        self.mlp_top_k = mlp_top_k
-        self.mlp_type = mlp_type
-        self.hidden_act = hidden_act or ("silu" if mlp_type == "swiglu" else "gelu")
-        self.mlp_bias = mlp_bias
-        self.attention_bias = attention_bias
-        self.qk_norm = qk_norm
-        self.routing_patch_size = routing_patch_size
-        self.data_capacity = data_capacity
-        self.gate_mode = gate_mode
-        self.router_score_func = router_score_func
-        self.router_aux_loss_coef = router_aux_loss_coef
-        self.router_z_loss_coef = router_z_loss_coef
-        self.is_causal = is_causal
-        self.max_position_embeddings = max_position_embeddings
-        self.rope_parameters = rope_parameters
-        self.rms_norm_eps = rms_norm_eps
-        self.initializer_range = initializer_range
-        self.attention_dropout = attention_dropout
-        self.use_cache = use_cache
-        self.tie_word_embeddings = tie_word_embeddings
-        self.output_router_logits = output_router_logits
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
-        self.norm_type = norm_type
-        self.layer_norm_eps = layer_norm_eps
-        self.position_embedding_type = position_embedding_type
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.routing_backend = routing_backend
-        self.num_shared_attention_groups = num_shared_attention_groups
-        self.num_shared_mlp_experts = num_shared_mlp_experts
-        self.mlp_chain_length = mlp_chain_length
-        self.num_layer_groups = num_layer_groups
-        self.router_balance_loss = router_balance_loss
-        self.norm_placement = norm_placement
-        super().__init__(**kwargs)
-        if position_embedding_type == "rope":
-            # after transformers has standardised it (legacy `rope_scaling` / `rope_theta` keywords included)
-            _check_rope_parameters(self.rope_parameters)
+        The config calls it when it is built, every UoE model again when it is built from a config (with `model`,
+        `"causal_lm"` or `"vision"`, for the fields that model needs), and `save_pretrained` before writing, so a
+        value changed after construction (`from_pretrained(..., attention_top_k=...)`, `config.x = ...`) is checked
+        too."""
+        _validate_sizes(self)
+        _validate_choices(self)
+        _validate_numbers(self)
+        _validate_variants(self)
+        if model is not None:
+            _check_choice("model", model, tuple(MODEL_REQUIREMENTS))
+            _validate_model_requirements(self, model)
+        parent_validate = getattr(super(), "validate", None)  # transformers' own checks (RoPE, token ids, ...)
+        if parent_validate is not None:
+            try:
+                parent_validate()
+            except Exception as error:  # huggingface_hub's StrictDataclassClassValidationError is no ValueError
+                if isinstance(error, ValueError) or type(error).__name__ != "StrictDataclassClassValidationError":
+                    raise
+                raise ValueError(str(error.__cause__ or error)) from error
 
     @property
     def mlp_expert_size(self) -> int:

@@ -27,6 +27,9 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
+from .routing import Slots, slots_to_dense
+from .selective_attention import apply_rotary_pos_emb, rotate_half
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Grouped products
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,20 +196,6 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, zero_tai
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class Slots(NamedTuple):
-    """What a run of consecutive tokens selected in one routed block: `slots` experts per token.
-
-    index: `(batch, tokens, slots)` expert ids.
-    gate: `(batch, tokens, slots)` factor each selected expert's output is multiplied by.
-    keep: `(batch, tokens, slots)` bool, or `None` (all kept): False means the pair computes nothing (padding,
-        or a pair dropped by data selection).
-    """
-
-    index: torch.Tensor
-    gate: torch.Tensor
-    keep: torch.Tensor | None = None
-
-
 class SortedPairs(NamedTuple):
     """The (token, expert) pairs of a list of `Slots`, sorted by expert, then by token.
 
@@ -271,21 +260,6 @@ def combine_pairs(rows: torch.Tensor, pairs: SortedPairs, slots: Sequence[Slots]
         outputs.append(rows[start : start + count].view(batch, length, width, -1).sum(2))
         start += count
     return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-
-
-def slots_to_dense(slots: Sequence[Slots], num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(selected, gates)`, both `(batch, seq, num_experts)`: the masked reference's view of the same selection
-    (gates 0 where a pair is not selected or not kept)."""
-    selected, gates = [], []
-    for block in slots:
-        keep = torch.ones_like(block.index, dtype=torch.bool) if block.keep is None else block.keep
-        shape = (*block.index.shape[:2], num_experts)
-        selected.append(torch.zeros(shape, dtype=torch.bool, device=keep.device).scatter(-1, block.index, keep))
-        gate = block.gate * keep.to(block.gate.dtype)
-        gates.append(gate.new_zeros(shape).scatter(-1, block.index, gate))
-    if len(slots) == 1:
-        return selected[0], gates[0]
-    return torch.cat(selected, dim=1), torch.cat(gates, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -387,11 +361,6 @@ def _token_major_experts(self, hidden_states, top_k_index, top_k_weights, pair_k
 # ---------------------------------------------------------------------------------------------------------------------
 # SMHA
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class HeadLists(NamedTuple):
@@ -630,11 +599,11 @@ def rotate_pairs(
     head_dim = cos.shape[-1]
     cos = cos.reshape(-1, head_dim).index_select(0, pairs.token)
     sin = sin.reshape(-1, head_dim).index_select(0, pairs.token)
-    key = key * cos + _rotate_half(key) * sin
+    key = key * cos + rotate_half(key) * sin
     if query.shape[-1] == head_dim:
-        return query * cos + _rotate_half(query) * sin, key
+        return query * cos + rotate_half(query) * sin, key
     heads = query.view(query.shape[0], -1, head_dim)
-    heads = heads * cos[:, None] + _rotate_half(heads) * sin[:, None]
+    heads = heads * cos[:, None] + rotate_half(heads) * sin[:, None]
     return heads.reshape(query.shape), key
 
 
@@ -670,3 +639,217 @@ def gather_heads(cached: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     ) * keys
     flat = (base + index).reshape(-1)
     return cached.reshape(-1, head_dim).index_select(0, flat).view(*index.shape, head_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SMHA implementation "gathered"
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def gathered_selective_attention(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    selection,
+    cache_layer,
+    segment_ids: torch.Tensor | None,
+    value_states: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SMHA implementation `"gathered"` (contract: `selective_attention.py`): only the selected (token, group) pairs
+    are projected, attended and projected back. A pair's query row holds its group's query heads side by side
+    (`group_size * head_dim`), its key and value rows the group's key/value head."""
+    batch, seq_len, _ = hidden_states.shape
+    if seq_len == 1 and cache_layer is not None and len(selection.slots) == 1:
+        return _decode_step(
+            module, hidden_states, position_embeddings, selection, cache_layer, segment_ids, value_states
+        )
+    heads = module.num_key_value_heads
+    past_length = cache_layer.get_seq_length() if cache_layer is not None else 0
+    pairs = sort_pairs(selection.slots, heads, seq_len)
+    query, key, value = _pair_states(module, hidden_states, value_states, position_embeddings, pairs)
+    dropout = module.attention_dropout if module.training else 0.0
+    token_segments = None
+    if segment_ids is not None:
+        token_segments = segment_ids.reshape(-1).index_select(0, pairs.token)[:, None]
+    if cache_layer is not None:
+        # the cache keeps the layout every path reads: (batch, heads, tokens, head_dim), 0 for unselected pairs
+        cached_key, cached_value = cache_layer.update(
+            *(to_dense_heads(x, pairs, batch, seq_len, heads) for x in (key, value))
+        )
+        key_selected = cache_layer.update_routing("head_selected", slots_to_dense(selection.slots, heads)[0])
+        key_segments = None if segment_ids is None else cache_layer.update_routing("segment_ids", segment_ids)
+
+    if past_length == 0:
+        lists = head_lists(pairs, heads, batch, seq_len, selection.max_list_length)
+        segments = None if token_segments is None else to_lists(token_segments, lists)[:, 0]
+        rows = [to_lists(x, lists) for x in (query, key, value)]
+        out = self_list_attention(*rows, lists, module.is_causal, module.scaling, dropout, segments)
+    else:
+        # Queries: the new pairs, one list per (head, sequence); keys: every cached token that selected the head.
+        lists = head_lists(pairs, heads, batch, seq_len, None, num_buckets=1)
+        length = lists.buckets[0][2]
+
+        def as_lists(rows: torch.Tensor) -> torch.Tensor:
+            return to_lists(rows, lists).view(heads, batch, length, rows.shape[1])
+
+        query_position = as_lists((past_length + pairs.token % seq_len)[:, None])[..., 0]
+        key_index, key_count = compact_heads(key_selected)  # (heads, batch, Lk)
+        key_segment = query_segment = None
+        if key_segments is not None:
+            key_segment = key_segments[torch.arange(batch, device=key_index.device)[None, :, None], key_index]
+            query_segment = as_lists(token_segments)[..., 0]
+        out = cached_list_attention(
+            as_lists(query),
+            gather_heads(cached_key, key_index),
+            gather_heads(cached_value, key_index),
+            lists.count,
+            key_count,
+            query_position,
+            key_index,
+            module.is_causal,
+            module.scaling,
+            dropout,
+            query_segment,
+            key_segment,
+        ).reshape(-1, query.shape[-1])
+    head_rows = from_lists(out, lists) * pairs.gate[:, None].to(out.dtype)
+    return _pairs_output(module, head_rows, pairs, selection.slots, hidden_states.dtype), None
+
+
+def _pair_states(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    value_states: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    pairs: SortedPairs,
+) -> list[torch.Tensor]:
+    """Query, key and value rows of the sorted (token, group) pairs, normalised and rotated; the values read
+    `value_states` when given."""
+    heads, (batch, _, hidden) = module.num_key_value_heads, hidden_states.shape
+    rows = hidden_states.reshape(-1, hidden).index_select(0, pairs.token)
+    projections = (module.q_proj, module.k_proj, module.v_proj)
+    if value_states is None:
+        query, key, value = project_pairs(rows, projections, pairs, heads)
+    else:
+        value_rows = value_states.reshape(-1, hidden).index_select(0, pairs.token)
+        query, key = project_pairs(rows, projections[:2], pairs, heads)
+        (value,) = project_pairs(value_rows, projections[2:], pairs, heads)
+    query, key = module.norm_heads(query, key)
+    if position_embeddings is not None:
+        cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+        query, key = rotate_pairs(query, key, cos, sin, pairs)
+    return [query, key, value]
+
+
+def _pairs_output(
+    module: nn.Module, head_rows: torch.Tensor, pairs: SortedPairs, slots: Sequence[Slots], dtype: torch.dtype
+) -> torch.Tensor:
+    """`o_proj` of the gated pair rows, summed per token, with the projection's bias."""
+    output = output_projection(head_rows, module.o_proj, pairs, slots, module.num_key_value_heads)
+    if module.o_proj.bias is not None:
+        output = output + module.o_proj.bias
+    return output.to(dtype)
+
+
+def _decode_step(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    selection,
+    cache_layer,
+    segment_ids: torch.Tensor | None,
+    value_states: torch.Tensor | None,
+) -> tuple[torch.Tensor, None]:
+    """One new token per sequence with a KV cache: the selected groups' projections and, per token, attention over
+    its selected groups' cached keys."""
+    batch, _, hidden = hidden_states.shape
+    heads, head_dim, top_k, group = module.num_key_value_heads, module.head_dim, module.num_selected, module.group_size
+    block = selection.slots[0]
+    index = block.index[:, 0]  # (batch, top_k) selected groups, token-major
+    query_width = group * head_dim
+    if use_token_major(batch * top_k, (query_width + 2 * head_dim) * hidden):
+        slot_query, key, value, gate = _decode_states_token_major(
+            module, hidden_states, value_states, position_embeddings, block
+        )
+        scatter_index = index[..., None].expand(-1, -1, head_dim)
+        cached_key, cached_value = cache_layer.update(
+            *(x.new_zeros(batch, heads, head_dim).scatter(1, scatter_index, x)[:, :, None] for x in (key, value))
+        )
+        pairs = None
+    else:
+        pairs = sort_pairs(selection.slots, heads, 1)
+        query, key, value = _pair_states(module, hidden_states, value_states, position_embeddings, pairs)
+        cached_key, cached_value = cache_layer.update(
+            *(to_dense_heads(x, pairs, batch, 1, heads) for x in (key, value))
+        )
+        slot_query = torch.empty_like(query).index_copy_(0, pairs.order, query)
+    slot_query = slot_query.view(batch, top_k, group, head_dim)  # a group's query heads against the group's keys
+    key_selected = cache_layer.update_routing("head_selected", slots_to_dense(selection.slots, heads)[0])
+    num_keys = cached_key.shape[2]
+    head_index = index[:, :, None, None].expand(-1, -1, num_keys, head_dim)
+    keys, values = cached_key.gather(1, head_index), cached_value.gather(1, head_index)  # (batch, top_k, keys, d)
+    allowed = key_selected.gather(2, index[:, None, :].expand(-1, num_keys, -1)).transpose(1, 2)
+    if segment_ids is not None:
+        key_segments = cache_layer.update_routing("segment_ids", segment_ids)
+        allowed = allowed & (key_segments == segment_ids[:, -1:])[:, None, :]
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # groups of padding: finite, never read
+    dropout = module.attention_dropout if module.training else 0.0
+    out = F.scaled_dot_product_attention(
+        slot_query, keys, values, attn_mask=allowed[:, :, None], dropout_p=dropout, scale=module.scaling
+    )
+    if pairs is None:  # through the selected groups' columns of o_proj
+        o_weight = module.o_proj.weight.view(hidden, heads, query_width).index_select(1, index.reshape(-1))
+        out = out.reshape(batch * top_k, query_width) * gate.reshape(-1, 1)
+        output = torch.einsum("nd,cnd->nc", out, o_weight).view(batch, top_k, hidden).sum(1, keepdim=True)
+        output = output if module.o_proj.bias is None else output + module.o_proj.bias
+        return output.to(hidden_states.dtype), None
+    head_rows = out.reshape(batch * top_k, query_width).index_select(0, pairs.order)  # sorted order again
+    head_rows = head_rows * pairs.gate[:, None].to(head_rows.dtype)
+    if not pairs.complete:
+        head_rows = head_rows.masked_fill((pairs.expert >= heads)[:, None], 0)
+    return _pairs_output(module, head_rows, pairs, selection.slots, hidden_states.dtype), None
+
+
+def _decode_states_token_major(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    value_states: torch.Tensor | None,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    block: Slots,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Small heads: copy each token's selected groups' weight slices and multiply (fewer ops than sorting and
+    grouped products). Returns `(query (batch, top_k, group * d), key, value (batch, top_k, d), gate (batch, top_k))`;
+    padding (not kept) gets zero keys, values and gate."""
+    batch, _, hidden = hidden_states.shape
+    heads, head_dim, top_k, group = module.num_key_value_heads, module.head_dim, module.num_selected, module.group_size
+    index = block.index[:, 0]
+    widths = [group * head_dim, head_dim, head_dim]  # a group's query heads, its key head, its value head
+    projections = (module.q_proj, module.k_proj, module.v_proj)
+    weight = torch.cat([p.weight.view(heads, -1, hidden).index_select(0, index.reshape(-1)) for p in projections], 1)
+    if value_states is None:
+        qkv = torch.bmm(weight, hidden_states.repeat_interleave(top_k, 0).mT)
+    else:  # peri-norm: queries and keys from the normalised stream, values from the residual stream
+        qk_width = widths[0] + widths[1]
+        qkv = torch.cat(
+            [
+                torch.bmm(weight[:, :qk_width], hidden_states.repeat_interleave(top_k, 0).mT),
+                torch.bmm(weight[:, qk_width:], value_states.repeat_interleave(top_k, 0).mT),
+            ],
+            dim=1,
+        )
+    qkv = qkv.view(batch, top_k, sum(widths))
+    if module.q_proj.bias is not None:
+        qkv = qkv + torch.cat([p.bias.view(heads, -1) for p in projections], 1)[index]
+    query, key, value = qkv.split(widths, -1)
+    query, key = module.norm_heads(query, key)
+    if position_embeddings is not None:
+        query, key = apply_rotary_pos_emb(
+            query.reshape(batch, top_k * group, 1, head_dim), key[:, :, None], *position_embeddings
+        )
+        query, key = query.reshape(batch, top_k, group * head_dim), key[:, :, 0]
+    gate = block.gate[:, 0].to(hidden_states.dtype)
+    if block.keep is not None:  # padding selects nothing
+        keep = block.keep[:, 0].to(key.dtype)
+        key, value, gate = key * keep[..., None], value * keep[..., None], gate * keep
+    return query, key, value, gate

@@ -13,9 +13,11 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+from torch import nn
 
 from .kernels_common import require_kernels, triton_module
 from .kernels_routing import compact_selection
+from .selective_attention import project_all_heads, selective_allowed, union_of_heads
 
 
 def _kernels() -> ModuleType:
@@ -58,29 +60,6 @@ def _check_inputs(query, key, value, query_selected, key_selected, key_mask, seg
         raise ValueError(f"causal attention needs at least as many keys as queries (got Tk={k_len} < Tq={q_len})")
 
 
-def _allowed_mask(
-    query_len: int,
-    key_selected: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    segment_ids: torch.Tensor | None,
-    causal: bool,
-) -> torch.Tensor:
-    """`(batch, heads, Tq, Tk)` bool: which keys each query may attend to (before query selection)."""
-    k_len = key_selected.shape[1]
-    device = key_selected.device
-    query_pos = torch.arange(k_len - query_len, k_len, device=device)[:, None]
-    key_pos = torch.arange(k_len, device=device)[None, :]
-    allowed = key_selected.transpose(1, 2)[:, :, None, :]
-    if causal:
-        allowed = allowed & (key_pos <= query_pos)
-    if key_mask is not None:
-        allowed = allowed & key_mask[:, None, None, :]
-    if segment_ids is not None:
-        same_segment = segment_ids[:, k_len - query_len :, None] == segment_ids[:, None, :]  # (batch, Tq, Tk)
-        allowed = allowed & same_segment[:, None]
-    return allowed
-
-
 def selective_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -116,7 +95,8 @@ def selective_attention_reference(
     """
     _check_inputs(query, key, value, query_selected, key_selected, key_mask, segment_ids, causal)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    allowed = _allowed_mask(query.shape[2], key_selected, key_mask, segment_ids, causal)
+    key_selected = key_selected if key_mask is None else key_selected & key_mask[..., None]
+    allowed = selective_allowed(key_selected, query.shape[2], causal, segment_ids)
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     # zeroing after the softmax makes rows without any allowed key exactly 0 (and keeps gradients finite)
@@ -270,3 +250,31 @@ def selective_attention(
     keys = queries if key_list is query_selected else compact_selection(key_list.transpose(1, 2))
     out, _ = torch.ops.uoe.smha_forward(query, key, value, *queries, *keys, _int32(segment_ids), causal, scaling)
     return out
+
+
+def triton_selective_attention(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    selection,
+    cache_layer,
+    segment_ids: torch.Tensor | None,
+    value_states: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SMHA implementation `"triton"` (contract: `selective_attention.py`): the modules project every head, the
+    kernels attend over each (sequence, head)'s selected tokens, unselected heads are 0."""
+    heads = project_all_heads(
+        module, hidden_states, position_embeddings, selection, cache_layer, segment_ids, value_states
+    )
+    attn_output = selective_attention(
+        heads.query,
+        heads.key,
+        heads.value,
+        query_selected=heads.query_selected,
+        key_selected=heads.key_selected,
+        segment_ids=heads.key_segments,
+        causal=module.is_causal,
+        scaling=module.scaling,
+    )
+    return union_of_heads(module, attn_output, heads.head_gates), None

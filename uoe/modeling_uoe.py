@@ -4,8 +4,9 @@ A UoE layer is a dense transformer layer split by equivalent decomposition: each
 expert, and the MLP is cut into `num_mlp_experts` slices of its hidden units. Routers pick experts per
 routing patch and the selected experts' outputs are summed, so at full routing the layer *is* the dense
 layer. `UoESelectiveAttention` and `UoESparseMLP` serve the causal LM and the bidirectional encoder
-(`modeling_uoe_vision`); each runs on one of three paths that compute the same function (`routing_backend`):
-the masked reference, the gathered path (`gathered.py`) and the Triton kernels.
+(`modeling_uoe_vision`); each runs on one of three paths that compute the same function, registered by name like
+transformers' attention and experts implementations: the masked reference, the gathered path (`gathered.py`) and
+the Triton kernels (SMHA: `selective_attention.py`'s registry; UoME: transformers' experts interface).
 """
 
 import math
@@ -41,29 +42,11 @@ except ImportError:  # a transformers without named tensor-parallel styles: the 
 
 from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_dense, uoe_state_dict_from_dense
-from .gathered import (
-    Slots,
-    SortedPairs,
-    cached_list_attention,
-    compact_heads,
-    from_lists,
-    gather_heads,
-    gathered_experts_forward,
-    head_lists,
-    output_projection,
-    project_pairs,
-    rotate_pairs,
-    self_list_attention,
-    slots_to_dense,
-    sort_pairs,
-    to_dense_heads,
-    to_lists,
-    use_token_major,
-)
-from .kernels_common import require_kernels, triton_importable
-from .kernels_smha import selective_attention
+from .gathered import gathered_experts_forward, gathered_selective_attention
+from .kernels_smha import triton_selective_attention
 from .kernels_uome import register_uoe_experts_kernels, uoe_triton_experts_forward
 from .routing import (
+    Slots,
     capacity_keep,
     dense_gates,
     entropy_balance_loss,
@@ -77,57 +60,19 @@ from .routing import (
     router_z_loss,
     select_top_k,
 )
+from .selective_attention import (
+    ALL_SELECTIVE_ATTENTION_FUNCTIONS,
+    GATHERED_ATTENTION_MIN_KEYS,  # noqa: F401  (re-exported: the "auto" threshold)
+    auto_selective_attention,
+    project_all_heads,
+    resolve_routing_backend,
+    selective_allowed,
+    union_of_heads,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Execution paths
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def resolve_routing_backend(backend: str, tensor: torch.Tensor) -> str:
-    """The path (`"masked"`, `"gathered"` or `"triton"`) that `routing_backend` means for `tensor`'s device.
-
-    Decided from the config and the device only: no synchronisation, and constant under `torch.compile`.
-    """
-    if backend in ("masked", "gathered"):
-        return backend
-    if backend == "triton":
-        require_kernels(tensor, 'routing_backend="triton"')
-        return "triton"
-    return "triton" if tensor.device.type == "cuda" and triton_importable() else "gathered"
-
-
-# With fewer keys per sequence than this, "auto" attends on the masked path on CPU: its per-head mask is tiny and
-# the gathered path's sorting and scattering cost more than the attention they save (measured on 2 CPU cores: the
-# two break even at about 32 tokens; the image encoder's 17 tokens are 1.3x faster masked).
-GATHERED_ATTENTION_MIN_KEYS = 32
-
-
-def attention_path(attention: nn.Module, tensor: torch.Tensor, num_keys: int) -> str:
-    """`resolve_routing_backend` for an SMHA module. `"auto"` runs the masked path where it is the dense layer (full
-    routing: plain SDPA, no mask), with a non-SDPA `attn_implementation` (e.g. `"eager"`, which returns attention
-    maps) and, off CUDA, for short sequences (`GATHERED_ATTENTION_MIN_KEYS`); training with attention dropout leaves
-    the kernels (which have no dropout) for the gathered path. Tensor-parallel attention never takes the gathered
-    path."""
-    config = attention.config
-    path = resolve_routing_backend(config.routing_backend, tensor)
-    if path == "gathered" and attention.tp_mesh is not None:
-        # the gathered products read whole weight tensors, while a tensor-parallel rank holds only its heads' slices
-        if config.routing_backend == "gathered":
-            raise ValueError(
-                '`routing_backend="gathered"` does not support tensor-parallel attention; use "auto" (the masked '
-                'path on each rank\'s heads) or "masked".'
-            )
-        return "masked"
-    if config.routing_backend != "auto":
-        return path
-    full_routing = attention.num_selected == attention.num_key_value_heads and not config.data_capacity
-    if full_routing or config._attn_implementation != "sdpa":
-        return "masked"
-    if path == "gathered" and num_keys < GATHERED_ATTENTION_MIN_KEYS:
-        return "masked"
-    if path == "triton" and attention.training and attention.attention_dropout > 0:
-        return "gathered"
-    return path
 
 
 # The experts implementations that take `pair_keep` (the others get dropped pairs as zero weights).
@@ -180,7 +125,7 @@ register_uoe_experts_kernels()
 class UoESelectiveHeadsParallel(TensorParallelLayer):
     """TP style `"uoe_selective_heads"` of a `UoESelectiveAttention`: the rank computes head groups
     `[rank * G / tp, (rank + 1) * G / tp)` (their key/value heads and query heads) of the replicated routing (see
-    `UoESelectiveAttention._local_groups`)."""
+    `UoESelectiveAttention.local_groups`)."""
 
     def install_forward(self, module: nn.Module, mesh, **kwargs) -> nn.Module:
         if module.num_key_value_heads % mesh.size():
@@ -486,19 +431,6 @@ class UoERotaryEmbedding(nn.Module):
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate `(batch, heads, seq, head_dim)` queries and keys by their tokens' original positions."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
-
-
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -518,36 +450,60 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def selective_attention_mask(
-    key_selected: torch.Tensor,
-    query_length: int,
-    causal: bool,
-    dtype: torch.dtype,
-    query_segments: torch.Tensor | None = None,
-    key_segments: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Additive `(batch, heads, queries, keys)` mask of selective attention (the masked reference).
+def masked_selective_attention(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    selection: "Selection",
+    cache_layer: "UoECacheLayer | None",
+    segment_ids: torch.Tensor | None,
+    value_states: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SMHA implementation `"masked"`, the reference (contract: `selective_attention.py`): every head of every token
+    through the modules and the configured attention function (`attn_implementation`) with the selective per-head
+    mask; unselected heads are then multiplied by 0. Every query keeps its own key, so that no softmax row is empty
+    (the rows of unselected heads are discarded)."""
+    heads = project_all_heads(
+        module, hidden_states, position_embeddings, selection, cache_layer, segment_ids, value_states
+    )
+    query, key = heads.query, heads.key
+    implementation = module.config._attn_implementation
+    key_length, query_length = key.shape[2], query.shape[2]
+    # every head of every token, no padding, one sequence per row: the dense layer's attention, which SDPA runs with
+    # its own kernels instead of a materialised mask
+    dense = (
+        module.num_selected == module.num_key_value_heads
+        and all(block.keep is None for block in selection.slots)
+        and heads.key_segments is None
+    )
+    attention_mask = None
+    if not (dense and implementation == "sdpa" and (not module.is_causal or query_length in (1, key_length))):
+        allowed = selective_allowed(heads.key_selected, query_length, module.is_causal, heads.key_segments)
+        own_key = torch.arange(key_length - query_length, key_length, device=key.device)[:, None] == torch.arange(
+            key_length, device=key.device
+        )
+        attention_mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~(allowed | own_key), torch.finfo(query.dtype).min
+        )
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        module,
+        query,
+        key,
+        heads.value,
+        attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    return union_of_heads(module, attn_output, heads.head_gates), attn_weights
 
-    Query i may attend key j in head h when j selected h, j is not later than i (`causal`) and both belong to the
-    same packed sequence. Queries that did not select h are discarded afterwards (their gate is 0); every query
-    keeps its own key, so that no softmax row is empty.
 
-    Args:
-        key_selected: `(batch, keys, heads)` bool, which heads each key token selected (padding selects none).
-        query_length: number of queries, the last `query_length` keys.
-        query_segments, key_segments: `(batch, queries)` / `(batch, keys)` packed-sequence ids, or `None`.
-    """
-    key_length = key_selected.shape[1]
-    device = key_selected.device
-    query_pos = torch.arange(key_length - query_length, key_length, device=device)[:, None]
-    key_pos = torch.arange(key_length, device=device)[None, :]
-    allowed = key_selected.transpose(1, 2)[:, :, None, :]
-    if causal:
-        allowed = allowed & (key_pos <= query_pos)[None, None]
-    if key_segments is not None:
-        allowed = allowed & (key_segments[:, None, None, :] == query_segments[:, None, :, None])
-    allowed = allowed | (key_pos == query_pos)[None, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+# The SMHA implementations, selected by name (`selective_attention_implementation`; see `selective_attention.py`).
+ALL_SELECTIVE_ATTENTION_FUNCTIONS.register("masked", masked_selective_attention)
+ALL_SELECTIVE_ATTENTION_FUNCTIONS.register("gathered", gathered_selective_attention)
+ALL_SELECTIVE_ATTENTION_FUNCTIONS.register("triton", triton_selective_attention)
 
 
 class UoERouter(nn.Module):
@@ -685,9 +641,11 @@ class UoESelectiveAttention(nn.Module):
     directions in the encoder, within its packed sequence). The selected groups' outputs are summed through `o_proj`
     (whose columns are the heads' slices). With `qk_norm`, every query and key head is RMS-normalised before RoPE.
 
-    Paths (`attention_path`): the masked reference (all heads, per-head mask, unselected heads times 0), the
-    gathered path (q/k/v, attention and output projection of the selected (token, head) pairs only) and the
-    Triton kernel (attention over each head's selected tokens).
+    `forward` routes, picks an implementation by name (`selective_attention_implementation`, or the one
+    `routing_backend` picks) from `ALL_SELECTIVE_ATTENTION_FUNCTIONS` and calls it (contract: `selective_attention.py`):
+    the masked reference (`masked_selective_attention`: all heads, per-head mask, unselected heads times 0), the
+    gathered path (`gathered.gathered_selective_attention`: q/k/v, attention and output projection of the selected
+    (token, group) pairs only) or the Triton kernels (`kernels_smha.triton_selective_attention`).
     """
 
     def __init__(self, config: UoEConfig, layer_idx: int):
@@ -716,13 +674,15 @@ class UoESelectiveAttention(nn.Module):
         self.q_norm = UoERMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = UoERMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.router = UoERouter(config.hidden_size, self.num_key_value_heads - self.num_shared)  # routed groups only
+        if config.selective_attention_implementation is not None:  # a registered name (raises listing them)
+            ALL_SELECTIVE_ATTENTION_FUNCTIONS.get_interface(config.selective_attention_implementation)
         self.tp_mesh = None  # set by tensor parallelism (`UoESelectiveHeadsParallel`): this rank computes its groups
 
-    def _per_query_head(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def per_query_head(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Repeat a per-group axis `dim` (keys, values, selections) once per query head of the group."""
         return x if self.group_size == 1 else x.repeat_interleave(self.group_size, dim)
 
-    def _norm_heads(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def norm_heads(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`qk_norm` of query and key rows whose last axis is whole heads (`(..., heads * head_dim)`)."""
         if self.q_norm is None:
             return query, key
@@ -730,6 +690,21 @@ class UoESelectiveAttention(nn.Module):
         query = self.q_norm(query.reshape(*shape[:-1], -1, self.head_dim)).reshape(shape)
         key = self.k_norm(key.reshape(*key_shape[:-1], -1, self.head_dim)).reshape(key_shape)
         return query, key
+
+    def local_groups(self, selected: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tensor-parallel rank's columns of the replicated `(batch, seq, groups)` selection and gates. Each rank's
+        groups reach only their own gate columns, so the gates' gradient is summed over the ranks before it reaches
+        the (replicated) router."""
+        groups = self.num_key_value_heads // self.tp_mesh.size()
+        start = self.tp_mesh.get_local_rank() * groups
+        gates = _SumGradientOverRanks.apply(gates, self.tp_mesh.get_group())
+        return selected[..., start : start + groups], gates[..., start : start + groups]
+
+    def implementation(self, hidden_states: torch.Tensor, num_keys: int) -> str:
+        """The name of the SMHA implementation this call runs: `config.selective_attention_implementation`, or the one
+        `routing_backend` picks for `num_keys` keys (`auto_selective_attention`)."""
+        name = self.config.selective_attention_implementation
+        return auto_selective_attention(self, hidden_states, num_keys) if name is None else name
 
     def forward(
         self,
@@ -758,294 +733,13 @@ class UoESelectiveAttention(nn.Module):
             "attention_router_logits",
             self.num_shared,
         )
+        num_keys = hidden_states.shape[1] + (cache_layer.get_seq_length() if cache_layer is not None else 0)
+        attention = ALL_SELECTIVE_ATTENTION_FUNCTIONS.get_interface(self.implementation(hidden_states, num_keys))
         segment_ids = routing.segment_ids if routing is not None else None
-        past_length = cache_layer.get_seq_length() if cache_layer is not None else 0
-        path = attention_path(self, hidden_states, past_length + hidden_states.shape[1])
-        if path == "gathered":
-            output = self._gathered(
-                hidden_states, position_embeddings, selection, segment_ids, cache_layer, past_length, value_states
-            )
-            return output, None, selection.router_logits, selection.aux
-
-        batch_size, seq_len, _ = hidden_states.shape
-        selected, group_gates = slots_to_dense(selection.slots, self.num_key_value_heads)  # (batch, seq, groups)
-        if self.tp_mesh is not None:
-            selected, group_gates = self._local_groups(selected, group_gates)
-        query, key = self._norm_heads(self.q_proj(hidden_states), self.k_proj(hidden_states))
-        # -1: this rank's heads under tensor parallelism
-        query = query.view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
-        key = key.view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
-        value_input = hidden_states if value_states is None else value_states
-        value = self.v_proj(value_input).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
-        if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        key_selected, key_segments = selected, segment_ids
-        if cache_layer is not None:
-            key, value = cache_layer.update(key, value)
-            key_selected = cache_layer.update_routing("head_selected", selected)
-            if segment_ids is not None:
-                key_segments = cache_layer.update_routing("segment_ids", segment_ids)
-        # The cache holds one key/value head per group; query head h attends with its group's.
-        key, value = self._per_query_head(key, 1), self._per_query_head(value, 1)
-        key_selected = self._per_query_head(key_selected, -1)
-
-        if path == "triton":
-            # Work and memory of the attention follow the selected (token, head) pairs; unselected heads are 0.
-            attn_output = selective_attention(
-                query,
-                key,
-                value,
-                query_selected=self._per_query_head(selected, -1),
-                key_selected=key_selected,
-                segment_ids=key_segments,
-                causal=self.is_causal,
-                scaling=self.scaling,
-            )
-            attn_weights = None
-        else:
-            # every head of every token, no padding, one sequence per row: the dense layer's attention
-            dense = (
-                self.num_selected == self.num_key_value_heads
-                and (routing is None or routing.token_mask is None)
-                and self.config.data_capacity is None
-                and key_segments is None
-            )
-            attn_output, attn_weights = self._masked_attention(
-                query, key, value, key_selected, segment_ids, key_segments, dense, **kwargs
-            )
-        # Union of the selected groups: unselected heads are multiplied by 0, selected ones by their group's gate.
-        head_gates = self._per_query_head(group_gates, -1)
-        attn_output = attn_output * head_gates.to(attn_output.dtype)[..., None]
-        attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
-        return attn_output, attn_weights, selection.router_logits, selection.aux
-
-    def _local_groups(self, selected: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This tensor-parallel rank's columns of the replicated `(batch, seq, groups)` selection and gates. Each rank's
-        groups reach only their own gate columns, so the gates' gradient is summed over the ranks before it reaches
-        the (replicated) router."""
-        groups = self.num_key_value_heads // self.tp_mesh.size()
-        start = self.tp_mesh.get_local_rank() * groups
-        gates = _SumGradientOverRanks.apply(gates, self.tp_mesh.get_group())
-        return selected[..., start : start + groups], gates[..., start : start + groups]
-
-    def _masked_attention(self, query, key, value, key_selected, query_segments, key_segments, dense, **kwargs):
-        """The reference path: the configured attention function with the selective (per-head) mask."""
-        implementation = self.config._attn_implementation
-        key_length, query_length = key.shape[2], query.shape[2]
-        # Dense attention needs no mask: let SDPA use its own kernels instead of a materialised mask.
-        no_mask = (
-            dense
-            and implementation == "sdpa"
-            and (not self.is_causal or key_length == query_length or query_length == 1)
+        output, attn_weights = attention(
+            self, hidden_states, position_embeddings, selection, cache_layer, segment_ids, value_states, **kwargs
         )
-        attention_mask = (
-            None
-            if no_mask
-            else selective_attention_mask(
-                key_selected, query_length, self.is_causal, query.dtype, query_segments, key_segments
-            )
-        )
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        return attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-
-    def _gathered(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-        selection: Selection,
-        segment_ids: torch.Tensor | None,
-        cache_layer: "UoECacheLayer | None",
-        past_length: int,
-        value_states: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The gathered path: only the selected (token, group) pairs are projected, attended and projected back. A
-        pair's query row holds its group's query heads side by side (`group_size * head_dim`), its key and value rows
-        the group's key/value head."""
-        batch, seq_len, hidden = hidden_states.shape
-        heads = self.num_key_value_heads  # the experts: head groups
-        if seq_len == 1 and cache_layer is not None and len(selection.slots) == 1:
-            return self._gathered_decode(
-                hidden_states, position_embeddings, selection, segment_ids, cache_layer, value_states
-            )
-        pairs = sort_pairs(selection.slots, heads, seq_len)
-        query, key, value = self._project_pairs(hidden_states, value_states, pairs)
-        query, key = self._norm_heads(query, key)
-        if position_embeddings is not None:
-            cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-            query, key = rotate_pairs(query, key, cos, sin, pairs)
-        dropout = self.attention_dropout if self.training else 0.0
-        token_segments = None
-        if segment_ids is not None:
-            token_segments = segment_ids.reshape(-1).index_select(0, pairs.token)[:, None]
-        if cache_layer is not None:
-            # the cache keeps the layout every path reads: (batch, heads, tokens, head_dim), 0 for unselected pairs
-            cached_key, cached_value = cache_layer.update(
-                *(to_dense_heads(x, pairs, batch, seq_len, heads) for x in (key, value))
-            )
-            selected, _ = slots_to_dense(selection.slots, heads)
-            key_selected = cache_layer.update_routing("head_selected", selected)
-            key_segments = None
-            if segment_ids is not None:
-                key_segments = cache_layer.update_routing("segment_ids", segment_ids)
-
-        if past_length == 0:
-            lists = head_lists(pairs, heads, batch, seq_len, selection.max_list_length)
-            segments = None if token_segments is None else to_lists(token_segments, lists)[:, 0]
-            out = self_list_attention(
-                to_lists(query, lists),
-                to_lists(key, lists),
-                to_lists(value, lists),
-                lists,
-                self.is_causal,
-                self.scaling,
-                dropout,
-                segments,
-            )
-        else:
-            # Queries: the new pairs, one list per (head, sequence); keys: every cached token that selected the head.
-            lists = head_lists(pairs, heads, batch, seq_len, None, num_buckets=1)
-            length = lists.buckets[0][2]
-
-            def as_lists(rows: torch.Tensor) -> torch.Tensor:
-                return to_lists(rows, lists).view(heads, batch, length, rows.shape[1])
-
-            query_position = as_lists((past_length + pairs.token % seq_len)[:, None])[..., 0]
-            key_index, key_count = compact_heads(key_selected)  # (heads, batch, Lk)
-            key_segment = query_segment = None
-            if key_segments is not None:
-                key_segment = key_segments[torch.arange(batch, device=key_index.device)[None, :, None], key_index]
-                query_segment = as_lists(token_segments)[..., 0]
-            out = cached_list_attention(
-                as_lists(query),
-                gather_heads(cached_key, key_index),
-                gather_heads(cached_value, key_index),
-                lists.count,
-                key_count,
-                query_position,
-                key_index,
-                self.is_causal,
-                self.scaling,
-                dropout,
-                query_segment,
-                key_segment,
-            ).reshape(-1, query.shape[-1])
-        head_rows = from_lists(out, lists) * pairs.gate[:, None].to(out.dtype)
-        output = output_projection(head_rows, self.o_proj, pairs, selection.slots, heads)
-        if self.o_proj.bias is not None:
-            output = output + self.o_proj.bias
-        return output.to(hidden_states.dtype)
-
-    def _project_pairs(
-        self, hidden_states: torch.Tensor, value_states: torch.Tensor | None, pairs: SortedPairs
-    ) -> list[torch.Tensor]:
-        """Query, key and value rows of the sorted (token, group) pairs; the values read `value_states` when given."""
-        heads, hidden = self.num_key_value_heads, hidden_states.shape[-1]
-        rows = hidden_states.reshape(-1, hidden).index_select(0, pairs.token)
-        if value_states is None:
-            return project_pairs(rows, (self.q_proj, self.k_proj, self.v_proj), pairs, heads)
-        value_rows = value_states.reshape(-1, hidden).index_select(0, pairs.token)
-        query, key = project_pairs(rows, (self.q_proj, self.k_proj), pairs, heads)
-        (value,) = project_pairs(value_rows, (self.v_proj,), pairs, heads)
-        return [query, key, value]
-
-    def _gathered_decode(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-        selection: Selection,
-        segment_ids: torch.Tensor | None,
-        cache_layer: "UoECacheLayer",
-        value_states: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One new token per sequence with a KV cache: the selected heads' projections (grouped products that read
-        only their weights) and, per token, attention over its selected heads' cached keys."""
-        batch, _, hidden = hidden_states.shape
-        heads, head_dim, top_k, group = self.num_key_value_heads, self.head_dim, self.num_selected, self.group_size
-        block = selection.slots[0]
-        index = block.index[:, 0]  # (batch, top_k) selected groups, token-major
-        widths = [group * head_dim, head_dim, head_dim]  # a group's query heads, its key head, its value head
-        if use_token_major(batch * top_k, sum(widths) * hidden):
-            # small heads: copy the selected slices and multiply (fewer ops than sorting and grouped products)
-            projections, flat_index = (self.q_proj, self.k_proj, self.v_proj), index.reshape(-1)
-            weight = torch.cat([p.weight.view(heads, -1, hidden).index_select(0, flat_index) for p in projections], 1)
-            if value_states is None:
-                qkv = torch.bmm(weight, hidden_states.repeat_interleave(top_k, 0).mT)
-            else:  # peri-norm: queries and keys from the normalised stream, values from the residual stream
-                qk_width = widths[0] + widths[1]
-                qkv = torch.cat(
-                    [
-                        torch.bmm(weight[:, :qk_width], hidden_states.repeat_interleave(top_k, 0).mT),
-                        torch.bmm(weight[:, qk_width:], value_states.repeat_interleave(top_k, 0).mT),
-                    ],
-                    dim=1,
-                )
-            qkv = qkv.view(batch, top_k, sum(widths))
-            if self.q_proj.bias is not None:
-                qkv = qkv + torch.cat([p.bias.view(heads, -1) for p in projections], 1)[index]
-            query, key, value = qkv.split(widths, -1)
-            query, key = self._norm_heads(query, key)
-            if position_embeddings is not None:
-                query, key = apply_rotary_pos_emb(
-                    query.reshape(batch, top_k * group, 1, head_dim), key[:, :, None], *position_embeddings
-                )
-                query, key = query.reshape(batch, top_k, group * head_dim), key[:, :, 0]
-            gate = block.gate[:, 0].to(hidden_states.dtype)
-            if block.keep is not None:  # padding selects nothing
-                keep = block.keep[:, 0].to(key.dtype)
-                key, value, gate = key * keep[..., None], value * keep[..., None], gate * keep
-            scatter_index = index[..., None].expand(-1, -1, head_dim)
-            cached_key, cached_value = cache_layer.update(
-                *(x.new_zeros(batch, heads, head_dim).scatter(1, scatter_index, x)[:, :, None] for x in (key, value))
-            )
-            # a group's query heads are its queries: (batch, top_k, group, head_dim) against the group's keys
-            slot_query, pairs = query.view(batch, top_k, group, head_dim), None
-        else:
-            pairs = sort_pairs(selection.slots, heads, 1)
-            query, key, value = self._project_pairs(hidden_states, value_states, pairs)
-            query, key = self._norm_heads(query, key)
-            if position_embeddings is not None:
-                cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-                query, key = rotate_pairs(query, key, cos, sin, pairs)
-            cached_key, cached_value = cache_layer.update(
-                *(to_dense_heads(x, pairs, batch, 1, heads) for x in (key, value))
-            )
-            slot_query = torch.empty_like(query).index_copy_(0, pairs.order, query).view(batch, top_k, group, head_dim)
-        selected, _ = slots_to_dense(selection.slots, heads)
-        key_selected = cache_layer.update_routing("head_selected", selected)  # (batch, keys, heads)
-        num_keys = cached_key.shape[2]
-        head_index = index[:, :, None, None].expand(-1, -1, num_keys, head_dim)
-        keys, values = cached_key.gather(1, head_index), cached_value.gather(1, head_index)  # (batch, top_k, keys, d)
-        allowed = key_selected.gather(2, index[:, None, :].expand(-1, num_keys, -1)).transpose(1, 2)
-        if segment_ids is not None:
-            key_segments = cache_layer.update_routing("segment_ids", segment_ids)
-            allowed = allowed & (key_segments == segment_ids[:, -1:])[:, None, :]
-        allowed = allowed | ~allowed.any(-1, keepdim=True)  # heads of padding: finite, never read
-        dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(
-            slot_query, keys, values, attn_mask=allowed[:, :, None], dropout_p=dropout, scale=self.scaling
-        )
-        if pairs is None:  # through the selected groups' columns of o_proj
-            o_weight = self.o_proj.weight.view(hidden, heads, widths[0]).index_select(1, index.reshape(-1))
-            out = out.reshape(batch * top_k, widths[0]) * gate.reshape(-1, 1)
-            output = torch.einsum("nd,cnd->nc", out, o_weight).view(batch, top_k, hidden).sum(1, keepdim=True)
-            return (output if self.o_proj.bias is None else output + self.o_proj.bias).to(hidden_states.dtype)
-        head_rows = out.reshape(batch * top_k, widths[0]).index_select(0, pairs.order)  # sorted order again
-        head_rows = head_rows * pairs.gate[:, None].to(head_rows.dtype)
-        if not pairs.complete:
-            head_rows = head_rows.masked_fill((pairs.expert >= heads)[:, None], 0)
-        output = output_projection(head_rows, self.o_proj, pairs, selection.slots, heads)
-        if self.o_proj.bias is not None:
-            output = output + self.o_proj.bias
-        return output.to(hidden_states.dtype)
+        return output, attn_weights, selection.router_logits, selection.aux
 
 
 @use_experts_implementation
@@ -1353,6 +1047,14 @@ class UoEPreTrainedModel(PreTrainedModel):
         names = {re.sub(r"\.\d+(?=\.|$)", ".*", name) for name, _ in [*self.named_modules(), *self.named_parameters()]}
         self._tp_plan = {name: style for name, style in self._tp_plan.items() if name in names}
 
+    def set_selective_attention_implementation(self, name: str | None) -> None:
+        """Select the SMHA implementation of every layer by its registered name (`"masked"`, `"gathered"`, `"triton"`
+        or one added with `SelectiveAttentionInterface.register`), or `None` to let `routing_backend` decide; like
+        `set_attn_implementation` for transformers' attention functions. An unknown name raises a `ValueError`."""
+        if name is not None:
+            ALL_SELECTIVE_ATTENTION_FUNCTIONS.get_interface(name)
+        self.config.selective_attention_implementation = name
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # The default "uoe" follows `routing_backend` (gathered experts on CPU, the kernels on CUDA); an explicit
         # choice ("eager" = the masked reference, "grouped_mm", "uoe_gathered", "uoe_triton") is obeyed.
@@ -1400,18 +1102,7 @@ class UoEModel(UoEPreTrainedModel):
 
     def __init__(self, config: UoEConfig):
         super().__init__(config)
-        unsupported = {
-            "is_causal": (config.is_causal, True),
-            "mlp_bias": (config.mlp_bias, False),
-            "norm_type": (config.norm_type, "rmsnorm"),
-            "position_embedding_type": (config.position_embedding_type, "rope"),
-        }
-        for name, (value, required) in unsupported.items():
-            if value != required:
-                raise ValueError(
-                    f"`UoEModel` is the causal RMSNorm/RoPE decoder and needs `{name}={required!r}`, got {value!r} "
-                    "(the bidirectional ViT-style encoder is `UoEForImageClassification`)."
-                )
+        config.validate("causal_lm")  # again: fields may have changed since the config was built
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -1450,6 +1141,50 @@ class UoEModel(UoEPreTrainedModel):
             compute_router_losses = self.training or bool(
                 kwargs.get("output_router_logits", self.config.output_router_logits)
             )
+        self._check_inputs(input_ids, inputs_embeds, position_ids)
+        _check_input_values(input_ids, attention_mask, self.config.vocab_size)
+        if input_ids is not None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # the recomputation in backward would write the cache twice
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            cache = prepare_uoe_cache(cache, self.config.num_hidden_layers, batch_size)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None:
+            # `max_position_embeddings` is no limit (as in transformers' RoPE models): RoPE scaling decides what
+            # longer inputs see
+            total_length = past_length + seq_len
+            if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, total_length):
+                raise ValueError(
+                    f"`attention_mask` must be a 2-D padding mask of shape (batch, cached + new tokens) = "
+                    f"({batch_size}, {total_length}), got {tuple(attention_mask.shape)}."
+                )
+            attention_mask = attention_mask.bool()
+        routing, position_ids = self._routing_inputs(
+            attention_mask, position_ids, cache, past_length, inputs_embeds, compute_router_losses
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        hidden_states, layer_aux = self._run_layers(
+            inputs_embeds, position_embeddings, routing, cache, use_cache=use_cache, **kwargs
+        )
+        hidden_states = self.norm(hidden_states)
+        aux_loss, z_loss = self._router_losses(layer_aux, inputs_embeds) if compute_router_losses else (None, None)
+        return UoEModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            **{CACHE_FIELD: cache if use_cache else None},
+            aux_loss=aux_loss,
+            router_z_loss=z_loss,
+        )
+
+    def _check_inputs(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> None:
+        """The shape checks of the token inputs (no device reads)."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None:
@@ -1460,10 +1195,7 @@ class UoEModel(UoEPreTrainedModel):
                 f"`inputs_embeds` must have shape (batch, seq, hidden_size={self.config.hidden_size}), got "
                 f"{tuple(inputs_embeds.shape)}."
             )
-        _check_input_values(input_ids, attention_mask, self.config.vocab_size)
-        if input_ids is not None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch_size, seq_len = inputs_embeds.shape[:2]
+        batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if position_ids is not None and (
             position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != seq_len
         ):
@@ -1472,57 +1204,63 @@ class UoEModel(UoEPreTrainedModel):
                 f"{tuple(position_ids.shape)}."
             )
 
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False  # the recomputation in backward would write the cache twice
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if cache is not None:
-            cache = prepare_uoe_cache(cache, self.config.num_hidden_layers, batch_size)
-        past_length = cache.get_seq_length() if cache is not None else 0
+    def _routing_inputs(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Cache | None,
+        past_length: int,
+        inputs_embeds: torch.Tensor,
+        compute_router_losses: bool,
+    ) -> tuple[RoutingInputs, torch.Tensor]:
+        """The routing context every layer shares, and the `(batch, seq)` position ids of the new tokens.
 
-        # `max_position_embeddings` is no limit (as in transformers' RoPE models): RoPE scaling decides what longer
-        # inputs see.
-        total_length = past_length + seq_len
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, total_length):
-                raise ValueError(
-                    f"`attention_mask` must be a 2-D padding mask of shape (batch, cached + new tokens) = "
-                    f"({batch_size}, {total_length}), got {tuple(attention_mask.shape)}."
-                )
-            attention_mask = attention_mask.bool()
+        Packed rows (positions restarting inside a row, no mask) get segment ids, so attention and routing patches
+        stay inside each sequence; new tokens after a cache continue the row's last packed sequence. Without
+        `position_ids`, positions count real tokens only, so a left-padded sequence gets the positions it has alone.
+        """
+        batch_size, seq_len = inputs_embeds.shape[:2]
         segment_ids = None
         if position_ids is not None and attention_mask is None and past_length == 0:
-            # packed rows (padding-free batches): attention and routing patches stay inside each sequence
             segment_ids = packed_segment_ids(position_ids.expand(batch_size, -1))
         elif cache is not None and past_length > 0:
             cached_segments = cache.layers[0].last_routing("segment_ids")
-            if cached_segments is not None:  # new tokens continue the row's last packed sequence
+            if cached_segments is not None:
                 segment_ids = cached_segments[:, None].expand(batch_size, seq_len)
         if position_ids is None:
             if attention_mask is not None:
-                # Positions count real tokens only, so a left-padded sequence gets the positions it has alone.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past_length:]
             else:
-                position_ids = torch.arange(past_length, total_length, device=inputs_embeds.device)[None]
+                position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)[None]
         position_ids = position_ids.expand(batch_size, -1)
-
-        patch_size = self.config.routing_patch_size
         source_index = None
-        if patch_size > 1:
+        if self.config.routing_patch_size > 1:
             segment_starts = None
             if segment_ids is not None and past_length == 0:
                 segment_starts = torch.diff(segment_ids, prepend=segment_ids[:, :1], dim=-1) != 0
-            source_index = patch_source_index(position_ids, patch_size, past_length > 0, segment_starts)
+            source_index = patch_source_index(
+                position_ids, self.config.routing_patch_size, past_length > 0, segment_starts
+            )
         routing = RoutingInputs(
             source_index=source_index,
             token_mask=attention_mask[:, past_length:] if attention_mask is not None else None,
             segment_ids=segment_ids,
             router_losses=compute_router_losses,
         )
+        return routing, position_ids
 
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+    def _run_layers(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        routing: RoutingInputs,
+        cache: Cache | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Apply the decoder layers; return the hidden states and each distinct layer's router statistics, summed
+        over its applications. Application a of distinct layer j (a grouped model applies layers 0..G-1 in turn,
+        num_hidden_layers / G times) is the model's layer a * G + j: its cache slot and its place in the router
+        logits and hidden states."""
         if self.config.num_layer_groups is not None and not all(
             isinstance(layer, UoEDecoderLayer) for layer in self.layers
         ):
@@ -1531,20 +1269,12 @@ class UoEModel(UoEPreTrainedModel):
                 "`num_layer_groups` (shared layers applied several times) does not support pipeline parallelism: "
                 "load the model without `pp_size`."
             )
-        # Router statistics per distinct layer, summed over its applications.
         layer_aux: list[torch.Tensor | None] = [None] * len(self.layers)
-        # Application a of distinct layer j (a grouped model applies layers 0..G-1 in turn, num_hidden_layers / G
-        # times) is the model's layer a * G + j: its cache slot and its place in the router logits and hidden states.
         for application in range(self.config.num_hidden_layers // len(self.layers)):
             for index, decoder_layer in enumerate(self.layers):
+                cache_index = application * len(self.layers) + index
                 layer_output = decoder_layer(
-                    hidden_states,
-                    position_embeddings,
-                    routing,
-                    cache=cache,
-                    use_cache=use_cache,
-                    cache_index=application * len(self.layers) + index,
-                    **kwargs,
+                    hidden_states, position_embeddings, routing, cache=cache, cache_index=cache_index, **kwargs
                 )
                 if isinstance(layer_output, torch.Tensor):
                     # pipeline parallelism: a placeholder passing the hidden states on for a layer another stage runs
@@ -1553,15 +1283,7 @@ class UoEModel(UoEPreTrainedModel):
                 hidden_states, aux = layer_output
                 if aux is not None:
                     layer_aux[index] = aux if layer_aux[index] is None else layer_aux[index] + aux
-        hidden_states = self.norm(hidden_states)
-        aux_loss, z_loss = self._router_losses(layer_aux, inputs_embeds) if compute_router_losses else (None, None)
-
-        return UoEModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            **{CACHE_FIELD: cache if use_cache else None},
-            aux_loss=aux_loss,
-            router_z_loss=z_loss,
-        )
+        return hidden_states, layer_aux
 
     def _router_losses(
         self, layer_aux: list[torch.Tensor | None], reference: torch.Tensor

@@ -142,37 +142,6 @@ class UoEEncoderLayer(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _check_vision_config(config: UoEConfig) -> None:
-    if config.image_size is None:
-        raise ValueError("`image_size` must be set in the config of a UoE vision model.")
-    if config.is_causal:
-        raise ValueError("UoE vision models are bidirectional encoders: set `is_causal=False`.")
-    for name, value, default in (
-        ("num_layer_groups", config.num_layer_groups, None),
-        ("norm_placement", config.norm_placement, "pre"),
-    ):
-        if value != default:  # MoEUT's layer grouping and peri-layernorm exist for the causal LM only
-            raise ValueError(f"UoE vision models need `{name}={default!r}` (a causal-LM option), got {value!r}.")
-    if config.mlp_type != "gelu":
-        raise ValueError(f"UoE vision models use GELU MLP experts: set `mlp_type='gelu'`, got {config.mlp_type!r}.")
-    if config.mlp_chain_length != 1:
-        raise ValueError(
-            f"`mlp_chain_length` (Chain-of-Experts) is an option of the causal LM; UoE vision models need 1, got "
-            f"{config.mlp_chain_length}."
-        )
-    num_tokens = (config.image_size // config.patch_size) ** 2
-    if num_tokens % config.routing_patch_size != 0:
-        raise ValueError(
-            f"`routing_patch_size` ({config.routing_patch_size}) must divide the number of image tokens "
-            f"((image_size / patch_size)^2 = {num_tokens})."
-        )
-    if config.position_embedding_type == "rope" and config.max_position_embeddings < num_tokens + 1:
-        raise ValueError(
-            f"`max_position_embeddings` ({config.max_position_embeddings}) must be >= the number of tokens "
-            f"including CLS ({num_tokens + 1}) for rotary positions."
-        )
-
-
 class UoEVisionPreTrainedModel(UoEPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
@@ -200,7 +169,7 @@ class UoEVisionModel(UoEVisionPreTrainedModel):
 
     def __init__(self, config: UoEConfig):
         super().__init__(config)
-        _check_vision_config(config)
+        config.validate("vision")  # again: fields may have changed since the config was built
         self.embeddings = UoEVisionEmbeddings(config)
         self.layers = nn.ModuleList([UoEEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = _make_norm(config)

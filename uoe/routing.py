@@ -6,6 +6,9 @@ host-device synchronisation, so it runs unchanged inside `torch.compile` and on 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -214,3 +217,32 @@ def packed_segment_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     if not torch.compiler.is_compiling() and not bool(segment_ids[:, -1].any()):
         return None
     return segment_ids
+
+
+class Slots(NamedTuple):
+    """What a run of consecutive tokens selected in one routed block: `slots` experts per token.
+
+    index: `(batch, tokens, slots)` expert ids.
+    gate: `(batch, tokens, slots)` factor each selected expert's output is multiplied by.
+    keep: `(batch, tokens, slots)` bool, or `None` (all kept): False means the pair computes nothing (padding,
+        or a pair dropped by data selection).
+    """
+
+    index: torch.Tensor
+    gate: torch.Tensor
+    keep: torch.Tensor | None = None
+
+
+def slots_to_dense(slots: Sequence[Slots], num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(selected, gates)`, both `(batch, seq, num_experts)`: the masked reference's view of the same selection
+    (gates 0 where a pair is not selected or not kept)."""
+    selected, gates = [], []
+    for block in slots:
+        keep = torch.ones_like(block.index, dtype=torch.bool) if block.keep is None else block.keep
+        shape = (*block.index.shape[:2], num_experts)
+        selected.append(torch.zeros(shape, dtype=torch.bool, device=keep.device).scatter(-1, block.index, keep))
+        gate = block.gate * keep.to(block.gate.dtype)
+        gates.append(gate.new_zeros(shape).scatter(-1, block.index, gate))
+    if len(slots) == 1:
+        return selected[0], gates[0]
+    return torch.cat(selected, dim=1), torch.cat(gates, dim=1)

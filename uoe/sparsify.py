@@ -264,17 +264,18 @@ class _Hooks:
             handle.remove()
 
 
-class _MaskedPath:
-    """Run a model on the masked reference path (where `o_proj` sees every head's output) for a while."""
+class _MaskedAttention:
+    """Run a model's SMHA on the masked reference implementation (where `o_proj` sees every head's output) for a
+    while, selected by name like any SMHA implementation."""
 
     def __init__(self, model: UoEForCausalLM) -> None:
-        self.config, self.backend = model.config, model.config.routing_backend
+        self.model, self.name = model, model.config.selective_attention_implementation
 
     def __enter__(self) -> None:
-        self.config.routing_backend = "masked"
+        self.model.set_selective_attention_implementation("masked")
 
     def __exit__(self, *exc) -> None:
-        self.config.routing_backend = self.backend
+        self.model.set_selective_attention_implementation(self.name)
 
 
 def _rebuild(model: UoEForCausalLM, state_dict: dict[str, torch.Tensor], **config_changes) -> UoEForCausalLM:
@@ -308,7 +309,7 @@ def _collect(model: UoEForCausalLM, batches: Iterable[Batch], max_tokens: int) -
     def flat(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])[state["keep"]].float()
 
-    with _Hooks() as hooks, _MaskedPath(model):
+    with _Hooks() as hooks, _MaskedAttention(model):
         for index, layer in enumerate(layers):
             attention = layer.self_attn
 
@@ -438,6 +439,80 @@ def _kept(squared_error: float, squared_norm: float) -> float:
     return 1.0 - math.sqrt(squared_error / max(squared_norm, 1e-30))
 
 
+def _retention_hooks(hooks: _Hooks, model: UoEForCausalLM, reference: UoEForCausalLM, state: dict, flat) -> None:
+    """Hooks that record, per layer and block, the dense model's inputs, outputs and head outputs, and the sparse
+    model's outputs and router logits when `state["forced"]` (teacher forcing: every sparse block then gets the dense
+    model's input to that block)."""
+    for index, layer in enumerate(reference.model.layers):
+
+        def dense_in(module, args, index=index, block=0):
+            state[("in", index, block)] = args[0]
+
+        def dense_out(module, args, output, index=index, block=0):
+            state[("out", index, block)] = flat(output[0])
+
+        def dense_heads(module, args, index=index):
+            state[("heads", index)] = flat(args[0])
+
+        hooks.pre(layer.self_attn, dense_in)
+        hooks.post(layer.self_attn, dense_out)
+        hooks.pre(layer.mlp, lambda m, a, index=index: dense_in(m, a, index, 1))
+        hooks.post(layer.mlp, lambda m, a, o, index=index: dense_out(m, a, o, index, 1))
+        hooks.pre(layer.self_attn.o_proj, dense_heads)
+    for index, layer in enumerate(model.model.layers):
+        # teacher forcing: every sparse block gets the dense model's input to that block
+        def sparse_in(module, args, index=index, block=0):
+            if state["forced"]:
+                return (state[("in", index, block)], *args[1:])
+            return None
+
+        def sparse_out(module, args, output, index=index, block=0):
+            if state["forced"]:
+                state[("sparse", index, block)] = flat(output[0])
+
+        def router_out(module, args, output, index=index, block=0):
+            if state["forced"]:
+                state[("logits", index, block)] = flat(output)
+
+        hooks.pre(layer.self_attn, sparse_in)
+        hooks.post(layer.self_attn, sparse_out)
+        hooks.post(layer.self_attn.router, router_out)
+        hooks.pre(layer.mlp, lambda m, a, index=index: sparse_in(m, a, index, 1))
+        hooks.post(layer.mlp, lambda m, a, o, index=index: sparse_out(m, a, o, index, 1))
+        hooks.post(layer.mlp.router, lambda m, a, o, index=index: router_out(m, a, o, index, 1))
+
+
+def _accumulate_retention(
+    sums: dict, model: UoEForCausalLM, reference: UoEForCausalLM, state: dict, flat, num_groups: int
+) -> None:
+    """Add one batch's per-block squared errors, dense norms, oracle errors and router hits to `sums`."""
+    for index in range(len(model.model.layers)):
+        sparse_layer = model.model.layers[index]
+        # per-expert dense contributions: key/value groups, and the sparse model's MLP experts
+        groups = attention_group_outputs(
+            state[("heads", index)], reference.model.layers[index].self_attn.o_proj.weight.float(), num_groups
+        )
+        experts = sparse_layer.mlp.experts
+        mlp_parts = _expert_outputs(
+            _flat_mlp(_expert_tensors(experts)),
+            experts.act_fn,
+            flat(state[("in", index, 1)]),
+            model.config.num_mlp_experts,
+        )
+        for block, (parts, top_k) in enumerate(
+            ((groups, model.config.attention_top_k), (mlp_parts, model.config.mlp_top_k))
+        ):
+            dense = state[("out", index, block)]
+            sums["error"][index, block] += (state[("sparse", index, block)] - dense).double().square().sum()
+            total = parts.sum(dim=1)
+            sums["norm"][index, block] += total.double().square().sum()
+            best = parts.norm(dim=-1).topk(top_k, dim=-1).indices
+            oracle = parts.gather(1, best[..., None].expand(-1, -1, parts.shape[-1])).sum(dim=1)
+            sums["oracle"][index, block] += (oracle - total).double().square().sum()
+            chosen = state[("logits", index, block)].topk(top_k, dim=-1).indices
+            sums["hits"][index, block] += (chosen[:, :, None] == best[:, None, :]).any(-1).sum()
+
+
 @torch.no_grad()
 def retention_report(model: UoEForCausalLM, reference: UoEForCausalLM, batches: Iterable[Batch]) -> SparsifyReport:
     """Measure how much of `reference`'s (a full-routing model's) function the sparse `model` keeps on `batches`.
@@ -465,45 +540,8 @@ def retention_report(model: UoEForCausalLM, reference: UoEForCausalLM, batches: 
     def flat(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])[state["keep"]].float()
 
-    with _Hooks() as hooks, _MaskedPath(reference):
-        for index, layer in enumerate(reference.model.layers):
-
-            def dense_in(module, args, index=index, block=0):
-                state[("in", index, block)] = args[0]
-
-            def dense_out(module, args, output, index=index, block=0):
-                state[("out", index, block)] = flat(output[0])
-
-            def dense_heads(module, args, index=index):
-                state[("heads", index)] = flat(args[0])
-
-            hooks.pre(layer.self_attn, dense_in)
-            hooks.post(layer.self_attn, dense_out)
-            hooks.pre(layer.mlp, lambda m, a, index=index: dense_in(m, a, index, 1))
-            hooks.post(layer.mlp, lambda m, a, o, index=index: dense_out(m, a, o, index, 1))
-            hooks.pre(layer.self_attn.o_proj, dense_heads)
-        for index, layer in enumerate(model.model.layers):
-            # teacher forcing: every sparse block gets the dense model's input to that block
-            def sparse_in(module, args, index=index, block=0):
-                if state["forced"]:
-                    return (state[("in", index, block)], *args[1:])
-                return None
-
-            def sparse_out(module, args, output, index=index, block=0):
-                if state["forced"]:
-                    state[("sparse", index, block)] = flat(output[0])
-
-            def router_out(module, args, output, index=index, block=0):
-                if state["forced"]:
-                    state[("logits", index, block)] = flat(output)
-
-            hooks.pre(layer.self_attn, sparse_in)
-            hooks.post(layer.self_attn, sparse_out)
-            hooks.post(layer.self_attn.router, router_out)
-            hooks.pre(layer.mlp, lambda m, a, index=index: sparse_in(m, a, index, 1))
-            hooks.post(layer.mlp, lambda m, a, o, index=index: sparse_out(m, a, o, index, 1))
-            hooks.post(layer.mlp.router, lambda m, a, o, index=index: router_out(m, a, o, index, 1))
-
+    with _Hooks() as hooks, _MaskedAttention(reference):
+        _retention_hooks(hooks, model, reference, state, flat)
         for batch in batches:
             input_ids, attention_mask = _batch_inputs(batch)
             device = reference.device
@@ -521,31 +559,7 @@ def retention_report(model: UoEForCausalLM, reference: UoEForCausalLM, batches: 
             dense_loss, count = dense_loss + loss, count + tokens
             sparse_loss += _token_loss(sparse_logits, input_ids, keep)[0]
 
-            for index in range(layers):
-                sparse_layer = model.model.layers[index]
-                # per-expert dense contributions: key/value groups, and the sparse model's MLP experts
-                groups = attention_group_outputs(
-                    state[("heads", index)], reference.model.layers[index].self_attn.o_proj.weight.float(), num_groups
-                )
-                experts = sparse_layer.mlp.experts
-                mlp_parts = _expert_outputs(
-                    _flat_mlp(_expert_tensors(experts)),
-                    experts.act_fn,
-                    flat(state[("in", index, 1)]),
-                    model.config.num_mlp_experts,
-                )
-                for block, (parts, top_k) in enumerate(
-                    ((groups, model.config.attention_top_k), (mlp_parts, model.config.mlp_top_k))
-                ):
-                    dense = state[("out", index, block)]
-                    sums["error"][index, block] += (state[("sparse", index, block)] - dense).double().square().sum()
-                    total = parts.sum(dim=1)
-                    sums["norm"][index, block] += total.double().square().sum()
-                    best = parts.norm(dim=-1).topk(top_k, dim=-1).indices
-                    oracle = parts.gather(1, best[..., None].expand(-1, -1, parts.shape[-1])).sum(dim=1)
-                    sums["oracle"][index, block] += (oracle - total).double().square().sum()
-                    chosen = state[("logits", index, block)].topk(top_k, dim=-1).indices
-                    sums["hits"][index, block] += (chosen[:, :, None] == best[:, None, :]).any(-1).sum()
+            _accumulate_retention(sums, model, reference, state, flat, num_groups)
     if count == 0:
         raise ValueError("`held_out_batches` yielded no next-token targets.")
     blocks = []
@@ -573,6 +587,38 @@ def retention_report(model: UoEForCausalLM, reference: UoEForCausalLM, batches: 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sparsify
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_sparsify_arguments(
+    model: UoEForCausalLM,
+    attention_top_k: int,
+    mlp_top_k: int,
+    num_mlp_experts: int | None,
+    max_calibration_tokens: int,
+) -> int:
+    """Raise a `ValueError` naming the first invalid argument of `sparsify`; return `num_mlp_experts` resolved."""
+    if not isinstance(model, UoEForCausalLM):
+        raise ValueError(f"`model` must be a `UoEForCausalLM`, got {type(model).__name__}.")
+    config = model.config
+    num_mlp_experts = config.num_mlp_experts if num_mlp_experts is None else num_mlp_experts
+    num_groups, _ = attention_expert_groups(config)
+    if isinstance(num_mlp_experts, bool) or not isinstance(num_mlp_experts, int) or num_mlp_experts < 1:
+        raise ValueError(f"`num_mlp_experts` must be an integer >= 1, got {num_mlp_experts!r}.")
+    if config.intermediate_size % num_mlp_experts != 0:
+        raise ValueError(
+            f"`num_mlp_experts` ({num_mlp_experts}) must divide `intermediate_size` ({config.intermediate_size})."
+        )
+    _check_top_k("attention_top_k", attention_top_k, num_groups, "the attention experts (key/value groups)")
+    _check_top_k("mlp_top_k", mlp_top_k, num_mlp_experts, "`num_mlp_experts`")
+    if (
+        isinstance(max_calibration_tokens, bool)
+        or not isinstance(max_calibration_tokens, int)
+        or max_calibration_tokens < 1
+    ):
+        raise ValueError(f"`max_calibration_tokens` must be an integer >= 1, got {max_calibration_tokens!r}.")
+    if config.data_capacity is not None:
+        raise ValueError("`model.config.data_capacity` must be None: causal models route by token choice only.")
+    return num_mlp_experts
 
 
 @torch.no_grad()
@@ -624,28 +670,11 @@ def sparsify(
         `(sparse_model, report)`: a new `UoEForCausalLM` in eval mode with the new top-k and MLP grouping, and the
         `SparsifyReport` on `held_out_batches` (or `None`).
     """
-    if not isinstance(model, UoEForCausalLM):
-        raise ValueError(f"`model` must be a `UoEForCausalLM`, got {type(model).__name__}.")
+    num_mlp_experts = _check_sparsify_arguments(
+        model, attention_top_k, mlp_top_k, num_mlp_experts, max_calibration_tokens
+    )
     config = model.config
     num_groups, _ = attention_expert_groups(config)
-    num_mlp_experts = config.num_mlp_experts if num_mlp_experts is None else num_mlp_experts
-    if isinstance(num_mlp_experts, bool) or not isinstance(num_mlp_experts, int) or num_mlp_experts < 1:
-        raise ValueError(f"`num_mlp_experts` must be an integer >= 1, got {num_mlp_experts!r}.")
-    if config.intermediate_size % num_mlp_experts != 0:
-        raise ValueError(
-            f"`num_mlp_experts` ({num_mlp_experts}) must divide `intermediate_size` ({config.intermediate_size})."
-        )
-    _check_top_k("attention_top_k", attention_top_k, num_groups, "the attention experts (key/value groups)")
-    _check_top_k("mlp_top_k", mlp_top_k, num_mlp_experts, "`num_mlp_experts`")
-    if (
-        isinstance(max_calibration_tokens, bool)
-        or not isinstance(max_calibration_tokens, int)
-        or max_calibration_tokens < 1
-    ):
-        raise ValueError(f"`max_calibration_tokens` must be an integer >= 1, got {max_calibration_tokens!r}.")
-    if config.data_capacity is not None:
-        raise ValueError("`model.config.data_capacity` must be None: causal models route by token choice only.")
-
     # The dense function: the same weights with every expert selected.
     dense = _rebuild(
         model,
