@@ -8,6 +8,9 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     PreTrainedModel,
 )
 from transformers.utils import is_vision_available
@@ -15,7 +18,15 @@ from transformers.utils import is_vision_available
 from .callbacks import UoERouterStatsCallback
 from .configuration_uoe import UoEConfig
 from .flops import FlopsEstimate, estimate_flops_per_token
-from .modeling_uoe import UoECacheLayer, UoEForCausalLM, UoEModel, UoEPreTrainedModel
+from .modeling_uoe import (
+    UoECacheLayer,
+    UoEForCausalLM,
+    UoEForQuestionAnswering,
+    UoEForSequenceClassification,
+    UoEForTokenClassification,
+    UoEModel,
+    UoEPreTrainedModel,
+)
 from .modeling_uoe_vision import UoEForImageClassification, UoEImageClassifierOutput, UoEVisionModel
 from .selective_attention import ALL_SELECTIVE_ATTENTION_FUNCTIONS, SelectiveAttentionInterface
 from .sparsify import SparsifyReport, retention_report, sparsify
@@ -58,6 +69,9 @@ AutoConfig.register(UoEConfig.model_type, UoEConfig, exist_ok=True)
 AutoModel.register(UoEConfig, UoEBaseModelSelector, exist_ok=True)
 AutoModelForCausalLM.register(UoEConfig, UoEForCausalLM, exist_ok=True)
 AutoModelForImageClassification.register(UoEConfig, UoEForImageClassification, exist_ok=True)
+AutoModelForSequenceClassification.register(UoEConfig, UoEForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(UoEConfig, UoEForTokenClassification, exist_ok=True)
+AutoModelForQuestionAnswering.register(UoEConfig, UoEForQuestionAnswering, exist_ok=True)
 
 # `save_pretrained` then writes `auto_map` and copies the code files, so checkpoints load with
 # `trust_remote_code=True` where this package is not installed.
@@ -66,6 +80,9 @@ UoEModel.register_for_auto_class("AutoModel")
 UoEVisionModel.register_for_auto_class("AutoModel")
 UoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 UoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+UoEForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+UoEForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+UoEForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 
 __all__ = [
     "ALL_SELECTIVE_ATTENTION_FUNCTIONS",
@@ -75,6 +92,9 @@ __all__ = [
     "UoEConfig",
     "UoEForCausalLM",
     "UoEForImageClassification",
+    "UoEForQuestionAnswering",
+    "UoEForSequenceClassification",
+    "UoEForTokenClassification",
     "UoEImageClassifierOutput",
     "UoEModel",
     "UoEPreTrainedModel",

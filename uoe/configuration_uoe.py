@@ -416,6 +416,13 @@ class UoEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.validate()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # transformers applies `from_pretrained`'s overrides (`attention_top_k=...`) after building the config
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate()
+        return result
+
     def validate(self, model: str | None = None) -> None:
         """Check every field; raise a `ValueError` naming the first invalid one and the values it allows.
 

@@ -31,6 +31,46 @@ from .routing import Slots, slots_to_dense
 from .selective_attention import apply_rotary_pos_emb, rotate_half
 
 # ---------------------------------------------------------------------------------------------------------------------
+# When a path may read a module's weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as module_hooks
+
+    return bool(
+        module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks
+        or module_hooks._global_backward_pre_hooks
+    )
+
+
+def _plain_tensor(tensor: torch.Tensor | None, device: torch.device) -> bool:
+    # quantized weights (torchao, ...) and DTensors are tensor subclasses; offloaded ones live on another device
+    return tensor is None or (type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device == device)
+
+
+def reads_weights_directly(module: nn.Module, device: torch.device) -> bool:
+    """Whether a sparse path may multiply by `module.weight` (and `.bias`) itself instead of calling the module: only
+    where that is provably the module's own computation. That is a plain `nn.Linear` (PEFT's LoRA layers, quanto's
+    and bitsandbytes' layers and parametrized modules are other classes), whose `forward` is the class's (accelerate's
+    offload hook replaces it), with no hooks of its own or global ones, and whose weight and bias are plain tensors
+    on `device` (torchao's quantized weights are tensor subclasses). Everything else is called as a module."""
+    if type(module) is not nn.Linear or "forward" in module.__dict__:
+        return False
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return False
+    return not _global_hooks() and _plain_tensor(module.weight, device) and _plain_tensor(module.bias, device)
+
+
+def reads_parameters_directly(module: nn.Module, names: Sequence[str], device: torch.device) -> bool:
+    """The rule for an experts module, whose implementations run inside its own `forward` (so its hooks have run):
+    the stacked parameters `names` must be plain tensors on `device`."""
+    return all(_plain_tensor(getattr(module, name, None), device) for name in names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Grouped products
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -582,13 +622,19 @@ def output_projection(
     if rows.shape[0] < hidden:
         weight = o_proj.weight.view(hidden, num_heads, head_dim).permute(1, 2, 0)  # (heads, head_dim, hidden)
         return combine_pairs(grouped_mm(rows, weight, pairs.offsets, not pairs.complete), pairs, slots)
+    return F.linear(to_token_heads(rows, pairs, slots, num_heads), o_proj.weight)
+
+
+def to_token_heads(rows: torch.Tensor, pairs: SortedPairs, slots: Sequence[Slots], num_heads: int) -> torch.Tensor:
+    """The pairs' rows `(P, width)` scattered to their (token, head) places: `(batch, seq, num_heads * width)`, zero
+    where a token did not select a head (the input `o_proj` takes)."""
     batch, seq_len = slots[0].index.shape[0], sum(block.index.shape[1] for block in slots)
     places = batch * seq_len * num_heads
     place = pairs.token * num_heads + pairs.expert.clamp(max=num_heads - 1)
     if not pairs.complete:  # dropped pairs write to a scratch row
         place = torch.where(pairs.expert < num_heads, place, places)
-    heads = rows.new_zeros(places + (0 if pairs.complete else 1), head_dim).index_copy(0, place, rows)
-    return F.linear(heads[:places].view(batch, seq_len, width), o_proj.weight)
+    heads = rows.new_zeros(places + (0 if pairs.complete else 1), rows.shape[1]).index_copy(0, place, rows)
+    return heads[:places].view(batch, seq_len, num_heads * rows.shape[1])
 
 
 def rotate_pairs(
@@ -727,11 +773,14 @@ def _pair_states(
     """Query, key and value rows of the sorted (token, group) pairs, normalised and rotated; the values read
     `value_states` when given."""
     heads, (batch, _, hidden) = module.num_key_value_heads, hidden_states.shape
-    rows = hidden_states.reshape(-1, hidden).index_select(0, pairs.token)
     projections = (module.q_proj, module.k_proj, module.v_proj)
-    if value_states is None:
+    if not all(reads_weights_directly(p, hidden_states.device) for p in projections):
+        query, key, value = _pair_rows_through_modules(module, hidden_states, value_states, pairs)
+    elif value_states is None:
+        rows = hidden_states.reshape(-1, hidden).index_select(0, pairs.token)
         query, key, value = project_pairs(rows, projections, pairs, heads)
     else:
+        rows = hidden_states.reshape(-1, hidden).index_select(0, pairs.token)
         value_rows = value_states.reshape(-1, hidden).index_select(0, pairs.token)
         query, key = project_pairs(rows, projections[:2], pairs, heads)
         (value,) = project_pairs(value_rows, projections[2:], pairs, heads)
@@ -742,11 +791,34 @@ def _pair_states(
     return [query, key, value]
 
 
+def _pair_rows_through_modules(
+    module: nn.Module, hidden_states: torch.Tensor, value_states: torch.Tensor | None, pairs: SortedPairs
+) -> list[torch.Tensor]:
+    """Query, key and value rows of the pairs from the projection modules themselves (`reads_weights_directly` says
+    no: adapters, quantized or offloaded weights, hooks): each module runs on every token, each pair takes its
+    group's slice. The projections then cost what the dense layer's do; the attention stays sparse."""
+    heads = module.num_key_value_heads
+    head = pairs.expert.clamp(max=heads - 1)  # rows of dropped pairs are never read
+    outputs = []
+    for projection, source in zip(
+        (module.q_proj, module.k_proj, module.v_proj),
+        (hidden_states, hidden_states, hidden_states if value_states is None else value_states),
+        strict=True,
+    ):
+        rows = projection(source).reshape(-1, heads, projection.out_features // heads)  # (tokens, groups, width)
+        outputs.append(rows[pairs.token, head])
+    return outputs
+
+
 def _pairs_output(
     module: nn.Module, head_rows: torch.Tensor, pairs: SortedPairs, slots: Sequence[Slots], dtype: torch.dtype
 ) -> torch.Tensor:
-    """`o_proj` of the gated pair rows, summed per token, with the projection's bias."""
-    output = output_projection(head_rows, module.o_proj, pairs, slots, module.num_key_value_heads)
+    """`o_proj` of the gated pair rows, summed per token, with the projection's bias (through the module itself,
+    on every token's scattered heads, where `reads_weights_directly` says no)."""
+    heads = module.num_key_value_heads
+    if not reads_weights_directly(module.o_proj, head_rows.device):
+        return module.o_proj(to_token_heads(head_rows, pairs, slots, heads)).to(dtype)
+    output = output_projection(head_rows, module.o_proj, pairs, slots, heads)
     if module.o_proj.bias is not None:
         output = output + module.o_proj.bias
     return output.to(dtype)
@@ -768,7 +840,11 @@ def _decode_step(
     block = selection.slots[0]
     index = block.index[:, 0]  # (batch, top_k) selected groups, token-major
     query_width = group * head_dim
-    if use_token_major(batch * top_k, (query_width + 2 * head_dim) * hidden):
+    plain = all(
+        reads_weights_directly(p, hidden_states.device)
+        for p in (module.q_proj, module.k_proj, module.v_proj, module.o_proj)
+    )
+    if plain and use_token_major(batch * top_k, (query_width + 2 * head_dim) * hidden):
         slot_query, key, value, gate = _decode_states_token_major(
             module, hidden_states, value_states, position_embeddings, block
         )

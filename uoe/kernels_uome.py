@@ -260,13 +260,13 @@ def _uome_backward(
     d_pre, d_gate = kernels.down_projection_backward(
         grad_out, w2, sorted_pair, expert_offsets, gates, pre, hidden, top_k, activation == "swiglu"
     )
-    empty = x.new_empty(0)
-    d_x = empty
+    # a custom op's outputs may not alias each other: every unneeded gradient is its own empty tensor
+    d_x = x.new_empty(0)
     if need_input:
         pair_dtype = x.dtype if top_k == 1 else torch.float32
         pair_dx = kernels.up_projection_backward(d_pre, w1, sorted_pair, expert_offsets, pair_dtype)
         d_x = _combine(pair_dx, num_tokens, top_k, x.dtype)
-    d_w1 = d_w2 = d_b1 = empty
+    d_w1, d_w2, d_b1 = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_weights:
         d_w1, d_b1 = kernels.weight_grad(
             d_pre, x, sorted_pair, expert_offsets, top_k, False, True, None, num_experts, w1.dtype, b1 is not None
@@ -274,8 +274,8 @@ def _uome_backward(
         d_w2, _ = kernels.weight_grad(
             grad_out, hidden, sorted_pair, expert_offsets, top_k, True, False, gates, num_experts, w2.dtype
         )
-        d_b1 = empty if d_b1 is None else d_b1
-    d_weights = empty.new_empty(0, dtype=top_k_weights.dtype)
+        d_b1 = x.new_empty(0) if d_b1 is None else d_b1
+    d_weights = top_k_weights.new_empty(0)
     if need_gates:
         d_weights = torch.empty_like(gates).scatter_(0, sorted_pair.long(), d_gate.to(gates.dtype))
         d_weights = d_weights.view(num_tokens, top_k)
@@ -286,12 +286,11 @@ def _uome_backward_fake(
     grad_out, x, w1, w2, b1, sorted_pair, expert_offsets, top_k_weights, pre, hidden, activation, output_mask
 ):
     need_input, need_weights, need_gates = output_mask
-    empty = x.new_empty(0)
-    return (
-        x.new_empty(x.shape) if need_input else empty,
-        w1.new_empty(w1.shape) if need_weights else empty,
-        w2.new_empty(w2.shape) if need_weights else empty,
-        w1.new_empty(w1.shape[:2]) if need_weights and b1 is not None else empty,
+    return (  # no two outputs alias (see `_uome_backward`)
+        x.new_empty(x.shape) if need_input else x.new_empty(0),
+        w1.new_empty(w1.shape) if need_weights else x.new_empty(0),
+        w2.new_empty(w2.shape) if need_weights else x.new_empty(0),
+        w1.new_empty(w1.shape[:2]) if need_weights and b1 is not None else x.new_empty(0),
         top_k_weights.new_empty(top_k_weights.shape) if need_gates else top_k_weights.new_empty(0),
     )
 

@@ -26,7 +26,12 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
@@ -42,7 +47,7 @@ except ImportError:  # a transformers without named tensor-parallel styles: the 
 
 from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_dense, uoe_state_dict_from_dense
-from .gathered import gathered_experts_forward, gathered_selective_attention
+from .gathered import gathered_experts_forward, gathered_selective_attention, reads_parameters_directly
 from .kernels_smha import triton_selective_attention
 from .kernels_uome import register_uoe_experts_kernels, uoe_triton_experts_forward
 from .routing import (
@@ -75,6 +80,8 @@ from .selective_attention import (
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# The stacked expert tensors the gathered and Triton experts read (those a module has).
+EXPERT_TENSORS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 # The experts implementations that take `pair_keep` (the others get dropped pairs as zero weights).
 UOE_EXPERTS_IMPLEMENTATIONS = ("uoe", "uoe_gathered", "uoe_triton", "eager")
 
@@ -96,6 +103,8 @@ def routed_experts_forward(
     path = resolve_routing_backend(backend, hidden_states)
     if backend == "auto" and top_k_index.shape[-1] == getattr(self, "num_experts", -1) and pair_keep is None:
         path = "masked"  # every token in every expert: the dense computation is the fastest
+    if path != "masked" and not reads_parameters_directly(self, EXPERT_TENSORS, hidden_states.device):
+        path = "masked"  # quantized or off-device expert weights: the module's own computation
     if path == "gathered":
         return gathered_experts_forward(self, hidden_states, top_k_index, top_k_weights, pair_keep)
     if path == "triton":
@@ -1016,7 +1025,13 @@ class UoEPreTrainedModel(PreTrainedModel):
     }
     # What `save_pretrained` writes into `auto_map` besides the saved class's own entry (transformers writes only that
     # one), so that a folder of either model of the family loads with every Auto class by remote code.
-    _auto_map_entries = {"AutoModel": "modeling_uoe.UoEModel", "AutoModelForCausalLM": "modeling_uoe.UoEForCausalLM"}
+    _auto_map_entries = {
+        "AutoModel": "modeling_uoe.UoEModel",
+        "AutoModelForCausalLM": "modeling_uoe.UoEForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_uoe.UoEForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_uoe.UoEForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_uoe.UoEForQuestionAnswering",
+    }
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -1432,4 +1447,48 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
         return model.to(dtype=next(dense_model.parameters()).dtype)
 
 
-__all__ = ["UoEForCausalLM", "UoEModel", "UoEPreTrainedModel", "UoECacheLayer"]
+class UoEForSequenceClassification(GenericForSequenceClassification, UoEPreTrainedModel):
+    """The decoder with a linear score head on the last non-padding token (transformers' generic head, as Llama's and
+    Qwen3-MoE's). Like theirs, its loss is the task loss alone: the router losses are in the outputs' `aux_loss` /
+    `router_z_loss` of the base model, not added here."""
+
+    def __init__(self, config: UoEConfig):
+        UoEPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = UoEModel(config)  # not `AutoModel.from_config`: it would need remote code for a loaded config
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
+class UoEForTokenClassification(GenericForTokenClassification, UoEPreTrainedModel):
+    """The decoder with a linear classifier on every token (transformers' generic head)."""
+
+    def __init__(self, config: UoEConfig):
+        UoEPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = UoEModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class UoEForQuestionAnswering(GenericForQuestionAnswering, UoEPreTrainedModel):
+    """The decoder with a span-start/end head (transformers' generic head)."""
+
+    def __init__(self, config: UoEConfig):
+        UoEPreTrainedModel.__init__(self, config)
+        self.model = UoEModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
+__all__ = [
+    "UoECacheLayer",
+    "UoEForCausalLM",
+    "UoEForQuestionAnswering",
+    "UoEForSequenceClassification",
+    "UoEForTokenClassification",
+    "UoEModel",
+    "UoEPreTrainedModel",
+]

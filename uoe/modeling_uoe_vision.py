@@ -17,6 +17,7 @@ reads, and it costs one token of dense compute per image). At full routing the m
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -85,7 +86,8 @@ class UoEVisionEmbeddings(nn.Module):
     def __init__(self, config: UoEConfig):
         super().__init__()
         self.config = config
-        self.num_patches = (config.image_size // config.patch_size) ** 2
+        self.grid_side = config.image_size // config.patch_size
+        self.num_patches = self.grid_side**2
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
@@ -95,14 +97,28 @@ class UoEVisionEmbeddings(nn.Module):
         else:
             self.position_embeddings = None
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         embeddings = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        grid = embeddings.shape[-2:]
         embeddings = embeddings.flatten(2).transpose(1, 2)  # (batch, patches, hidden), row-major patches
         cls = self.cls_token.expand(embeddings.shape[0], -1, -1)
         embeddings = torch.cat([cls, embeddings], dim=1)
         if self.position_embeddings is not None:
-            embeddings = embeddings + self.position_embeddings
+            positions = self.position_embeddings
+            if interpolate_pos_encoding and tuple(grid) != (self.grid_side, self.grid_side):
+                positions = self.interpolate_pos_encoding(grid)
+            embeddings = embeddings + positions
         return embeddings
+
+    def interpolate_pos_encoding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The learned positions resized to a `grid` of patches (ViT's `interpolate_pos_encoding`: the trained square
+        grid of patch positions, bicubically resampled; the CLS position as it is), `(1, 1 + rows * cols, hidden)`."""
+        side = self.grid_side
+        cls_position, patch_positions = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        square = patch_positions.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, hidden, side, side)
+        resized = F.interpolate(square.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+        resized = resized.to(patch_positions.dtype).permute(0, 2, 3, 1).reshape(1, -1, patch_positions.shape[-1])
+        return torch.cat([cls_position, resized], dim=1)
 
 
 def _make_norm(config: UoEConfig) -> nn.Module:
@@ -177,7 +193,7 @@ class UoEVisionModel(UoEVisionPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
         config = self.config
         if pixel_values.dim() != 4:
             raise ValueError(
@@ -194,9 +210,17 @@ class UoEVisionModel(UoEVisionPreTrainedModel):
                 f"`pixel_values` height and width ({height}, {width}) must be divisible by `patch_size`="
                 f"{config.patch_size}."
             )
-        if (height, width) != (config.image_size, config.image_size):
+        if interpolate_pos_encoding:
+            num_tokens = (height // config.patch_size) * (width // config.patch_size)
+            if num_tokens % config.routing_patch_size:
+                raise ValueError(
+                    f"`pixel_values` of {height}x{width} give {num_tokens} image tokens, which `routing_patch_size`="
+                    f"{config.routing_patch_size} must divide."
+                )
+        elif (height, width) != (config.image_size, config.image_size):
             raise ValueError(
-                f"`pixel_values` must be {config.image_size}x{config.image_size} (`image_size`), got {height}x{width}."
+                f"`pixel_values` must be {config.image_size}x{config.image_size} (`image_size`), got {height}x{width}; "
+                "pass `interpolate_pos_encoding=True` for other sizes."
             )
 
     @can_return_tuple
@@ -207,13 +231,17 @@ class UoEVisionModel(UoEVisionPreTrainedModel):
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
         compute_router_losses: bool | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> UoEVisionModelOutput:
         r"""
         compute_router_losses (`bool`, *optional*):
             Whether to compute `aux_loss` and `router_z_loss` (otherwise they are `None`). Default: in training and
             with `output_router_logits`; `UoEForImageClassification` also asks for them when given `labels`.
+        interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
+            Accept images of another size than `image_size` (sides divisible by `patch_size`), as ViT does: learned
+            positions are resized bicubically to the new grid of patches; rotary positions are the tokens' indices.
         """
-        self._check_pixel_values(pixel_values)
+        self._check_pixel_values(pixel_values, interpolate_pos_encoding)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -226,7 +254,7 @@ class UoEVisionModel(UoEVisionPreTrainedModel):
         # Images are routed per patch, never padded or packed: the routing context only says whether to compute the
         # router losses (as in transformers' MoE models, only when asked, so outputs hold per-example fields only).
         routing = RoutingInputs(source_index=None, token_mask=None, router_losses=compute_router_losses)
-        hidden_states = self.embeddings(pixel_values)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)
         position_embeddings = None
         if self.rotary_emb is not None:
             # CLS at position 0, image tokens at 1..N in row-major order (1-D rotary over the token index).
@@ -275,11 +303,14 @@ class UoEForImageClassification(UoEVisionPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> UoEImageClassifierOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices (or regression targets, per `config.problem_type`). When given, `loss` is the
             classification loss plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * router_z_loss`.
+        interpolate_pos_encoding (`bool`, *optional*, defaults to `False`):
+            Accept images of another size than `image_size` (see `UoEVisionModel.forward`).
         """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -290,6 +321,7 @@ class UoEForImageClassification(UoEVisionPreTrainedModel):
             output_attentions=output_attentions,
             output_router_logits=output_router_logits,
             compute_router_losses=self.training or bool(output_router_logits) or labels is not None,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
         logits = self.classifier(outputs.last_hidden_state[:, 0])
         loss = None

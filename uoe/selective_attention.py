@@ -67,8 +67,17 @@ ALL_SELECTIVE_ATTENTION_FUNCTIONS = SelectiveAttentionInterface()
 def resolve_routing_backend(backend: str, tensor: torch.Tensor) -> str:
     """The path (`"masked"`, `"gathered"` or `"triton"`) that `routing_backend` means for `tensor`'s device.
 
-    Decided from the config and the device only: no synchronisation, and constant under `torch.compile`.
+    Decided from the config and the device only: no synchronisation, and constant under `torch.compile`. Under
+    `torch.onnx.export` "auto" is the masked path: ONNX has no lowering for the stable sort and the custom ops the
+    other paths use.
     """
+    if torch.onnx.is_in_onnx_export():
+        if backend in ("gathered", "triton"):
+            raise ValueError(
+                f'`routing_backend="{backend}"` cannot be exported to ONNX (its sort and custom ops have no ONNX '
+                'lowering); export with "auto" or "masked", which compute the same function.'
+            )
+        return "masked"
     if backend in ("masked", "gathered"):
         return backend
     if backend == "triton":
