@@ -173,9 +173,13 @@ def test_padding_selects_no_expert_not_even_shared_ones(backend):
 
 def test_encoder_data_selection_never_drops_shared_experts():
     """The encoder's data selection (`data_capacity`) limits the routed experts only: every patch keeps its shared
-    experts (first slots, gate 1), the routed slots are capped, and the length bound covers every token."""
+    experts (first slots, gate 1), and each routed expert keeps exactly the ceil(0.3 x 8) = 3 best-scored of the
+    patches that chose it (recomputed here by a loop), per sequence; the length bound covers every token.
+
+    Planted bug: the kept-patch count rounded down (`int(c * num_patches)` = 2), which the former upper bound at a
+    whole-number capacity (`<= ceil(0.25 x 8)`) let through."""
     config = tiny_config(
-        is_causal=False, data_capacity=0.25, num_shared_mlp_experts=2, mlp_top_k=1, routing_patch_size=2
+        is_causal=False, data_capacity=0.3, num_shared_mlp_experts=2, mlp_top_k=1, routing_patch_size=2
     )
     torch.manual_seed(0)
     router = UoERouter(32, 2)
@@ -186,33 +190,52 @@ def test_encoder_data_selection_never_drops_shared_experts():
     assert torch.equal(cls.index[0, 0], torch.arange(4))
     assert torch.equal(routed.index[..., :2], torch.arange(2).expand(2, 16, 2))
     assert bool(routed.keep[..., :2].all()) and torch.equal(routed.gate[..., :2], torch.ones(2, 16, 2))
-    assert bool((routed.index[..., 2] >= 2).all())
-    # routed: at most ceil(0.25 * 8 patches) = 2 patches (4 tokens) per expert and sequence
-    for expert in (2, 3):
-        kept = (routed.keep[..., 2] & (routed.index[..., 2] == expert)).sum(-1)
-        assert bool((kept <= 4).all())
-    assert int(routed.keep[..., 2].sum()) < 2 * 16  # data selection did drop routed pairs
+    # the routed slot, by a loop: patch p chose its best routed expert; each expert keeps its 3 best choosers
+    with torch.no_grad():
+        scores = (hidden[:, 1:].double().view(2, 8, 2, 32).mean(2) @ router.weight.double().T).softmax(-1)
+    for b in range(2):
+        chosen = [int(scores[b, p].argmax()) for p in range(8)]
+        kept = set()
+        for expert in (0, 1):
+            choosers = [p for p in range(8) if chosen[p] == expert]
+            kept |= set(sorted(choosers, key=lambda p: -float(scores[b, p, expert]))[:3])
+        assert len(kept) < 8  # data selection dropped a pair
+        for t in range(16):
+            assert int(routed.index[b, t, 2]) == 2 + chosen[t // 2]
+            assert bool(routed.keep[b, t, 2]) == (t // 2 in kept), (b, t)
     assert selection.max_list_length == 17
 
 
-def test_image_classifier_with_shared_experts_and_data_selection_paths_agree():
+def test_image_classifier_with_shared_experts_and_data_selection_matches_the_plain_loop_reference():
+    """Shared head groups and MLP experts with data selection at capacity 0.3 x 16 patches = 4.8 -> 5 kept per routed
+    expert: both paths equal the float64 encoder loop of `tests/reference_encoder.py`.
+
+    Planted bugs: data selection that also drops shared experts; the kept count rounded down. (Before, the test only
+    compared the two paths, which share the selection code.)"""
     from uoe import UoEForImageClassification
+
+    from .reference_encoder import reference_image_logits
 
     def config(**overrides) -> UoEConfig:
         return UoEConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, attention_top_k=1, intermediate_size=64,
             num_mlp_experts=4, mlp_top_k=1, mlp_type="gelu", mlp_bias=True, is_causal=False, norm_type="layernorm",
             position_embedding_type="learned", image_size=16, patch_size=4, num_labels=3, initializer_range=0.2,
-            data_capacity=0.5, num_shared_attention_groups=1, num_shared_mlp_experts=2, **overrides,
+            data_capacity=0.3, num_shared_attention_groups=1, num_shared_mlp_experts=2, **overrides,
         )  # fmt: skip
 
-    logits = {}
+    pixel_values = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = None
     for backend in BACKENDS:
         torch.manual_seed(0)
-        model = UoEForImageClassification(config(routing_backend=backend)).eval()
+        model = UoEForImageClassification(config(routing_backend=backend)).eval().double()
+        if expected is None:
+            expected = reference_image_logits(model, pixel_values)
         with torch.no_grad():
-            logits[backend] = model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))).logits
-    assert max_rel_error(logits["gathered"], logits["masked"]) <= 1e-5
+            actual = model(pixel_values).logits
+        torch.testing.assert_close(
+            actual, expected, rtol=0, atol=1e-5, msg=lambda m, backend=backend: f"{backend}: {m}"
+        )
     with pytest.raises(ValueError, match="mlp_chain_length"):
         UoEForImageClassification(config(mlp_chain_length=2))
 
