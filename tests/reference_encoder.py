@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .reference_uoe import _rms_norm, _rope, _select
+from .reference_uoe import _rms_norm, _rotate, _select, rope_frequencies
 
 
 def _norm(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str, cfg) -> torch.Tensor:
@@ -67,9 +67,9 @@ def encoder_hidden_states(cfg, sd: dict[str, torch.Tensor], prefix: str, x: torc
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     group_size = heads // kv_heads
     rope = cfg.position_embedding_type == "rope"
-    theta = cfg.rope_parameters["rope_theta"] if rope else None
-    act = torch.nn.functional.gelu
     seq = x.shape[0]
+    inv_freq, rope_scale = rope_frequencies(cfg, seq) if rope else (None, None)
+    act = torch.nn.functional.gelu
     for layer in range(cfg.num_hidden_layers):
         p = f"{prefix}layers.{layer}."
         h = _norm(x, sd, p + "input_layernorm", cfg)
@@ -87,9 +87,9 @@ def encoder_hidden_states(cfg, sd: dict[str, torch.Tensor], prefix: str, x: torc
         for t in range(seq):
             for group, gate in groups_of[t].items():
                 keys = [j for j in range(seq) if group in groups_of[j]]
-                key_rows = [_rope(k[j, group], j, theta) if rope else k[j, group] for j in keys]
+                key_rows = [_rotate(k[j, group], j, inv_freq, rope_scale) if rope else k[j, group] for j in keys]
                 for head in range(group * group_size, (group + 1) * group_size):
-                    qt = _rope(q[t, head], t, theta) if rope else q[t, head]
+                    qt = _rotate(q[t, head], t, inv_freq, rope_scale) if rope else q[t, head]
                     weights = torch.softmax(torch.stack([qt @ kj for kj in key_rows]) / math.sqrt(head_dim), 0)
                     attn[t, head] = gate * sum(w * v[j, group] for w, j in zip(weights, keys, strict=True))
         x = x + _linear(attn.reshape(seq, -1), sd, p + "self_attn.o_proj")
