@@ -243,21 +243,32 @@ def test_cache_under_both_names_is_refused():
 
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_generate_passes_the_cache_without_deprecation_warnings(num_beams):
-    model = tiny_model()
-    input_ids = torch.randint(0, 61, (2, 5))
+    """No `FutureWarning` about the cache's name from `generate`, and decoding with the cache is decoding without it:
+    greedy tokens equal argmax over full forward passes; beam search (which reorders the cache every step) returns
+    the beams and scores of beam search without cache.
+
+    Planted bug: a `reorder_cache` that leaves the routing state in place (before, beams were only checked for their
+    shape)."""
+    model = tiny_model(routing_patch_size=2)
+    input_ids = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(13))
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0, eos_token_id=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         generated = model.generate(
-            input_ids, max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0, use_cache=True
+            input_ids, use_cache=True, return_dict_in_generate=True, output_scores=True, **kwargs
         )
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
-    assert generated.shape == (2, 9)
+    assert generated.sequences.shape == (2, 11)
     if num_beams == 1:  # greedy decoding with the cache equals argmax over full forward passes
         sequence = input_ids
         with torch.no_grad():
-            for _ in range(4):
+            for _ in range(6):
                 sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
-        assert torch.equal(generated, sequence)
+        assert torch.equal(generated.sequences, sequence)
+    else:
+        without = model.generate(input_ids, use_cache=False, return_dict_in_generate=True, output_scores=True, **kwargs)
+        assert torch.equal(generated.sequences, without.sequences)
+        torch.testing.assert_close(generated.sequences_scores, without.sequences_scores, rtol=0, atol=1e-4)
 
 
 # -- 8. annotations and router logits through the output type ---------------------------------------------------------
@@ -430,9 +441,13 @@ def test_well_formed_inputs_of_the_same_kinds_are_accepted():
         embeds = model.get_input_embeddings()(input_ids)
         torch.testing.assert_close(model(inputs_embeds=embeds).logits, expected)
         assert model(input_ids, labels=input_ids).loss is not None
+        # a cache of this model and batch continues the sequence; a fresh config-built cache starts it (planted bug:
+        # positions of the tokens after a cache counted from 0, which two calls that assert nothing let through)
         cache = returned_cache(model(input_ids[:, :3], use_cache=True))
-        model(input_ids[:, 3:], cache=cache, use_cache=True)
-        model(input_ids, cache=DynamicCache(config=model.config), use_cache=True)
+        torch.testing.assert_close(model(input_ids[:, 3:], cache=cache, use_cache=True).logits, expected[:, 3:])
+        fresh = model(input_ids, cache=DynamicCache(config=model.config), use_cache=True)
+        torch.testing.assert_close(fresh.logits, expected)
+        assert returned_cache(fresh).get_seq_length() == 4
 
 
 BAD_CONFIG_VALUES = {
