@@ -190,7 +190,8 @@ def test_a_window_longer_than_every_accepted_sequence_is_exact():
 def gated_dense_logits(dense, input_ids, head_gates, unit_gates):
     """Logits of the dense model with, in layer i, query head h's output multiplied by `head_gates[i][:, h]` before
     o_proj and hidden unit u multiplied by `unit_gates[i][:, u]` before down_proj (both `(batch, count)`)."""
-    head_dim = dense.config.head_dim
+    config = dense.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # Qwen2: none
     hooks = []
     for layer, heads, units in zip(dense.model.layers, head_gates, unit_gates, strict=True):
         per_column = heads.repeat_interleave(head_dim, -1)[:, None, :]
