@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import listops  # noqa: E402
 
-import uoe  # noqa: E402
 from uoe import UoEConfig  # noqa: E402
+from uoe.flops import estimate_flops_per_sequence  # noqa: E402
 from uoe.modeling_uoe import UoERotaryEmbedding  # noqa: E402
 from uoe.modeling_uoe_vision import UoEEncoderLayer, UoEVisionPreTrainedModel  # noqa: E402
 
@@ -135,20 +135,14 @@ def listops_config(name: str, max_length: int) -> UoEConfig:
 
 
 def analytic_flops(config: UoEConfig, lengths: list[int]) -> dict[str, float]:
-    """Mean forward FLOPs per sequence over `lengths` (tokens incl. CLS, no padding): active and dense."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    head_share = config.attention_top_k / config.num_attention_heads
-    mlp_share = config.mlp_top_k / config.num_mlp_experts
-    projections = 4 * 2 * h * config.num_attention_heads * config.head_dim
-    mlp = 2 * 2 * h * config.intermediate_size
-    cls_extra = layers * (projections * (1 - head_share) + mlp * (1 - mlp_share))  # CLS is not routed
-    head = 2 * h * config.num_labels
-    active, dense = [], []
-    for length in lengths:
-        est = uoe.estimate_flops_per_token(config, length, include_lm_head=False)
-        active.append(est.active * length + cls_extra + head)
-        dense.append(est.dense * length + head)
-    return {"active": statistics.fmean(active), "dense": statistics.fmean(dense)}
+    """Mean forward FLOPs per sequence over `lengths` (tokens incl. CLS, no padding), active and dense: the encoder
+    layers, whose CLS token is not routed (`uoe.flops.estimate_flops_per_sequence`), and the classifier on CLS."""
+    head = 2 * config.hidden_size * config.num_labels
+    estimates = [estimate_flops_per_sequence(config, length, unrouted_tokens=1) for length in lengths]
+    return {
+        "active": statistics.fmean(e.active + head for e in estimates),
+        "dense": statistics.fmean(e.dense + head for e in estimates),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -238,16 +232,7 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
         padding.append(padding_fraction(data["train_ids"], plan))
         return (batch_tensors(data["train_ids"], data["train_y"], b) for b in plan)
 
-    stats = harness.train(
-        model,
-        batches,
-        training_loss,
-        epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-    )
+    stats = harness.train_epochs(model, batches, training_loss, args, steps_per_epoch)
     tokens_trained = sum(train_lengths) * args.epochs
     test_order = sorted(range(len(test_lengths)), key=lambda i: test_lengths[i])
     test_plan = [test_order[i : i + args.eval_batch_size] for i in range(0, len(test_order), args.eval_batch_size)]
@@ -440,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    env = harness.environment()
+    env = harness.environment("compare_listops.py", argv)
     data = make_data(args)
     test_lengths = [len(s) - 1 for s in data["test_ids"]]
     print(

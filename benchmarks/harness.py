@@ -1,5 +1,6 @@
-"""Shared pieces of compare_vision.py and compare_listops.py: environment record, training loop, FLOP counting,
-tables, and replacing one section of benchmarks/RESULTS.md."""
+"""What the benchmark scripts share: the environment record, the models by config, parameter counting and the width
+solver, FLOP counting, the training loop, evaluation, command-line checks, tables and RESULTS.md sections.
+The analytic FLOPs are in `uoe.flops` (UoE) and `baseline_flops.py` (the baselines)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,23 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-import transformers
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop
-from transformers import get_cosine_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+# -- the environment record ---------------------------------------------------------------------------------------
 
 
 def cpu_name() -> str:
@@ -38,9 +42,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment() -> dict:
-    """What a reader needs to judge the numbers: machine, versions, date, command, load."""
-    return {
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def environment(script: str, argv: list[str] | None) -> dict[str, Any]:
+    """What a reader needs to judge a script's numbers: date, device, CPU, versions, commit, command, load at the
+    start (`loadavg_end` is the script's to add). `argv`: the script's arguments (None: `sys.argv[1:]`)."""
+    import transformers  # noqa: PLC0415
+
+    import uoe  # noqa: PLC0415
+
+    arguments = sys.argv[1:] if argv is None else argv
+    record = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cpu": cpu_name(),
@@ -49,41 +66,97 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "uoe": uoe.__version__,
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "uoe_uncommitted_changes": bool(_git("status", "--porcelain", "--", "uoe")),
         "platform": platform.platform(),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([".venv/bin/python", f"benchmarks/{script}", *arguments]),
         "loadavg_start": list(os.getloadavg()),
     }
+    if torch.cuda.is_available():
+        record["cuda"] = torch.version.cuda
+        record["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+        try:
+            import triton  # noqa: PLC0415
+
+            record["triton"] = triton.__version__
+        except ImportError:
+            record["triton"] = None
+    return record
 
 
-def parse_int_list(name: str, text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} must be a comma-separated list of integers, got {text!r}.") from None
-    if not values:
-        raise ValueError(f"--{name} must list at least one integer, got {text!r}.")
-    if len(set(values)) != len(values):
-        raise ValueError(f"--{name} has duplicates: {text!r}.")
-    return values
+def load_note(load_start: list[float], load_end: list[float], cores: int | None, threads: int = 1) -> str:
+    """The load averages around a run of `threads` threads, flagged when other processes took about a core."""
+    cores = cores or 1
+    # the 1-minute load at the end includes the run's own threads
+    high = max(load_start[0], load_end[0] - threads) > 0.75
+    text = (
+        f"`os.getloadavg()` (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load_start)}, "
+        f"at end {', '.join(f'{v:.2f}' for v in load_end)} on {cores} cores."
+    )
+    if high:
+        text += (
+            " The load was above the run's own threads at the start or the end (the 1-minute average still counts a "
+            "job that finished just before, or other processes ran), so the throughput figures may be lower and "
+            "noisier than on an idle machine (accuracy and FLOPs are unaffected)."
+        )
+    return text
 
 
-def parse_choices(name: str, text: str, allowed: tuple[str, ...]) -> list[str]:
-    values = [part.strip() for part in text.split(",") if part.strip()]
-    bad = [v for v in values if v not in allowed]
-    if bad or not values:
-        raise ValueError(f"--{name} must be a comma-separated subset of {list(allowed)}, got {text!r}.")
-    return list(dict.fromkeys(values))
+# -- models by config, parameters and the width solver -------------------------------------------------------------
 
 
-def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
+def model_class(model_type: str) -> type:
+    """The model class of a config's `model_type` in the comparisons: UoE, transformers' baselines, MoEUT's."""
+    import transformers  # noqa: PLC0415
+
+    import uoe  # noqa: PLC0415
+
+    if model_type == "uoe":
+        return uoe.UoEForCausalLM
+    if model_type == "moeut_baseline":
+        import moeut  # noqa: PLC0415  (benchmarks/moeut.py, next to this file)
+
+        return moeut.MoEUTForCausalLM
+    names = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+             "deepseek_v3": "DeepseekV3ForCausalLM"}  # fmt: skip
+    return getattr(transformers, names[model_type])
 
 
-def count_parameters(model: torch.nn.Module) -> int:
+def config_from_dict(values: dict[str, Any]):
+    """The config object of a `config.to_dict()` (worker processes and saved records hold configs as dicts)."""
+    return model_class(values["model_type"]).config_class.from_dict(values)
+
+
+def instantiate(config, device: str | torch.device = "cpu", **kwargs) -> torch.nn.Module:
+    """A model built from `config` on `device` with SDPA attention (`kwargs`: more `_from_config` arguments)."""
+    with torch.device(device):
+        if config.model_type == "moeut_baseline":  # its own SDPA attention, not a transformers attention interface
+            return model_class(config.model_type)(config)
+        return model_class(config.model_type)._from_config(config, attn_implementation="sdpa", **kwargs)
+
+
+def count_parameters(model: torch.nn.Module | Any) -> int:
+    """Parameters of a model, or of the model a config builds (on the meta device: no memory, no initialisation)."""
+    if not isinstance(model, torch.nn.Module):
+        model = instantiate(model, "meta")
     return sum(p.numel() for p in model.parameters())
 
+
+def solve_width(measure: Callable[[int], float], target: float, widths: range = range(1, 2**20)) -> int:
+    """The width of `widths` whose `measure` (a count that grows with the width: parameters, FLOPs) is closest to
+    `target`, the smaller of two equally close; by bisection, so a measure that builds a model runs ~20 times."""
+    low, high = 0, len(widths) - 1
+    while low < high:  # the first width whose measure reaches the target
+        middle = (low + high) // 2
+        if measure(widths[middle]) < target:
+            low = middle + 1
+        else:
+            high = middle
+    return min(widths[max(low - 1, 0) : low + 1], key=lambda width: abs(measure(width) - target))
+
+
+# -- FLOPs that torch's counter sees ------------------------------------------------------------------------------
 
 # torch's FLOP counter has no formula for the CPU flash-attention kernel that SDPA runs here (it would count 0);
 # give it the one of the other SDPA kernels (full Lq x Lk scores and values, causal or not).
@@ -109,46 +182,88 @@ def counted_forward_flops(model: torch.nn.Module, call: Callable[[], object]) ->
     return int(counter.get_total_flops())
 
 
+# -- training and evaluation --------------------------------------------------------------------------------------
+
+
 def train(
     model: torch.nn.Module,
-    batches: Callable[[int], Iterator[tuple[dict, torch.Tensor]]],
+    batches: Iterable[tuple[dict, torch.Tensor]],
     loss_fn: Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor],
     *,
-    epochs: int,
-    steps_per_epoch: int,
+    steps: int,
     lr: float,
     weight_decay: float,
     warmup_steps: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    decay_matrices_only: bool = False,
+    after_step: Callable[[], None] | None = None,
     max_grad_norm: float = 1.0,
-) -> dict:
-    """AdamW + linear warm-up + cosine decay; the same loop for every model. Returns timing and loss curve."""
+) -> dict[str, Any]:
+    """The training loop of every comparison: AdamW, linear warm-up then cosine decay to 0 at `steps` (one per
+    batch), gradient clipping. `decay_matrices_only` exempts norms and biases from the weight decay; `after_step`
+    runs after every optimizer step. Returns each step's loss and seconds, the total seconds and examples."""
+    from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
+
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    total_steps = epochs * steps_per_epoch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps // 2), total_steps)
-    examples = step = 0
-    losses: list[float] = []
+    parameters = list(model.parameters())
+    if decay_matrices_only:
+        parameters = [
+            {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, betas=betas)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
+    losses, step_seconds, examples = [], [], 0
     start = time.perf_counter()
-    for epoch in range(epochs):
-        for inputs, labels in batches(epoch):
-            loss = loss_fn(model, inputs, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at step {step}: {loss.item()}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            examples += len(labels)
-            step += 1
-            losses.append(float(loss.detach()))
-    seconds = time.perf_counter() - start
+    for inputs, labels in batches:
+        step_start = time.perf_counter()
+        loss = loss_fn(model, inputs, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {len(losses)}: {loss.item()}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        losses.append(float(loss.detach()))
+        examples += len(labels)
+        step_seconds.append(time.perf_counter() - step_start)
+    return {
+        "losses": losses,
+        "step_seconds": step_seconds,
+        "seconds": time.perf_counter() - start,
+        "examples": examples,
+    }
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    batches: Callable[[int], Iterable[tuple[dict, torch.Tensor]]],
+    loss_fn: Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor],
+    args: argparse.Namespace,
+    steps_per_epoch: int,
+) -> dict[str, Any]:
+    """`train` over `args.epochs` passes of `batches(epoch)` with the optimizer settings of `args` (the classifier
+    comparisons; warm-up at most half the steps), summarised for their tables."""
+    steps = args.epochs * steps_per_epoch
+    run = train(
+        model,
+        (batch for epoch in range(args.epochs) for batch in batches(epoch)),
+        loss_fn,
+        steps=steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=min(args.warmup_steps, steps // 2),
+    )
+    losses, seconds = run["losses"], run["seconds"]
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "train_seconds": seconds,
-        "train_steps": step,
-        "train_examples": examples,
-        "train_examples_per_s": examples / seconds,
+        "train_steps": len(losses),
+        "train_examples": run["examples"],
+        "train_examples_per_s": run["examples"] / seconds,
         "first_loss": losses[0],
         "final_loss": sum(tail) / len(tail),
     }
@@ -170,6 +285,34 @@ def evaluate(
     seconds = time.perf_counter() - start
     model.train()
     return {"accuracy": correct / total, "eval_examples": total, "eval_examples_per_s": total / seconds}
+
+
+def run_grid(
+    run_one: Callable[[str, int], dict], names: list[str], seeds: list[int], describe: Callable[[dict], str]
+) -> dict[str, list[dict]]:
+    """Run every model for every seed (seed-major, so a slow spell of the machine hits all models alike).
+
+    A run that raises is recorded as `{"seed": ..., "error": ...}` and reported, not dropped.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for seed in seeds:
+        for name in names:
+            started = time.perf_counter()
+            try:
+                run = run_one(name, seed)
+                print(
+                    f"{name} seed {seed}: {describe(run)}, {time.perf_counter() - started:.0f}s, "
+                    f"load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+            except Exception as error:  # a model that cannot run is reported, not dropped
+                traceback.print_exc()
+                run = {"seed": seed, "error": f"{type(error).__name__}: {error}"}
+            runs[name].append(run)
+    return runs
+
+
+# -- tables and RESULTS.md ----------------------------------------------------------------------------------------
 
 
 def mean_spread(values: list[float]) -> tuple[float, float | None]:
@@ -228,61 +371,44 @@ def display_path(path) -> str:
         return str(path)
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict, indent: int = 2) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(payload, indent=indent) + "\n", encoding="utf-8")
 
 
-def load_note(load_start: list[float], load_end: list[float], cores: int | None, threads: int = 1) -> str:
-    """The load averages around a run of `threads` threads, flagged when other processes took about a core."""
-    cores = cores or 1
-    # the 1-minute load at the end includes the run's own threads
-    high = max(load_start[0], load_end[0] - threads) > 0.75
-    text = (
-        f"`os.getloadavg()` (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load_start)}, "
-        f"at end {', '.join(f'{v:.2f}' for v in load_end)} on {cores} cores."
-    )
-    if high:
-        text += (
-            " The load was above the run's own threads at the start or the end (the 1-minute average still counts a "
-            "job that finished just before, or other processes ran), so the throughput figures may be lower and "
-            "noisier than on an idle machine (accuracy and FLOPs are unaffected)."
-        )
-    return text
-
-
-def run_grid(
-    run_one: Callable[[str, int], dict], names: list[str], seeds: list[int], describe: Callable[[dict], str]
-) -> dict[str, list[dict]]:
-    """Run every model for every seed (seed-major, so a slow spell of the machine hits all models alike).
-
-    A run that raises is recorded as `{"seed": ..., "error": ...}` and reported, not dropped.
-    """
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for seed in seeds:
-        for name in names:
-            started = time.perf_counter()
-            try:
-                run = run_one(name, seed)
-                print(
-                    f"{name} seed {seed}: {describe(run)}, {time.perf_counter() - started:.0f}s, "
-                    f"load {os.getloadavg()[0]:.2f}",
-                    flush=True,
-                )
-            except Exception as error:  # a model that cannot run is reported, not dropped
-                traceback.print_exc()
-                run = {"seed": seed, "error": f"{type(error).__name__}: {error}"}
-            runs[name].append(run)
-    return runs
-
-
-# -- command line and the end of a run, shared by compare_vision.py and compare_listops.py -----------------------
+# -- the command line and the end of a run of the classifier comparisons (vision, ListOps) ------------------------
 
 THREADS_NOTE = (
     "- One torch thread (`--threads 1`, the default): on this shared 2-core machine two OpenMP threads made "
     "training 3-4x slower."
 )
+
+
+def parse_int_list(name: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} must be a comma-separated list of integers, got {text!r}.") from None
+    if not values:
+        raise ValueError(f"--{name} must list at least one integer, got {text!r}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--{name} has duplicates: {text!r}.")
+    return values
+
+
+def parse_choices(name: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ValueError(f"--{name} must be a comma-separated subset of {list(allowed)}, got {text!r}.")
+    return list(dict.fromkeys(values))
+
+
+def check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
 
 
 def add_common_arguments(
@@ -295,7 +421,7 @@ def add_common_arguments(
     weight_decay: float,
     json_stem: str,
 ) -> None:
-    """The arguments every comparison takes: mode, models, seeds, data sizes, optimizer, threads, outputs.
+    """The arguments every classifier comparison takes: mode, models, seeds, data sizes, optimizer, threads, outputs.
     `None` defaults are filled from the script's `MODES` table by `parse_common_arguments`."""
     parser.add_argument("--quick", action="store_true", help="small budget (a few minutes on 2 CPU cores)")
     parser.add_argument("--models", default=",".join(models), help=f"comma-separated subset of {list(models)}")
@@ -351,7 +477,7 @@ def parse_common_arguments(
 
 
 def common_settings(args: argparse.Namespace) -> dict:
-    """The settings every comparison records with its results."""
+    """The settings every classifier comparison records with its results."""
     keys = ("mode", "train_samples", "test_samples", "epochs", "batch_size", "lr", "weight_decay", "warmup_steps")
     return {"models": args.model_list, "seeds": args.seed_list, **{key: getattr(args, key) for key in keys}}
 
