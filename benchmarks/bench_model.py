@@ -39,10 +39,9 @@ Measured per model, interleaved (after `--warmup` rounds, every repeat runs each
   (`/proc/self/statm`) sampled every ~1 ms by a background thread during the step, peak minus the RSS just before
   it (after `gc.collect()` and glibc's `malloc_trim(0)`): what activations, gradients and temporaries add;
 - analytic forward FLOPs per token at sequence T (a multiply-add = 2, LM head included, causal attention averaging
-  (T+1)/2 keys): UoE's `uoe.estimate_flops_per_token(config, T).active`, Llama's = its `.dense`; Mixtral's by the same
-  convention (`baseline_flops.analytic_flops_per_token`): per layer q/k/v/o projections 8 H^2, attention scores and
-  values 4 H (T+1)/2, router 2 H E and 2 experts of 3 x 2 H w each, plus the LM head 2 H V. The FLOPs ratio of UoE is
-  `active / dense`.
+  (T+1)/2 keys): UoE's `uoe.estimate_flops_per_token(config, T).active`, Llama's = its `.dense`, Mixtral's
+  `baseline_flops.analytic_flops_per_token` (projections, attention, router, 2 experts, LM head). The FLOPs ratio of
+  UoE is `active / dense`.
 
 Every ratio is against Llama: time ratio = model time / Llama time = Llama tokens/s / model tokens/s (below 1 =
 faster than dense). On CUDA the device is synchronised before every timer read. Default dtype float32 on CPU,
@@ -541,13 +540,7 @@ def run_shape(shape: Shape, index: int, args: argparse.Namespace, device: torch.
         "spec": shape.spec,
         "description": shape.describe(),
         "seconds": time.perf_counter() - started,
-        "notes": plan["notes"],
-        "mixtral_expert_width": plan["mixtral_expert_width"],
-        "uoe_active_parameters": plan["uoe_active_parameters"],
-        "mixtral_active_parameters": plan["mixtral_active_parameters"],
-        "llama_flops": plan["llama_flops"],
-        "uoe_flops": plan["uoe_flops"],
-        "max_position_embeddings": plan["max_position_embeddings"],
+        **{key: value for key, value in plan.items() if key != "entries"},
         "loadavg_1min_after_each_repeat": loads,
         "rows": rows,
     }

@@ -308,32 +308,11 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
     }
 
 
-def summarize(results: dict, names: list[str]) -> list[dict]:
-    rows = []
-    for name in names:
-        runs = results["runs"].get(name, [])
-        ok = [r for r in runs if "error" not in r]
-        failed = [r for r in runs if "error" in r]
-        row = {"model": name, "runs": len(ok), "failed": [f"seed {r['seed']}: {r['error']}" for r in failed]}
-        if ok:
-            first = ok[0]
-            row.update(
-                {
-                    "class": first["class"],
-                    "config": first["config"],
-                    "parameters": first["parameters"],
-                    "analytic_flops": first["analytic_flops"],
-                    "counted_flops": first["counted_flops"],
-                    "accuracy": [r["accuracy"] for r in ok],
-                    "train_images_per_s": [r["train_examples_per_s"] for r in ok],
-                    "eval_images_per_s": [r["eval_examples_per_s"] for r in ok],
-                    "train_seconds": [r["train_seconds"] for r in ok],
-                }
-            )
-        rows.append(row)
-    return rows
-
-
+SUMMARY_FIELDS = (
+    ("class", "config", "parameters", "analytic_flops", "counted_flops"),
+    {"accuracy": "accuracy", "train_images_per_s": "train_examples_per_s", "eval_images_per_s": "eval_examples_per_s",
+     "train_seconds": "train_seconds"},
+)  # fmt: skip
 LABELS = {
     "uoe": "UoE (2/4 heads, 2/4 experts)",
     "uoe_dc": "UoE + data selection (capacity 0.5)",
@@ -343,74 +322,44 @@ LABELS = {
 
 
 def markdown(results: dict) -> str:
-    env, cfg = results["environment"], results["settings"]
+    cfg = results["settings"]
     rows = []
     for row in results["summary"]:
         if not row["runs"]:
-            rows.append([LABELS[row["model"]], "not run: " + "; ".join(row["failed"]), "", "", "", "", "", ""])
+            rows.append([LABELS[row["model"]], "not run: " + "; ".join(row["failed"])] + [""] * 6)
             continue
-        config = row["config"]
-        shape = ", ".join(f"{k}={v}" for k, v in config.items() if v is not None)
-        rows.append(
-            [
-                LABELS[row["model"]],
-                harness.fmt_mean(row["accuracy"], 100, 2),
-                f"{row['parameters']:,}",
-                harness.fmt_count(row["analytic_flops"]),
-                harness.fmt_count(row["counted_flops"]),
-                harness.fmt_mean(row["train_images_per_s"], 1, 0),
-                harness.fmt_mean(row["eval_images_per_s"], 1, 0),
-                f"`{shape}`",
-            ]
-        )
-    table = harness.markdown_table(
-        [
-            "model",
-            "test accuracy %",
-            "parameters",
-            "FLOPs/image (analytic)",
-            "FLOPs/image (counted)",
-            "train images/s",
-            "eval images/s",
-            "shape",
-        ],
-        rows,
-    )
+        shape = ", ".join(f"{k}={v}" for k, v in row["config"].items() if v is not None)
+        rows.append([
+            LABELS[row["model"]], harness.fmt_mean(row["accuracy"], 100, 2), f"{row['parameters']:,}",
+            harness.fmt_count(row["analytic_flops"]), harness.fmt_count(row["counted_flops"]),
+            harness.fmt_mean(row["train_images_per_s"], 1, 0), harness.fmt_mean(row["eval_images_per_s"], 1, 0),
+            f"`{shape}`",
+        ])  # fmt: skip
+    header = ["model", "test accuracy %", "parameters", "FLOPs/image (analytic)", "FLOPs/image (counted)",
+              "train images/s", "eval images/s", "shape"]  # fmt: skip
     seeds = ", ".join(str(s) for s in cfg["seeds"])
-    failed = [f"- {row['model']}: {'; '.join(row['failed'])}" for row in results["summary"] if row["failed"]]
-    return "\n".join(
-        [
-            f"Mode `{cfg['mode']}`, {env['date_utc']}, `{env['command']}`; {env['device']} ({env['cpu']}, "
-            f"{env['cpu_count']} cores, {env['torch_threads']} torch threads), Python {env['python']}, torch "
-            f"{env['torch']}, transformers {env['transformers']}. Wall time {results['wall_seconds'] / 60:.1f} min.",
-            "",
-            f"Fashion-MNIST: {cfg['train_samples']:,} training images (fixed subset, permutation seed {SUBSET_SEED}), "
-            f"{cfg['test_samples']:,} test images; {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr "
-            f"{cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['warmup_steps']} warm-up steps then cosine, "
-            f"grad clip 1.0, identical for every model; seeds {seeds} (accuracy and throughput: mean ± sample std "
-            "over seeds). FLOPs: forward, per image, multiply-add = 2.",
-            "",
-            table,
-            "",
-            "- Analytic FLOPs: UoE's are the *active* ones (`uoe.estimate_flops_per_token` on 17 tokens, plus the "
-            "dense CLS token, patch embedding and head); the ViT's width is the multiple of 8 whose analytic FLOPs "
-            "are closest to UoE's active FLOPs (same patch size, depth, heads, MLP ratio 2); the all-MLP width "
-            "is the one whose parameter count is closest to UoE's.",
-            "- Counted FLOPs: `torch.utils.flop_counter.FlopCounterMode` on an 8-image forward pass (matmuls, "
-            "convolutions and attention, not norms/activations). UoE runs its gathered path: only the selected "
-            "(token, expert) pairs, attention over each head's compacted lists (padded to the longest), o_proj as "
-            "one dense product and CLS through every expert, so its count lies between its active FLOPs and the "
-            f"dense-equivalent ones ({harness.fmt_count(results['uoe_dense_equivalent_flops'])}); data selection "
-            "drops pairs.",
-            "- Throughput is measured on this shared CPU with PyTorch eager kernels; it reflects these "
-            "implementations here, not what the FLOPs would allow.",
-            harness.THREADS_NOTE,
-            f"- {results['load_note']}",
-            *(["", "Models that did not run:", *failed] if failed else []),
-            "",
-            f"Raw results: `{results['json_path']}`.",
-        ]
+    settings = (
+        f"Fashion-MNIST: {cfg['train_samples']:,} training images (fixed subset, permutation seed {SUBSET_SEED}), "
+        f"{cfg['test_samples']:,} test images; {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr "
+        f"{cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['warmup_steps']} warm-up steps then cosine, "
+        f"grad clip 1.0, identical for every model; seeds {seeds} (accuracy and throughput: mean ± sample std "
+        "over seeds). FLOPs: forward, per image, multiply-add = 2."
     )
+    notes = [
+        "- Analytic FLOPs: UoE's are the *active* ones (`uoe.estimate_flops_per_token` on 17 tokens, plus the "
+        "dense CLS token, patch embedding and head); the ViT's width is the multiple of 8 whose analytic FLOPs "
+        "are closest to UoE's active FLOPs (same patch size, depth, heads, MLP ratio 2); the all-MLP width "
+        "is the one whose parameter count is closest to UoE's.",
+        "- Counted FLOPs: `torch.utils.flop_counter.FlopCounterMode` on an 8-image forward pass (matmuls, "
+        "convolutions and attention, not norms/activations). UoE runs its gathered path: only the selected "
+        "(token, expert) pairs, attention over each head's compacted lists (padded to the longest), o_proj as "
+        "one dense product and CLS through every expert, so its count lies between its active FLOPs and the "
+        f"dense-equivalent ones ({harness.fmt_count(results['uoe_dense_equivalent_flops'])}); data selection "
+        "drops pairs.",
+        "- Throughput is measured on this shared CPU with PyTorch eager kernels; it reflects these "
+        "implementations here, not what the FLOPs would allow.",
+    ]
+    return harness.section_text(results, [settings, "", harness.markdown_table(header, rows)], notes)
 
 
 def parse_args(argv: list[str] | None):
@@ -443,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed_list,
         lambda run: f"accuracy {run['accuracy']:.4f}, {run['train_examples_per_s']:.0f} train images/s",
     )
-    return harness.finish_run(results, args, start, summarize, markdown, SECTION)
+    return harness.finish_run(results, args, start, SUMMARY_FIELDS, markdown, SECTION)
 
 
 if __name__ == "__main__":

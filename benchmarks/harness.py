@@ -482,19 +482,53 @@ def common_settings(args: argparse.Namespace) -> dict:
     return {"models": args.model_list, "seeds": args.seed_list, **{key: getattr(args, key) for key in keys}}
 
 
+def summarize(results: dict, names: list[str], first: tuple[str, ...], per_seed: dict[str, str]) -> list[dict]:
+    """Per model: its finished runs and failures, the `first` fields of its first run (the same for every seed) and
+    the `per_seed` fields (summary name: run field) as lists over its seeds."""
+    rows = []
+    for name in names:
+        runs = results["runs"].get(name, [])
+        ok = [r for r in runs if "error" not in r]
+        row = {
+            "model": name,
+            "runs": len(ok),
+            "failed": [f"seed {r['seed']}: {r['error']}" for r in runs if "error" in r],
+        }
+        if ok:
+            row.update({key: ok[0][key] for key in first})
+            row.update({key: [r[field] for r in ok] for key, field in per_seed.items()})
+        rows.append(row)
+    return rows
+
+
+def section_text(results: dict, body: list[str], notes: list[str]) -> str:
+    """A classifier comparison's RESULTS.md section: mode, date, command and machine; the script's `body` (settings,
+    table) and `notes`; the notes every comparison has (threads, load, failed models) and the JSON's path."""
+    env, settings = results["environment"], results["settings"]
+    failed = [f"- {row['model']}: {'; '.join(row['failed'])}" for row in results["summary"] if row["failed"]]
+    return "\n".join([
+        f"Mode `{settings['mode']}`, {env['date_utc']}, `{env['command']}`; {env['device']} ({env['cpu']}, "
+        f"{env['cpu_count']} cores, {env['torch_threads']} torch threads), Python {env['python']}, torch "
+        f"{env['torch']}, transformers {env['transformers']}. Wall time {results['wall_seconds'] / 60:.1f} min.",
+        "", *body, "", *notes, THREADS_NOTE, f"- {results['load_note']}",
+        *(["", "Models that did not run:", *failed] if failed else []), "", f"Raw results: `{results['json_path']}`.",
+    ])  # fmt: skip
+
+
 def finish_run(
     results: dict,
     args: argparse.Namespace,
     started: float,
-    summarize: Callable[[dict, list[str]], list[dict]],
+    summary_fields: tuple[tuple[str, ...], dict[str, str]],
     markdown: Callable[[dict], str],
     section: str,
 ) -> int:
-    """Summarise, write the JSON and the RESULTS.md section, print the section; exit status 1 if a run failed."""
+    """Summarise (`summary_fields`: `summarize`'s `first` and `per_seed`), write the JSON and the RESULTS.md section,
+    print the section; exit status 1 if a run failed."""
     env = results["environment"]
     env["loadavg_end"] = list(os.getloadavg())
     results["wall_seconds"] = time.perf_counter() - started
-    results["summary"] = summarize(results, args.model_list)
+    results["summary"] = summarize(results, args.model_list, *summary_fields)
     results["load_note"] = load_note(
         env["loadavg_start"], env["loadavg_end"], env["cpu_count"], torch.get_num_threads()
     )
