@@ -49,6 +49,9 @@ from uoe.modeling_uoe_vision import UoEEncoderLayer, UoEVisionPreTrainedModel  #
 
 MODELS = ("uoe", "dense")
 SECTION = "## ListOps (compare_listops.py)"
+SHAPE_FIELDS = (  # the config fields recorded with each run
+    "hidden_size num_hidden_layers num_attention_heads attention_top_k intermediate_size num_mlp_experts mlp_top_k"
+).split()
 MODES = {
     "quick": dict(train_samples=3000, test_samples=500, min_length=50, max_length=150, epochs=2, seeds="0"),
     "full": dict(train_samples=9000, test_samples=1000, min_length=100, max_length=300, epochs=3, seeds="0,1"),
@@ -217,8 +220,8 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
     model = UoESequenceClassifier(config)
     test_lengths = [len(s) for s in data["test_ids"]]
     flops = analytic_flops(config, test_lengths)
-    median_index = sorted(range(len(test_lengths)), key=lambda i: test_lengths[i])[len(test_lengths) // 2]
-    probe = pad_batch([data["test_ids"][median_index]])
+    test_order = sorted(range(len(test_lengths)), key=lambda i: test_lengths[i])  # fixed batches: deterministic
+    probe = pad_batch([data["test_ids"][test_order[len(test_order) // 2]]])  # the test expression of median length
     counted = harness.counted_forward_flops(model, lambda: forward_logits(model, {"input_ids": probe}))
     counted_analytic = analytic_flops(config, [probe.shape[1]])
 
@@ -234,25 +237,13 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
 
     stats = harness.train_epochs(model, batches, training_loss, args, steps_per_epoch)
     tokens_trained = sum(train_lengths) * args.epochs
-    test_order = sorted(range(len(test_lengths)), key=lambda i: test_lengths[i])
     test_plan = [test_order[i : i + args.eval_batch_size] for i in range(0, len(test_order), args.eval_batch_size)]
     evaluation = harness.evaluate(
         model, (batch_tensors(data["test_ids"], data["test_y"], b) for b in test_plan), forward_logits
     )
     return {
         "seed": seed,
-        "config": {
-            k: getattr(config, k)
-            for k in (
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "attention_top_k",
-                "intermediate_size",
-                "num_mlp_experts",
-                "mlp_top_k",
-            )
-        },
+        "config": {k: getattr(config, k) for k in SHAPE_FIELDS},
         "parameters": harness.count_parameters(model),
         "analytic_flops": flops["active"],
         "analytic_flops_dense_equivalent": flops["dense"],

@@ -43,10 +43,10 @@ loaded; the kernel's peak-RSS counter is reset at that point), i.e. what the mod
 and the activations add. FLOPs per token (forward, a multiply-add = 2): analytic active FLOPs
 (`baseline_flops.analytic_flops_per_token`; `uoe.estimate_flops_per_token` for UoE; causal attention averaging
 (L+1)/2 keys per query; LM head included) and the FLOPs `FlopCounterMode` counts in one forward of a training batch
-with eager attention counted as the full L x L score matrix. The counter sees what the code runs: the MoE baselines' experts
-compute only the routed tokens, so they count ~active FLOPs; UoE's gathered path (its CPU default) computes only the
-selected (token, expert) pairs, its attention over each head's compacted token lists (padded to the longest), and
-o_proj as one dense product.
+with eager attention counted as the full L x L score matrix. The counter sees what the code runs: the MoE baselines'
+experts compute only the routed tokens, so they count ~active FLOPs; UoE's gathered path (its CPU default) computes
+only the selected (token, expert) pairs, its attention over each head's compacted token lists (padded to the
+longest), and o_proj as one dense product.
 
 Results: a table on stdout, a section of `benchmarks/RESULTS.md` (other sections are kept), loss curves in
 `benchmarks/compare_lm_loss.png`, raw results in `benchmarks/results/compare_lm.json`.

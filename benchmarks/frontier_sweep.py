@@ -60,6 +60,7 @@ import moeut  # noqa: E402  (the MoEUT baseline)
 from compare_lm import MOE_BASELINES, Setup  # noqa: E402
 from harness import config_from_dict, count_parameters  # noqa: E402
 
+# the section's heading names the sweep's former command, which still runs it: RESULTS.md keeps its section
 SWEEP_SECTION_TITLE = "## LM frontier sweep (compare_lm.py --sweep)"
 LR_GRID = (1.5e-3, 3e-3, 6e-3)  # the same grid for every family
 UOE_FAMILIES = ("uoe_union", "uoe_weighted", "uoe_shared", "uoe_moeut", "uoe_chain")
@@ -97,22 +98,12 @@ SWEEP_FULL = SweepPlan(
 )
 SWEEP_QUICK = SweepPlan(
     setup=dataclasses.replace(
-        compare_lm.FULL,
-        vocab_size=256,
-        hidden_size=32,
-        num_layers=2,
-        intermediate_size=64,
-        seq_len=32,
-        batch_size=4,
-        max_steps=3,
-        warmup_steps=1,
-        eval_blocks=4,
-        max_train_chars=200_000,
-        normalize_aux_by_top_k=True,
-    ),  # fmt: skip
+        compare_lm.FULL, vocab_size=256, hidden_size=32, num_layers=2, intermediate_size=64, seq_len=32, batch_size=4,
+        max_steps=3, warmup_steps=1, eval_blocks=4, max_train_chars=200_000, normalize_aux_by_top_k=True,
+    ),
     lr_steps=2,
     in_process=True,
-)
+)  # fmt: skip
 
 
 def sweep_levels(family: str, setup: Setup) -> list[tuple[str, dict[str, Any]]]:
@@ -140,14 +131,10 @@ UOE_VARIANT_FIELDS = {
     "uoe_weighted": {"gate_mode": "weighted"},
     "uoe_shared": {"gate_mode": "weighted", "num_shared_attention_groups": 1, "num_shared_mlp_experts": 1},
     # num_layer_groups None here: half the layers, set per setup in sweep_base_configs (4 layers = 2 distinct x 2)
-    "uoe_moeut": {
-        "gate_mode": "weighted",
-        "num_layer_groups": None,
-        "router_balance_loss": "entropy",
-        "norm_placement": "peri",
-    },  # fmt: skip
+    "uoe_moeut": {"gate_mode": "weighted", "num_layer_groups": None, "router_balance_loss": "entropy",
+                  "norm_placement": "peri"},
     "uoe_chain": {"gate_mode": "weighted", "mlp_chain_length": 2},
-}
+}  # fmt: skip
 
 
 def missing_uoe_fields(family: str) -> list[str]:
@@ -188,7 +175,9 @@ def sweep_base_configs(setup: Setup, families: tuple[str, ...]) -> dict[str, Any
             values = base[family].to_dict()
             builders[family] = lambda o, values=values: config_from_dict({**values, **o})
         elif family == "moeut":
-            experts = harness.solve_width(lambda n: count_parameters(_moeut_config(setup, n)), target, range(8, 2**20))
+            experts = harness.solve_width(  # at least as many as the other MoEs
+                lambda n: count_parameters(_moeut_config(setup, n)), target, range(8, 2**20)
+            )
             builders[family] = lambda o, experts=experts: _moeut_config(setup, experts, **o)
         else:
             values = {**base["uoe_union"].to_dict(), **UOE_VARIANT_FIELDS[family]}

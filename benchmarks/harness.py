@@ -29,9 +29,6 @@ DEFAULT_RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
-# -- the environment record ---------------------------------------------------------------------------------------
-
-
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -85,25 +82,30 @@ def environment(script: str, argv: list[str] | None) -> dict[str, Any]:
     return record
 
 
-def load_note(load_start: list[float], load_end: list[float], cores: int | None, threads: int = 1) -> str:
-    """The load averages around a run of `threads` threads, flagged when other processes took about a core."""
-    cores = cores or 1
-    # the 1-minute load at the end includes the run's own threads
-    high = max(load_start[0], load_end[0] - threads) > 0.75
-    text = (
-        f"`os.getloadavg()` (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load_start)}, "
-        f"at end {', '.join(f'{v:.2f}' for v in load_end)} on {cores} cores."
-    )
-    if high:
-        text += (
-            " The load was above the run's own threads at the start or the end (the 1-minute average still counts a "
-            "job that finished just before, or other processes ran), so the throughput figures may be lower and "
-            "noisier than on an idle machine (accuracy and FLOPs are unaffected)."
-        )
-    return text
+def parse_int_list(name: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} must be a comma-separated list of integers, got {text!r}.") from None
+    if not values:
+        raise ValueError(f"--{name} must list at least one integer, got {text!r}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--{name} has duplicates: {text!r}.")
+    return values
 
 
-# -- models by config, parameters and the width solver -------------------------------------------------------------
+def parse_choices(name: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ValueError(f"--{name} must be a comma-separated subset of {list(allowed)}, got {text!r}.")
+    return list(dict.fromkeys(values))
+
+
+def check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
 
 
 def model_class(model_type: str) -> type:
@@ -156,8 +158,6 @@ def solve_width(measure: Callable[[int], float], target: float, widths: range = 
     return min(widths[max(low - 1, 0) : low + 1], key=lambda width: abs(measure(width) - target))
 
 
-# -- FLOPs that torch's counter sees ------------------------------------------------------------------------------
-
 # torch's FLOP counter has no formula for the CPU flash-attention kernel that SDPA runs here (it would count 0);
 # give it the one of the other SDPA kernels (full Lq x Lk scores and values, causal or not).
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -180,9 +180,6 @@ def counted_forward_flops(model: torch.nn.Module, call: Callable[[], object]) ->
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
-
-
-# -- training and evaluation --------------------------------------------------------------------------------------
 
 
 def train(
@@ -287,34 +284,6 @@ def evaluate(
     return {"accuracy": correct / total, "eval_examples": total, "eval_examples_per_s": total / seconds}
 
 
-def run_grid(
-    run_one: Callable[[str, int], dict], names: list[str], seeds: list[int], describe: Callable[[dict], str]
-) -> dict[str, list[dict]]:
-    """Run every model for every seed (seed-major, so a slow spell of the machine hits all models alike).
-
-    A run that raises is recorded as `{"seed": ..., "error": ...}` and reported, not dropped.
-    """
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for seed in seeds:
-        for name in names:
-            started = time.perf_counter()
-            try:
-                run = run_one(name, seed)
-                print(
-                    f"{name} seed {seed}: {describe(run)}, {time.perf_counter() - started:.0f}s, "
-                    f"load {os.getloadavg()[0]:.2f}",
-                    flush=True,
-                )
-            except Exception as error:  # a model that cannot run is reported, not dropped
-                traceback.print_exc()
-                run = {"seed": seed, "error": f"{type(error).__name__}: {error}"}
-            runs[name].append(run)
-    return runs
-
-
-# -- tables and RESULTS.md ----------------------------------------------------------------------------------------
-
-
 def mean_spread(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for a single value)."""
     mean = statistics.fmean(values)
@@ -377,38 +346,55 @@ def write_json(path: Path, payload: dict, indent: int = 2) -> None:
     path.write_text(json.dumps(payload, indent=indent) + "\n", encoding="utf-8")
 
 
-# -- the command line and the end of a run of the classifier comparisons (vision, ListOps) ------------------------
+def load_note(load_start: list[float], load_end: list[float], cores: int | None, threads: int = 1) -> str:
+    """The load averages around a run of `threads` threads, flagged when other processes took about a core."""
+    cores = cores or 1
+    # the 1-minute load at the end includes the run's own threads
+    high = max(load_start[0], load_end[0] - threads) > 0.75
+    text = (
+        f"`os.getloadavg()` (1/5/15 min) at start {', '.join(f'{v:.2f}' for v in load_start)}, "
+        f"at end {', '.join(f'{v:.2f}' for v in load_end)} on {cores} cores."
+    )
+    if high:
+        text += (
+            " The load was above the run's own threads at the start or the end (the 1-minute average still counts a "
+            "job that finished just before, or other processes ran), so the throughput figures may be lower and "
+            "noisier than on an idle machine (accuracy and FLOPs are unaffected)."
+        )
+    return text
+
+
+def run_grid(
+    run_one: Callable[[str, int], dict], names: list[str], seeds: list[int], describe: Callable[[dict], str]
+) -> dict[str, list[dict]]:
+    """Run every model for every seed (seed-major, so a slow spell of the machine hits all models alike).
+
+    A run that raises is recorded as `{"seed": ..., "error": ...}` and reported, not dropped.
+    """
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for seed in seeds:
+        for name in names:
+            started = time.perf_counter()
+            try:
+                run = run_one(name, seed)
+                print(
+                    f"{name} seed {seed}: {describe(run)}, {time.perf_counter() - started:.0f}s, "
+                    f"load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+            except Exception as error:  # a model that cannot run is reported, not dropped
+                traceback.print_exc()
+                run = {"seed": seed, "error": f"{type(error).__name__}: {error}"}
+            runs[name].append(run)
+    return runs
+
+
+# -- command line and the end of a run, shared by compare_vision.py and compare_listops.py -----------------------
 
 THREADS_NOTE = (
     "- One torch thread (`--threads 1`, the default): on this shared 2-core machine two OpenMP threads made "
     "training 3-4x slower."
 )
-
-
-def parse_int_list(name: str, text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} must be a comma-separated list of integers, got {text!r}.") from None
-    if not values:
-        raise ValueError(f"--{name} must list at least one integer, got {text!r}.")
-    if len(set(values)) != len(values):
-        raise ValueError(f"--{name} has duplicates: {text!r}.")
-    return values
-
-
-def parse_choices(name: str, text: str, allowed: tuple[str, ...]) -> list[str]:
-    values = [part.strip() for part in text.split(",") if part.strip()]
-    bad = [v for v in values if v not in allowed]
-    if bad or not values:
-        raise ValueError(f"--{name} must be a comma-separated subset of {list(allowed)}, got {text!r}.")
-    return list(dict.fromkeys(values))
-
-
-def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
 
 
 def add_common_arguments(
