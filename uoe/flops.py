@@ -91,7 +91,9 @@ def estimate_flops_per_token(
         "lm_head": lm_head,
     }
     dense = layers * (projections + attention + chain * mlp) + lm_head
-    return FlopsEstimate(sum(breakdown.values()), dense, breakdown, dense_breakdown)
+    return FlopsEstimate(
+        active=sum(breakdown.values()), dense=dense, breakdown=breakdown, dense_breakdown=dense_breakdown
+    )
 
 
 def estimate_flops_per_sequence(config: UoEConfig, seq_len: int, unrouted_tokens: int = 0) -> FlopsEstimate:
@@ -104,8 +106,13 @@ def estimate_flops_per_sequence(config: UoEConfig, seq_len: int, unrouted_tokens
     breakdown = {part: flops * seq_len for part, flops in token.breakdown.items()}
     for part in ("attention_projections", "mlp"):
         breakdown[part] += unrouted_tokens * (token.dense_breakdown[part] - token.breakdown[part])
-    dense_breakdown = {part: flops * seq_len for part, flops in token.dense_breakdown.items()}
-    return FlopsEstimate(sum(breakdown.values()), token.dense * seq_len, breakdown, dense_breakdown)
+    dense, dense_breakdown = (
+        token.dense * seq_len,
+        {part: flops * seq_len for part, flops in token.dense_breakdown.items()},
+    )
+    return FlopsEstimate(
+        active=sum(breakdown.values()), dense=dense, breakdown=breakdown, dense_breakdown=dense_breakdown
+    )
 
 
 def estimate_flops_per_image(config: UoEConfig) -> FlopsEstimate:
@@ -118,4 +125,7 @@ def estimate_flops_per_image(config: UoEConfig) -> FlopsEstimate:
         "classifier": 2 * config.hidden_size * config.num_labels,
     }
     breakdown, dense_breakdown = {**encoder.breakdown, **stem}, {**encoder.dense_breakdown, **stem}
-    return FlopsEstimate(sum(breakdown.values()), encoder.dense + sum(stem.values()), breakdown, dense_breakdown)
+    dense = encoder.dense + sum(stem.values())
+    return FlopsEstimate(
+        active=sum(breakdown.values()), dense=dense, breakdown=breakdown, dense_breakdown=dense_breakdown
+    )
