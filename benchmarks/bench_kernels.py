@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from baseline_flops import mlp_flops  # benchmarks/, next to this script
 from harness import ROOT, display_path, environment, markdown_table, replace_section  # benchmarks/harness.py
 
 DTYPE = torch.bfloat16
@@ -128,7 +129,7 @@ def bench_uome(tokens: int, hidden: int, experts: int, top_k: int) -> tuple[list
     dense_in = torch.randn(rows_in, hidden, device=DEVICE, dtype=DTYPE, requires_grad=True)
     dense_w = torch.randn(hidden, 3 * inner, device=DEVICE, dtype=DTYPE, requires_grad=True)
     impls["dense GEMM"] = lambda: dense_in @ dense_w
-    flops = 2 * rows_in * hidden * 3 * inner
+    flops = rows_in * mlp_flops(hidden, inner)  # every routed (token, expert) row through a SwiGLU expert
 
     results: dict[str, float] = {}
     errors: dict[str, str] = {}

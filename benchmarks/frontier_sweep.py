@@ -20,22 +20,14 @@ compare_lm's `FULL`, 180 steps = 368,640 tokens per run). The families and their
   (2, 3), (3, 5)), `uoe_moeut` (`num_layer_groups=2`, `router_balance_loss="entropy"`, `norm_placement="peri"`) and
   `uoe_chain` (`mlp_chain_length=2`, (2, 1), (3, 2), (4, 3)); `uoe_moeut` shares its layers two by two
   (`num_layer_groups` = layers / 2), so it has fewer parameters than the others at the same FLOPs (the MoEUT
-  baseline instead spends the saved parameters on more MLP experts). A variant whose fields this `UoEConfig` does not take
-  (checked on its signature; its **kwargs would swallow them) is skipped with the reason in the table.
-Balance: every Switch loss at the same pressure. UoE's is 1 at perfect balance (mean over its 2L blocks);
-transformers' Mixtral / Qwen3-MoE `load_balancing_loss_func` (E * sum_e f_e P_e with sum_e f_e = top_k) is top_k
-there, so with `Setup.normalize_aux_by_top_k` (on in the sweep, off in the main comparison to keep its results)
-their loss is weighted `aux_coef / top_k` (`aux_loss_weight`). DeepSeek-V3 keeps its bias update, the MoEUT baseline
-its own entropy loss (coefficients 0.01 MLP / 0.001 attention, as its public code), `uoe_moeut` UoE's entropy loss
-x `aux_coef`.
-Learning rate: per family, the argmin of validation perplexity over `LR_GRID` (the same grid for all) on a
-60-step run (seed 0) at its middle level; recorded in the JSON (`lr_search`) and the RESULTS.md section.
-Output: a table of every point (perplexity mean ± std and [min, max] over seeds, analytic active FLOPs/token,
-parameters, median-step tokens/s, frontier membership), each family's frontier (the points no cheaper-or-equal point
-of the family beats), the paper's claim read off the frontiers (best UoE variant vs best MoE, MoEUT included, at 5
-log-spaced FLOP levels over the range both cover; each frontier linear in log FLOPs between its points and flat from
-its best point to its costliest level), `benchmarks/compare_lm_frontier.png`, a RESULTS.md section and
-`benchmarks/results/compare_lm_sweep.json`.
+  baseline instead spends the saved parameters on more MLP experts). A variant whose fields this `UoEConfig` does not
+  take (checked on its signature; its **kwargs would swallow them) is skipped with the reason in the table.
+Balance: every Switch loss at the same pressure (`Setup.normalize_aux_by_top_k`, see `compare_lm.aux_loss_weight`);
+DeepSeek-V3 keeps its bias update, the MoEUT baseline its own entropy loss. Learning rate: per family, the argmin of
+validation perplexity over `LR_GRID` on a short run (seed 0) at its middle level (`lr_search` in the JSON). Output:
+a table of every point, each family's frontier (`pareto_frontier`: the points no cheaper-or-equal point of the
+family beats), the paper's claim read off the frontiers (`summarize_sweep`, `frontier_at`), the plot
+`benchmarks/compare_lm_frontier.png`, a RESULTS.md section and `benchmarks/results/compare_lm_sweep.json`.
 `--quick` trains in this process (no peak RSS, no FLOP counter), 3 steps of tiny models; the full sweep runs every
 (family, level, seed) in a fresh process, as compare_lm.py does.
 """

@@ -106,12 +106,12 @@ def estimate_flops_per_sequence(config: UoEConfig, seq_len: int, unrouted_tokens
     breakdown = {part: flops * seq_len for part, flops in token.breakdown.items()}
     for part in ("attention_projections", "mlp"):
         breakdown[part] += unrouted_tokens * (token.dense_breakdown[part] - token.breakdown[part])
-    dense, dense_breakdown = (
-        token.dense * seq_len,
-        {part: flops * seq_len for part, flops in token.dense_breakdown.items()},
-    )
+    dense_breakdown = {part: flops * seq_len for part, flops in token.dense_breakdown.items()}
     return FlopsEstimate(
-        active=sum(breakdown.values()), dense=dense, breakdown=breakdown, dense_breakdown=dense_breakdown
+        active=sum(breakdown.values()),
+        dense=token.dense * seq_len,
+        breakdown=breakdown,
+        dense_breakdown=dense_breakdown,
     )
 
 
