@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         output.write_text(
             json.dumps(
                 {
-                    "environment": environment(),
+                    "environment": record,
                     "rows": rows,
                     "raw": {
                         f"{'lora' if lora else 'plain'}-{backend}": value for (lora, backend), value in times.items()
