@@ -13,8 +13,11 @@ from transformers import (
 from transformers.utils import is_vision_available
 
 from .callbacks import UoERouterStatsCallback
+from .configuration_mowst import MowstConfig
 from .configuration_uoe import UoEConfig
 from .flops import FlopsEstimate, estimate_flops_per_token
+from .merging import MergePlan, collect_expert_statistics, compress_experts, drop_experts, merge_experts
+from .modeling_mowst import MowstForImageClassification, MowstImageClassifierOutput
 from .modeling_uoe import UoECacheLayer, UoEForCausalLM, UoEModel, UoEPreTrainedModel
 from .modeling_uoe_vision import UoEForImageClassification, UoEImageClassifierOutput, UoEVisionModel
 from .sparsify import SparsifyReport, retention_report, sparsify
@@ -57,6 +60,8 @@ AutoConfig.register(UoEConfig.model_type, UoEConfig, exist_ok=True)
 AutoModel.register(UoEConfig, UoEBaseModelSelector, exist_ok=True)
 AutoModelForCausalLM.register(UoEConfig, UoEForCausalLM, exist_ok=True)
 AutoModelForImageClassification.register(UoEConfig, UoEForImageClassification, exist_ok=True)
+AutoConfig.register(MowstConfig.model_type, MowstConfig, exist_ok=True)
+AutoModelForImageClassification.register(MowstConfig, MowstForImageClassification, exist_ok=True)
 
 # `save_pretrained` then writes `auto_map` and copies the code files, so checkpoints load with
 # `trust_remote_code=True` where this package is not installed.
@@ -65,9 +70,15 @@ UoEModel.register_for_auto_class("AutoModel")
 UoEVisionModel.register_for_auto_class("AutoModel")
 UoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 UoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MowstConfig.register_for_auto_class()
+MowstForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "FlopsEstimate",
+    "MergePlan",
+    "MowstConfig",
+    "MowstForImageClassification",
+    "MowstImageClassifierOutput",
     "UoECacheLayer",
     "UoEConfig",
     "UoEForCausalLM",
@@ -78,7 +89,11 @@ __all__ = [
     "UoERouterStatsCallback",
     "SparsifyReport",
     "UoEVisionModel",
+    "collect_expert_statistics",
+    "compress_experts",
+    "drop_experts",
     "estimate_flops_per_token",
+    "merge_experts",
     "retention_report",
     "sparsify",
 ]
