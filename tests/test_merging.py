@@ -4,6 +4,7 @@ Tolerances: float32 models against float32 originals within 1e-5 (relative to th
 exact; merged weights against the float64 reference within 1e-6 (float32 rounding of a float64 average)."""
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -520,3 +521,72 @@ def test_bad_inputs_raise_value_errors():
     )
     with pytest.raises(ValueError, match="`model`"):
         merge_experts(llama, data, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The benchmark's quick mode
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_benchmark(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_merge_experts_benchmark_quick_mode(tmp_path):
+    """`benchmarks/merge_experts.py --quick` reports every variant with the sizes the merge implies; the original's
+    parameters and FLOPs equal independent counts; its RESULTS.md section replaces only itself."""
+    bench = load_benchmark("merge_experts")
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Results\n\n## Other (x.py)\n\nkept\n\n## Expert merging (merge_experts.py)\n\nold\n")
+    record = bench.main(
+        [
+            "--quick",
+            "--work_dir",
+            str(tmp_path / "work"),
+            "--output",
+            str(tmp_path / "m.json"),
+            "--results_md",
+            str(results_md),
+        ]
+    )
+    setup = bench.QUICK
+    rows = {row["variant"]: row for row in record["summary"]}
+    assert list(rows) == bench.variant_names(setup)
+    config = bench.model_config(setup, record["data"]["tokenizer_vocab"])
+    original = rows["original"]
+    assert original["parameters"] == sum(p.numel() for p in uoe.UoEForCausalLM(config).parameters())
+    assert original["active_flops_per_token"] == pytest.approx(
+        uoe.estimate_flops_per_token(config, setup.seq_len).active
+    )
+    width = setup.intermediate_size // setup.num_experts
+    for n in setup.merge_targets:
+        for kind in ("msmoe", "msmoe_noalign", "random", "drop"):
+            row = rows[f"{kind}_{n}"]
+            assert row["experts"] == n and row["expert_width"] == width
+            # each block loses (8 - n) experts of 3 x width x hidden weights and their router rows
+            lost = setup.num_layers * (setup.num_experts - n) * (3 * width + 1) * setup.hidden_size
+            assert row["parameters"] == original["parameters"] - lost
+    smallest = min(setup.merge_targets)
+    pruned, low = rows[f"msmoe_{smallest}_pruned"], rows[f"msmoe_{smallest}_pruned_lowrank"]
+    assert pruned["expert_width"] == setup.compress_width and low["rank"] == [setup.compress_rank] * 2
+    assert (
+        low["active_flops_per_token"]
+        < pruned["active_flops_per_token"]
+        < rows[f"msmoe_{smallest}"]["active_flops_per_token"]
+    )
+    for row in rows.values():
+        assert all(0 < p < record["data"]["tokenizer_vocab"] for p in row["perplexity"] + row["perplexity_finetuned"])
+    plan = record["runs"][0]["variants"][f"msmoe_{smallest}"]["merge_plan"]
+    assert all(sorted(e for g in b["groups"] for e in g) == list(range(setup.num_experts)) for b in plan["blocks"])
+    text = results_md.read_text()
+    assert "## Other (x.py)\n\nkept" in text and "\nold\n" not in text
+    assert text.count("| M-SMoE merge |") == len(setup.merge_targets)

@@ -3,6 +3,7 @@ gradient against a hand-derived chain rule and finite differences, the batched s
 threshold extremes, save/load (remote code) and refusals."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -270,3 +271,35 @@ def test_bad_inputs_raise_value_errors():
         model(pixel_values=torch.randn(2, 3, 28, 28))
     with pytest.raises(ValueError, match="`confidence_threshold`"):
         model(pixel_values=torch.randn(2, 1, 28, 28), confidence_threshold=-0.1)
+
+
+@pytest.mark.slow
+def test_mowst_benchmark_quick_mode(tmp_path):
+    """`benchmarks/mowst_vision.py --quick`: every row; threshold 0 sends no image and 1 every image to the strong
+    expert; the share grows with the threshold and the FLOPs are weak + share x strong."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mowst_vision.py"
+    spec = importlib.util.spec_from_file_location("_bench_mowst_vision", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(bench)
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Results\n\n## Other (x.py)\n\nkept\n")
+    record = bench.main(
+        ["--quick", "--seeds", "0", "--output", str(tmp_path / "m.json"), "--results_md", str(results_md)]
+    )
+    rows = {row["row"]: row for row in record["summary"]}
+    assert list(rows) == bench.row_names(bench.QUICK)
+    flops = record["runs"][0]["flops"]
+    config = bench.mowst_config(bench.QUICK)
+    assert flops == {"weak": weak_flops_per_image(config), "strong": strong_flops_per_image(config.strong_config)}
+    assert rows["weak"]["flops"] == [flops["weak"]] and rows["strong"]["flops"] == [flops["strong"]]
+    shares = [rows[f"mowst@{t:g}"]["strong_share"][0] for t in bench.QUICK.thresholds]
+    assert shares[0] == 0 and shares[-1] == 1 and shares == sorted(shares)
+    for t, share in zip(bench.QUICK.thresholds, shares, strict=True):
+        assert rows[f"mowst@{t:g}"]["flops"] == [pytest.approx(flops["weak"] + share * flops["strong"])]
+    assert all(0 <= row["accuracy"][0] <= 1 for row in rows.values())
+    text = results_md.read_text()
+    assert "## Other (x.py)\n\nkept" in text and "## Mowst on Fashion-MNIST (mowst_vision.py)" in text

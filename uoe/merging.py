@@ -91,7 +91,8 @@ class MoEBlock:
     @property
     def num_experts(self) -> int:
         """All experts of the block, shared ones included."""
-        return int(self.experts.down_proj.shape[0])
+        down = getattr(self.experts, "down_proj", None)
+        return int(down.shape[0]) if isinstance(down, torch.Tensor) else int(self.experts.num_experts)
 
     @property
     def num_routed(self) -> int:
@@ -99,7 +100,9 @@ class MoEBlock:
 
     @property
     def width(self) -> int:
-        return int(self.experts.down_proj.shape[2])
+        """Hidden units of one expert."""
+        down = getattr(self.experts, "down_proj", None)
+        return int(down.shape[2]) if isinstance(down, torch.Tensor) else int(self.experts.intermediate_dim)
 
 
 def model_family(model: nn.Module) -> str:
@@ -114,8 +117,9 @@ def model_family(model: nn.Module) -> str:
     return family
 
 
-def moe_blocks(model: nn.Module) -> list[MoEBlock]:
-    """The MoE blocks of `model` in module order."""
+def moe_blocks(model: nn.Module, stacked: bool = True) -> list[MoEBlock]:
+    """The MoE blocks of `model` in module order; with `stacked`, `ValueError` unless every experts module holds the
+    stacked layout (not `LowRankExperts`, no adapters)."""
     family = model_family(model)
     blocks = []
     for name, module in model.named_modules():
@@ -139,8 +143,9 @@ def moe_blocks(model: nn.Module) -> list[MoEBlock]:
                 blocks.append(MoEBlock(name, module, module.experts, [(f"{name}.gate", module.gate)], 0, top_k))
     if not blocks:
         raise ValueError(f"`model` ({type(model).__name__}) has no MoE block to merge.")
-    for block in blocks:
-        _unit_tensors(block.experts)  # refuses experts modules of another layout (e.g. wrapped by PEFT)
+    if stacked:
+        for block in blocks:
+            _unit_tensors(block.experts)  # refuses experts modules of another layout (e.g. wrapped by PEFT)
     return blocks
 
 
