@@ -233,7 +233,8 @@ def test_trains_and_flops():
 def test_save_and_reload_by_auto_class_and_remote_code(tmp_path):
     model = tiny_model().eval()
     x, _ = images()
-    threshold = float(model(pixel_values=x).confidence.median())
+    with torch.no_grad():
+        threshold = float(model(pixel_values=x).confidence.median())
     model.config.confidence_threshold = threshold
     with torch.no_grad():
         expected = model(pixel_values=x)

@@ -226,7 +226,7 @@ class ExpertStatistics:
     """What one MoE block did on the calibration batches.
 
     counts: `(routed experts,)` float64, (token, expert) selections of each routed expert (all routers of the block,
-        every application of it).
+        every application of it; the image encoder's CLS token, which uses every expert, counts for each).
     tokens: the tokens the block's experts computed (padding excluded).
     logit_gram: `(routed, routed)` float64, `sum_t z_t z_t^T` of the router logits `z_t` centred over the experts.
     unit_importance: `(experts, width)` float64 or None, each unit's mean `|h_u(x)| * ||down column||` over the
