@@ -359,6 +359,22 @@ def test_align_units_is_exact_hungarian():
         assert torch.equal(align_units(reference, member), brute_force_alignment(reference, member))
 
 
+@pytest.mark.parametrize("family", ["uoe_weighted", "mixtral"])
+def test_statistics_leave_padding_out(family):
+    """Right padding (attention_mask 0) changes no statistic: the same as the unpadded prefix alone."""
+    model = BUILDERS[family]()
+    ids = batches(1)[0]
+    mask = torch.ones_like(ids)
+    mask[:, -5:] = 0
+    padded = collect_expert_statistics(model, [{"input_ids": ids, "attention_mask": mask}], unit_importance=True)
+    alone = collect_expert_statistics(model, [ids[:, :-5]], unit_importance=True)
+    for a, b in zip(padded, alone, strict=True):
+        assert a.tokens == b.tokens == ids[:, :-5].numel()
+        assert torch.equal(a.counts, b.counts)
+        torch.testing.assert_close(a.logit_gram, b.logit_gram, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(a.unit_importance, b.unit_importance, rtol=1e-5, atol=1e-8)
+
+
 def test_drop_experts_keeps_the_most_frequent():
     model = tiny_uoe(gate_mode="weighted")
     data = batches()

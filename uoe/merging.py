@@ -287,6 +287,9 @@ def collect_expert_statistics(
             valid = weights != 0
             if len(args) > 3 and args[3] is not None:
                 valid = valid & args[3].bool()
+            mask = state["mask"]
+            if mask is not None and mask.numel() == valid.shape[0]:  # padding is routed by some models: leave it out
+                valid = valid & mask.reshape(-1, 1).bool()
             rows_valid = valid.any(-1)
             record.tokens += int(rows_valid.sum())
             chosen = index[valid]
