@@ -35,17 +35,6 @@ from .selective_attention import apply_rotary_pos_emb, query_slots, rotate_half
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_hooks
-
-    return bool(
-        module_hooks._global_forward_hooks
-        or module_hooks._global_forward_pre_hooks
-        or module_hooks._global_backward_hooks
-        or module_hooks._global_backward_pre_hooks
-    )
-
-
 def _plain_tensor(tensor: torch.Tensor | None, device: torch.device) -> bool:
     # quantized weights (torchao, ...) and DTensors are tensor subclasses; offloaded ones live on another device
     return tensor is None or (type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device == device)
@@ -55,13 +44,15 @@ def reads_weights_directly(module: nn.Module, device: torch.device) -> bool:
     """Whether a sparse path may multiply by `module.weight` (and `.bias`) itself instead of calling the module: only
     where that is provably the module's own computation. That is a plain `nn.Linear` (PEFT's LoRA layers, quanto's
     and bitsandbytes' layers and parametrized modules are other classes), whose `forward` is the class's (accelerate's
-    offload hook replaces it), with no hooks of its own or global ones, and whose weight and bias are plain tensors
-    on `device` (torchao's quantized weights are tensor subclasses). Everything else is called as a module."""
+    offload hook replaces it), with no hooks of its own, and whose weight and bias are plain tensors on `device`
+    (torchao's quantized weights are tensor subclasses). Everything else is called as a module. Global module hooks
+    (`torch.nn.modules.module.register_module_forward_hook`) are not looked at: observers such as `FlopCounterMode`
+    register them for every module, and they would turn every sparse projection dense."""
     if type(module) is not nn.Linear or "forward" in module.__dict__:
         return False
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         return False
-    return not _global_hooks() and _plain_tensor(module.weight, device) and _plain_tensor(module.bias, device)
+    return _plain_tensor(module.weight, device) and _plain_tensor(module.bias, device)
 
 
 def reads_parameters_directly(module: nn.Module, names: Sequence[str], device: torch.device) -> bool:
