@@ -27,15 +27,14 @@ Needs a CUDA GPU with Triton; exits with status 2 and a message otherwise.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import replace_section  # benchmarks/harness.py, next to this script
+from baseline_flops import mlp_flops  # benchmarks/, next to this script
+from harness import ROOT, display_path, environment, markdown_table, replace_section  # benchmarks/harness.py
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -56,7 +55,6 @@ SMHA_SHAPES = [
 QUICK_UOME_SHAPES = [(4096, 1024, 8, 2), (4096, 2048, 8, 2)]
 QUICK_SMHA_SHAPES = [(1, 4096, 16, 64)]
 TARGET_D_MODEL, TARGET_SEQ = 2048, 4096  # issue 4's targets: UoME at d_model >= 2048, SMHA at seq 4096
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS_HEADING = "## Kernel benchmarks (bench_kernels.py, CUDA)"
 
 
@@ -80,12 +78,6 @@ def peak_memory_mib(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # -- UoME ----------------------------------------------------------------------------------------
@@ -137,7 +129,7 @@ def bench_uome(tokens: int, hidden: int, experts: int, top_k: int) -> tuple[list
     dense_in = torch.randn(rows_in, hidden, device=DEVICE, dtype=DTYPE, requires_grad=True)
     dense_w = torch.randn(hidden, 3 * inner, device=DEVICE, dtype=DTYPE, requires_grad=True)
     impls["dense GEMM"] = lambda: dense_in @ dense_w
-    flops = 2 * rows_in * hidden * 3 * inner
+    flops = rows_in * mlp_flops(hidden, inner)  # every routed (token, expert) row through a SwiGLU expert
 
     results: dict[str, float] = {}
     errors: dict[str, str] = {}
@@ -228,17 +220,13 @@ def bench_smha(batch: int, seq: int, heads: int, head_dim: int, fraction: float)
 # -- main ----------------------------------------------------------------------------------------
 
 
-def environment() -> list[str]:
-    import transformers
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
+def environment_lines() -> list[str]:
+    env = environment("bench_kernels.py", None)
     return [
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- device: {props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}",
-        f"- torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}",
-        f"- command: `{' '.join(['python benchmarks/bench_kernels.py', *sys.argv[1:]])}`",
+        f"- date: {env['date_utc']}",
+        f"- device: {env['device'].removeprefix('cuda:')} ({env['gpu_memory_gib']:.0f} GiB), CUDA {env['cuda']}",
+        f"- torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, Python {env['python']}",
+        f"- command: `{env['command']}`",
         f"- dtype: {DTYPE}, times are means of `triton.testing.do_bench`",
     ]
 
@@ -260,7 +248,7 @@ def main() -> None:
 
     uome_shapes, smha_shapes = (QUICK_UOME_SHAPES, QUICK_SMHA_SHAPES) if args.quick else (UOME_SHAPES, SMHA_SHAPES)
 
-    report = [*environment(), ""]
+    report = [*environment_lines(), ""]
     targets: list[str] = []
 
     report += ["### UoME experts (SwiGLU, intermediate 4 x d_model split over the experts)", ""]
@@ -328,8 +316,7 @@ def main() -> None:
     print("\n" + "\n".join(targets))
     # Only this script's section of the file is replaced; the CPU comparisons keep theirs.
     replace_section(args.output, RESULTS_HEADING, "\n".join(report))
-    written = args.output.resolve()
-    print(f"\nwrote {written.relative_to(ROOT) if written.is_relative_to(ROOT) else written}")
+    print(f"\nwrote {display_path(args.output)}")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ Measured per model, interleaved (after `--warmup` rounds, every repeat runs each
   (`/proc/self/statm`) sampled every ~1 ms by a background thread during the step, peak minus the RSS just before
   it (after `gc.collect()` and glibc's `malloc_trim(0)`): what activations, gradients and temporaries add;
 - analytic forward FLOPs per token at sequence T (a multiply-add = 2, LM head included, causal attention averaging
-  (T+1)/2 keys): UoE's `uoe.estimate_flops_per_token(config, T).active`, Llama's = its `.dense`; Mixtral's by the same
-  convention: per layer q/k/v/o projections 8 H^2, attention scores and values 4 H (T+1)/2, router 2 H E and 2 experts
-  of 3 x 2 H w each, plus the LM head 2 H V. The FLOPs ratio of UoE is `active / dense`.
+  (T+1)/2 keys): UoE's `uoe.estimate_flops_per_token(config, T).active`, Llama's = its `.dense`, Mixtral's
+  `baseline_flops.analytic_flops_per_token` (projections, attention, router, 2 experts, LM head). The FLOPs ratio of
+  UoE is `active / dense`.
 
 Every ratio is against Llama: time ratio = model time / Llama time = Llama tokens/s / model tokens/s (below 1 =
 faster than dense). On CUDA the device is synchronised before every timer read. Default dtype float32 on CPU,
@@ -62,7 +62,6 @@ import dataclasses
 import gc
 import inspect
 import os
-import shlex
 import statistics
 import sys
 import threading
@@ -76,6 +75,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402  (benchmarks/harness.py)
+from baseline_flops import analytic_flops_per_token  # noqa: E402
 
 MODELS = ("llama", "mixtral", "uoe")
 BACKENDS = ("masked", "gathered", "triton")
@@ -207,22 +207,10 @@ def uoe_config(shape: Shape, max_positions: int, routing_backend: str = "auto"):
     )  # fmt: skip
 
 
-def model_class(config):
-    import transformers  # noqa: PLC0415
-
-    import uoe  # noqa: PLC0415
-
-    if config.model_type == "uoe":
-        return uoe.UoEForCausalLM
-    return {"llama": transformers.LlamaForCausalLM, "mixtral": transformers.MixtralForCausalLM}[config.model_type]
-
-
 def active_parameters(config) -> float:
     """Parameters a token's forward uses (see the module docstring), counted on the meta device."""
-    with torch.device("meta"):
-        model = model_class(config)._from_config(config, attn_implementation="sdpa")
     total = 0.0
-    for name, parameter in model.named_parameters():
+    for name, parameter in harness.instantiate(config, "meta").named_parameters():
         share = 1.0
         if config.model_type == "uoe":
             if ".self_attn." in name and name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -235,33 +223,9 @@ def active_parameters(config) -> float:
     return total
 
 
-def total_parameters(config) -> int:
-    with torch.device("meta"):
-        model = model_class(config)._from_config(config, attn_implementation="sdpa")
-    return sum(p.numel() for p in model.parameters())
-
-
 def solve_mixtral_width(shape: Shape, max_positions: int, target: float) -> int:
     """The integer expert width (>= 1) whose Mixtral active parameters per token are closest to `target`."""
-
-    def active(width: int) -> float:
-        return active_parameters(mixtral_config(shape, max_positions, width))
-
-    at_1, at_2 = active(1), active(2)
-    guess = max(1, round(1 + (target - at_1) / (at_2 - at_1)))  # linear in the width
-    return min({max(1, w) for w in (guess - 1, guess, guess + 1)}, key=lambda w: abs(active(w) - target))
-
-
-def mixtral_flops_per_token(config, seq_len: int) -> float:
-    """Mixtral's active forward FLOPs per token in `uoe.estimate_flops_per_token`'s convention."""
-    hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = config.num_key_value_heads
-    projections = 2 * hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, o and k, v
-    attention = 2 * 2 * heads * head_dim * (seq_len + 1) / 2
-    router = 2 * hidden * config.num_local_experts
-    experts = config.num_experts_per_tok * 3 * 2 * hidden * config.intermediate_size
-    return layers * (projections + attention + router + experts) + 2 * hidden * config.vocab_size
+    return harness.solve_width(lambda width: active_parameters(mixtral_config(shape, max_positions, width)), target)
 
 
 def mixtral_experts_implementation(choice: str, width: int, dtype: torch.dtype) -> str:
@@ -393,11 +357,10 @@ class Entry:
 
 def build(entry: Entry, device: torch.device, dtype: torch.dtype, seed: int) -> None:
     torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa", "dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if "experts_implementation" in entry.extra:
         kwargs["experts_implementation"] = entry.extra["experts_implementation"]
-    with torch.device(device):
-        entry.model = model_class(entry.config)._from_config(entry.config, **kwargs)
+    entry.model = harness.instantiate(entry.config, device, **kwargs)
     entry.extra.setdefault("experts_implementation", getattr(entry.model.config, "_experts_implementation", None))
     entry.cache_arg = entry.extra["cache_argument"] = cache_argument(entry.model)
     entry.optimizer = torch.optim.AdamW(entry.model.parameters(), lr=1e-4)
@@ -499,7 +462,7 @@ def make_entries(shape: Shape, args: argparse.Namespace, device: torch.device, d
     if "mixtral" in args.model_list:
         implementation = mixtral_experts_implementation(args.mixtral_experts, width, dtype)
         description = f"MixtralForCausalLM (top-{MIXTRAL_TOP_K} of {shape.experts}, width {width}, {implementation})"
-        extra = {"flops": mixtral_flops_per_token(mixtral, shape.seq), "experts_implementation": implementation}
+        extra = {"flops": analytic_flops_per_token(mixtral, shape.seq), "experts_implementation": implementation}
         entries.append(Entry("mixtral", description, mixtral, extra))
     backends, notes = routing_backends(args.backend_list, device) if "uoe" in args.model_list else ([], [])
     for label, value in backends:
@@ -507,7 +470,7 @@ def make_entries(shape: Shape, args: argparse.Namespace, device: torch.device, d
         description = f'UoEForCausalLM (routing_backend="{value}")'
         entries.append(Entry(f"uoe-{label}", description, config, {"flops": flops.active, "routing_backend": value}))
     for entry in entries:
-        entry.extra["parameters"] = total_parameters(entry.config)
+        entry.extra["parameters"] = harness.count_parameters(entry.config)
         entry.extra["active_parameters"] = active_parameters(entry.config)
     return {
         "entries": entries,
@@ -577,13 +540,7 @@ def run_shape(shape: Shape, index: int, args: argparse.Namespace, device: torch.
         "spec": shape.spec,
         "description": shape.describe(),
         "seconds": time.perf_counter() - started,
-        "notes": plan["notes"],
-        "mixtral_expert_width": plan["mixtral_expert_width"],
-        "uoe_active_parameters": plan["uoe_active_parameters"],
-        "mixtral_active_parameters": plan["mixtral_active_parameters"],
-        "llama_flops": plan["llama_flops"],
-        "uoe_flops": plan["uoe_flops"],
-        "max_position_embeddings": plan["max_position_embeddings"],
+        **{key: value for key, value in plan.items() if key != "entries"},
         "loadavg_1min_after_each_repeat": loads,
         "rows": rows,
     }
@@ -821,8 +778,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers  # noqa: PLC0415
 
-    import uoe  # noqa: PLC0415
-
     args = parse_args(argv)
     started = time.perf_counter()
     if args.threads is not None:
@@ -830,9 +785,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     kind = "CUDA" if device.type == "cuda" else "CPU"
-    env = harness.environment()
-    command = shlex.join([".venv/bin/python", "benchmarks/bench_model.py", *(sys.argv[1:] if argv is None else argv)])
-    env["command"] = command
+    env = harness.environment("bench_model.py", argv)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else harness.cpu_name()
     settings = {
         key: getattr(args, key)
@@ -854,10 +807,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env["loadavg_end"] = list(os.getloadavg())
     results = {
         "benchmark": "bench_model",
-        "command": command,
+        "command": env["command"],
         "device_kind": kind,
         "device_name": device_name,
-        "uoe_version": getattr(uoe, "__version__", "?"),
+        "uoe_version": env["uoe"],
         "environment": env,
         "settings": settings,
         "load_note": harness.load_note(

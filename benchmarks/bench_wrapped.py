@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                     times[key][kind].append(seconds)
     tokens = batch * length
     rows = []
-    print(f"device: {environment()['device']}, {torch.get_num_threads()} threads, {batch} x {length} tokens, {shape}")
+    record = environment("bench_wrapped.py", argv)
+    print(f"device: {record['device']}, {torch.get_num_threads()} threads, {batch} x {length} tokens, {shape}")
     for lora in (False, True):
         for kind in ("forward", "train"):
             masked = statistics.median(times[(lora, "masked")][kind])
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         output.write_text(
             json.dumps(
                 {
-                    "environment": environment(),
+                    "environment": record,
                     "rows": rows,
                     "raw": {
                         f"{'lora' if lora else 'plain'}-{backend}": value for (lora, backend), value in times.items()

@@ -42,13 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import listops  # noqa: E402
 
-import uoe  # noqa: E402
 from uoe import UoEConfig  # noqa: E402
+from uoe.flops import estimate_flops_per_sequence  # noqa: E402
 from uoe.modeling_uoe import UoERotaryEmbedding  # noqa: E402
 from uoe.modeling_uoe_vision import UoEEncoderLayer, UoEVisionPreTrainedModel  # noqa: E402
 
 MODELS = ("uoe", "dense")
 SECTION = "## ListOps (compare_listops.py)"
+SHAPE_FIELDS = (  # the config fields recorded with each run
+    "hidden_size num_hidden_layers num_attention_heads attention_top_k intermediate_size num_mlp_experts mlp_top_k"
+).split()
 MODES = {
     "quick": dict(train_samples=3000, test_samples=500, min_length=50, max_length=150, epochs=2, seeds="0"),
     "full": dict(train_samples=9000, test_samples=1000, min_length=100, max_length=300, epochs=3, seeds="0,1"),
@@ -135,20 +138,14 @@ def listops_config(name: str, max_length: int) -> UoEConfig:
 
 
 def analytic_flops(config: UoEConfig, lengths: list[int]) -> dict[str, float]:
-    """Mean forward FLOPs per sequence over `lengths` (tokens incl. CLS, no padding): active and dense."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    head_share = config.attention_top_k / config.num_attention_heads
-    mlp_share = config.mlp_top_k / config.num_mlp_experts
-    projections = 4 * 2 * h * config.num_attention_heads * config.head_dim
-    mlp = 2 * 2 * h * config.intermediate_size
-    cls_extra = layers * (projections * (1 - head_share) + mlp * (1 - mlp_share))  # CLS is not routed
-    head = 2 * h * config.num_labels
-    active, dense = [], []
-    for length in lengths:
-        est = uoe.estimate_flops_per_token(config, length, include_lm_head=False)
-        active.append(est.active * length + cls_extra + head)
-        dense.append(est.dense * length + head)
-    return {"active": statistics.fmean(active), "dense": statistics.fmean(dense)}
+    """Mean forward FLOPs per sequence over `lengths` (tokens incl. CLS, no padding), active and dense: the encoder
+    layers, whose CLS token is not routed (`uoe.flops.estimate_flops_per_sequence`), and the classifier on CLS."""
+    head = 2 * config.hidden_size * config.num_labels
+    estimates = [estimate_flops_per_sequence(config, length, unrouted_tokens=1) for length in lengths]
+    return {
+        "active": statistics.fmean(e.active + head for e in estimates),
+        "dense": statistics.fmean(e.dense + head for e in estimates),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -223,8 +220,8 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
     model = UoESequenceClassifier(config)
     test_lengths = [len(s) for s in data["test_ids"]]
     flops = analytic_flops(config, test_lengths)
-    median_index = sorted(range(len(test_lengths)), key=lambda i: test_lengths[i])[len(test_lengths) // 2]
-    probe = pad_batch([data["test_ids"][median_index]])
+    test_order = sorted(range(len(test_lengths)), key=lambda i: test_lengths[i])  # fixed batches: deterministic
+    probe = pad_batch([data["test_ids"][test_order[len(test_order) // 2]]])  # the test expression of median length
     counted = harness.counted_forward_flops(model, lambda: forward_logits(model, {"input_ids": probe}))
     counted_analytic = analytic_flops(config, [probe.shape[1]])
 
@@ -238,36 +235,15 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
         padding.append(padding_fraction(data["train_ids"], plan))
         return (batch_tensors(data["train_ids"], data["train_y"], b) for b in plan)
 
-    stats = harness.train(
-        model,
-        batches,
-        training_loss,
-        epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-    )
+    stats = harness.train_epochs(model, batches, training_loss, args, steps_per_epoch)
     tokens_trained = sum(train_lengths) * args.epochs
-    test_order = sorted(range(len(test_lengths)), key=lambda i: test_lengths[i])
     test_plan = [test_order[i : i + args.eval_batch_size] for i in range(0, len(test_order), args.eval_batch_size)]
     evaluation = harness.evaluate(
         model, (batch_tensors(data["test_ids"], data["test_y"], b) for b in test_plan), forward_logits
     )
     return {
         "seed": seed,
-        "config": {
-            k: getattr(config, k)
-            for k in (
-                "hidden_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "attention_top_k",
-                "intermediate_size",
-                "num_mlp_experts",
-                "mlp_top_k",
-            )
-        },
+        "config": {k: getattr(config, k) for k in SHAPE_FIELDS},
         "parameters": harness.count_parameters(model),
         "analytic_flops": flops["active"],
         "analytic_flops_dense_equivalent": flops["dense"],
@@ -284,44 +260,13 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
 LABELS = {"uoe": "UoE (1/2 heads, 2/4 experts)", "dense": "dense (same model, full routing)"}
 
 
-def summarize(results: dict, names: list[str]) -> list[dict]:
-    rows = []
-    for name in names:
-        runs = results["runs"].get(name, [])
-        ok = [r for r in runs if "error" not in r]
-        row = {
-            "model": name,
-            "runs": len(ok),
-            "failed": [f"seed {r['seed']}: {r['error']}" for r in runs if "error" in r],
-        }
-        if ok:
-            first = ok[0]
-            row.update(
-                {
-                    key: first[key]
-                    for key in (
-                        "config",
-                        "parameters",
-                        "analytic_flops",
-                        "analytic_flops_dense_equivalent",
-                        "counted_flops_probe",
-                        "analytic_flops_probe",
-                        "probe_length",
-                    )
-                }
-            )
-            row.update(
-                {
-                    "accuracy": [r["accuracy"] for r in ok],
-                    "final_train_loss": [r["final_loss"] for r in ok],
-                    "train_sequences_per_s": [r["train_examples_per_s"] for r in ok],
-                    "train_tokens_per_s": [r["train_tokens_per_s"] for r in ok],
-                    "eval_sequences_per_s": [r["eval_examples_per_s"] for r in ok],
-                    "train_padding_fraction": [r["train_padding_fraction"] for r in ok],
-                }
-            )
-        rows.append(row)
-    return rows
+SUMMARY_FIELDS = (
+    ("config", "parameters", "analytic_flops", "analytic_flops_dense_equivalent", "counted_flops_probe",
+     "analytic_flops_probe", "probe_length"),
+    {"accuracy": "accuracy", "final_train_loss": "final_loss", "train_sequences_per_s": "train_examples_per_s",
+     "train_tokens_per_s": "train_tokens_per_s", "eval_sequences_per_s": "eval_examples_per_s",
+     "train_padding_fraction": "train_padding_fraction"},
+)  # fmt: skip
 
 
 def probe_length(results: dict) -> int | None:
@@ -330,87 +275,51 @@ def probe_length(results: dict) -> int | None:
 
 
 def markdown(results: dict) -> str:
-    env, cfg = results["environment"], results["settings"]
+    cfg = results["settings"]
     rows = []
     for row in results["summary"]:
         if not row["runs"]:
-            rows.append([LABELS[row["model"]], "not run: " + "; ".join(row["failed"]), "", "", "", "", "", ""])
+            rows.append([LABELS[row["model"]], "not run: " + "; ".join(row["failed"])] + [""] * 6)
             continue
-        rows.append(
-            [
-                LABELS[row["model"]],
-                harness.fmt_mean(row["accuracy"], 100, 2),
-                harness.fmt_mean(row["final_train_loss"], 1, 3),
-                f"{row['parameters']:,}",
-                harness.fmt_count(row["analytic_flops"]),
-                f"{harness.fmt_count(row['counted_flops_probe'])} / {harness.fmt_count(row['analytic_flops_probe'])}",
-                harness.fmt_mean(row["train_sequences_per_s"], 1, 1),
-                harness.fmt_mean(row["eval_sequences_per_s"], 1, 0),
-            ]
-        )
+        rows.append([
+            LABELS[row["model"]], harness.fmt_mean(row["accuracy"], 100, 2),
+            harness.fmt_mean(row["final_train_loss"], 1, 3), f"{row['parameters']:,}",
+            harness.fmt_count(row["analytic_flops"]),
+            f"{harness.fmt_count(row['counted_flops_probe'])} / {harness.fmt_count(row['analytic_flops_probe'])}",
+            harness.fmt_mean(row["train_sequences_per_s"], 1, 1), harness.fmt_mean(row["eval_sequences_per_s"], 1, 0),
+        ])  # fmt: skip
     majority = results["majority_class"]
     rows.append(
-        [
-            f"majority class ({majority['label']}, no model)",
-            f"{100 * majority['test_accuracy']:.2f}",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-        ]
+        [f"majority class ({majority['label']}, no model)", f"{100 * majority['test_accuracy']:.2f}"] + [""] * 6
     )
-    table = harness.markdown_table(
-        [
-            "model",
-            "test accuracy %",
-            "final train loss",
-            "parameters",
-            "FLOPs/sequence (analytic, mean)",
-            f"counted / analytic FLOPs at length {probe_length(results)}",
-            "train sequences/s",
-            "eval sequences/s",
-        ],
-        rows,
-    )
+    header = ["model", "test accuracy %", "final train loss", "parameters", "FLOPs/sequence (analytic, mean)",
+              f"counted / analytic FLOPs at length {probe_length(results)}", "train sequences/s", "eval sequences/s"]  # fmt: skip
     seeds = ", ".join(str(s) for s in cfg["seeds"])
-    failed = [f"- {row['model']}: {'; '.join(row['failed'])}" for row in results["summary"] if row["failed"]]
     padding = [v for row in results["summary"] if row["runs"] for v in row["train_padding_fraction"]]
-    return "\n".join(
-        [
-            f"Mode `{cfg['mode']}`, {env['date_utc']}, `{env['command']}`; {env['device']} ({env['cpu']}, "
-            f"{env['cpu_count']} cores, {env['torch_threads']} torch threads), Python {env['python']}, torch "
-            f"{env['torch']}, transformers {env['transformers']}. Wall time {results['wall_seconds'] / 60:.1f} min.",
-            "",
-            f"ListOps from `benchmarks/listops.py` (data seed {cfg['data_seed']}): {cfg['train_samples']:,} training and "
-            f"{cfg['test_samples']:,} test expressions (disjoint), {cfg['min_length']}-{cfg['max_length']} tokens "
-            f"(mean {results['mean_test_length']:.0f} in test; LRA uses 500-2000), max_depth {cfg['max_depth']} (brackets "
-            f"nest <= {cfg['max_depth'] - 1}), <= {cfg['max_args']} arguments. {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']:g}, "
-            f"weight decay {cfg['weight_decay']:g}, {cfg['warmup_steps']} warm-up steps then cosine, grad clip 1.0, "
-            f"identical for both models; seeds {seeds} (mean ± sample std). Both: 2 layers, d=64, 2 heads, MLP 128 in "
-            "4 experts, rotary positions, CLS classifier; the dense model is the same code at full routing.",
-            "",
-            table,
-            "",
-            "- FLOPs are forward FLOPs per sequence (multiply-add = 2). Analytic: UoE's active FLOPs "
-            "(`uoe.estimate_flops_per_token` at each test sequence's length, plus the dense CLS token and the head), "
-            "averaged over the test set, without padding. Counted: `FlopCounterMode` on one test sequence of median "
-            "length (what the code executes); UoE runs its gathered path (only the selected pairs, attention over "
-            "each head's compacted lists, o_proj as one dense product, CLS through every expert), so its count lies "
-            "between its active and its dense-equivalent FLOPs.",
-            f"- Padding: the encoder layers take no attention mask, so pads are visible tokens; length bucketing kept "
-            f"them to {100 * statistics.fmean(padding):.1f}% of training tokens."
-            if padding
-            else "- Padding: n/a.",
-            f"- Label distribution (test): {results['test_label_counts']}.",
-            harness.THREADS_NOTE,
-            f"- {results['load_note']}",
-            *(["", "Models that did not run:", *failed] if failed else []),
-            "",
-            f"Raw results: `{results['json_path']}`.",
-        ]
+    settings = (
+        f"ListOps from `benchmarks/listops.py` (data seed {cfg['data_seed']}): {cfg['train_samples']:,} training and "
+        f"{cfg['test_samples']:,} test expressions (disjoint), {cfg['min_length']}-{cfg['max_length']} tokens "
+        f"(mean {results['mean_test_length']:.0f} in test; LRA uses 500-2000), max_depth {cfg['max_depth']} (brackets "
+        f"nest <= {cfg['max_depth'] - 1}), <= {cfg['max_args']} arguments. {cfg['epochs']} epochs, batch "
+        f"{cfg['batch_size']}, AdamW lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['warmup_steps']} "
+        f"warm-up steps then cosine, grad clip 1.0, identical for both models; seeds {seeds} (mean ± sample std). "
+        "Both: 2 layers, d=64, 2 heads, MLP 128 in 4 experts, rotary positions, CLS classifier; the dense model is "
+        "the same code at full routing."
     )
+    notes = [
+        "- FLOPs are forward FLOPs per sequence (multiply-add = 2). Analytic: UoE's active FLOPs "
+        "(`uoe.estimate_flops_per_token` at each test sequence's length, plus the dense CLS token and the head), "
+        "averaged over the test set, without padding. Counted: `FlopCounterMode` on one test sequence of median "
+        "length (what the code executes); UoE runs its gathered path (only the selected pairs, attention over "
+        "each head's compacted lists, o_proj as one dense product, CLS through every expert), so its count lies "
+        "between its active and its dense-equivalent FLOPs.",
+        f"- Padding: the encoder layers take no attention mask, so pads are visible tokens; length bucketing kept "
+        f"them to {100 * statistics.fmean(padding):.1f}% of training tokens."
+        if padding
+        else "- Padding: n/a.",
+        f"- Label distribution (test): {results['test_label_counts']}.",
+    ]
+    return harness.section_text(results, [settings, "", harness.markdown_table(header, rows)], notes)
 
 
 def _check_listops_arguments(args) -> None:
@@ -440,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    env = harness.environment()
+    env = harness.environment("compare_listops.py", argv)
     data = make_data(args)
     test_lengths = [len(s) - 1 for s in data["test_ids"]]
     print(
@@ -473,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['train_examples_per_s']:.1f} train seq/s"
         ),
     )
-    return harness.finish_run(results, args, start, summarize, markdown, SECTION)
+    return harness.finish_run(results, args, start, SUMMARY_FIELDS, markdown, SECTION)
 
 
 if __name__ == "__main__":

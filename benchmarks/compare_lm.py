@@ -41,72 +41,28 @@ Measured per (model, seed), each in a fresh subprocess: validation perplexity, t
 step time), and peak memory = the process's peak RSS after the run minus its RSS just before the model is built (data
 loaded; the kernel's peak-RSS counter is reset at that point), i.e. what the model, its gradients, the optimizer state
 and the activations add. FLOPs per token (forward, a multiply-add = 2): analytic active FLOPs
-(`analytic_flops_per_token`; `uoe.estimate_flops_per_token` for UoE; causal attention averaging (L+1)/2 keys per
-query; LM head included) and the FLOPs `FlopCounterMode` counts in one forward of a training batch with eager
-attention counted as the full L x L score matrix. The counter sees what the code runs: the MoE baselines' experts
-compute only the routed tokens, so they count ~active FLOPs; UoE's gathered path (its CPU default) computes only the
-selected (token, expert) pairs, its attention over each head's compacted token lists (padded to the longest), and
-o_proj as one dense product.
+(`baseline_flops.analytic_flops_per_token`; `uoe.estimate_flops_per_token` for UoE; causal attention averaging
+(L+1)/2 keys per query; LM head included) and the FLOPs `FlopCounterMode` counts in one forward of a training batch
+with eager attention counted as the full L x L score matrix. The counter sees what the code runs: the MoE baselines'
+experts compute only the routed tokens, so they count ~active FLOPs; UoE's gathered path (its CPU default) computes
+only the selected (token, expert) pairs, its attention over each head's compacted token lists (padded to the
+longest), and o_proj as one dense product.
 
 Results: a table on stdout, a section of `benchmarks/RESULTS.md` (other sections are kept), loss curves in
 `benchmarks/compare_lm_loss.png`, raw results in `benchmarks/results/compare_lm.json`.
 
-The frontier sweep (issue 15; section 6 below):
-
-    .venv/bin/python benchmarks/compare_lm.py --sweep            # ~45 minutes on 2 idle CPU cores (estimate below)
-    .venv/bin/python benchmarks/compare_lm.py --sweep --quick    # tiny models, in process, about a minute
-
-Every family at three compute levels (`sweep_levels`), on the same data, tokenizer, optimizer, schedule and seeds
-as above, with a budget of its own (`SWEEP_FULL`: the sizes of `FULL`, 180 steps = 368,640 tokens per run):
-- `llama` by width: hidden 64 / 96 / 128, MLP 4x hidden, 4 heads;
-- `mixtral`, `qwen3_moe`, `deepseek_v3` by (routed) top-k 1 / 2 / 4 of 8, their expert width matched to UoE's total
-  parameters at top-2 as in the main comparison (so every level of a family has the same parameters);
-- `moeut`, the MoEUT baseline of `benchmarks/moeut.py` (SwitchHead attention with 4 value/output experts per head,
-  σ-MoE MLP of experts of width intermediate/16, 2 distinct layers applied twice, peri-layernorm; its number of
-  MLP experts solved to match UoE's parameters), by (attention top-k, MLP top-k) = (1, 2), (2, 4), (4, 8);
-- UoE by (selected heads, selected MLP slices) = (2, 2), (3, 4), (4, 6): `uoe_union` and `uoe_weighted`, and on
-  the weighted one the variants of issue 15: `uoe_shared` (1 shared head and 1 shared slice + routed (1, 1),
-  (2, 3), (3, 5)), `uoe_moeut` (`num_layer_groups=2`, `router_balance_loss="entropy"`, `norm_placement="peri"`) and
-  `uoe_chain` (`mlp_chain_length=2`, (2, 1), (3, 2), (4, 3)); `uoe_moeut` shares its layers two by two
-  (`num_layer_groups` = layers / 2), so it has fewer parameters than the others at the same FLOPs (the MoEUT
-  baseline instead spends the saved parameters on more MLP experts). A variant whose fields this `UoEConfig` does not take
-  (checked on its signature; its **kwargs would swallow them) is skipped with the reason in the table.
-Balance: every Switch loss at the same pressure. UoE's is 1 at perfect balance (mean over its 2L blocks);
-transformers' Mixtral / Qwen3-MoE `load_balancing_loss_func` (E * sum_e f_e P_e with sum_e f_e = top_k) is top_k
-there, so with `Setup.normalize_aux_by_top_k` (on in the sweep, off in the main comparison to keep its results)
-their loss is weighted `aux_coef / top_k` (`aux_loss_weight`). DeepSeek-V3 keeps its bias update, the MoEUT baseline
-its own entropy loss (coefficients 0.01 MLP / 0.001 attention, as its public code), `uoe_moeut` UoE's entropy loss
-x `aux_coef`.
-Learning rate: per family, the argmin of validation perplexity over `LR_GRID` (the same grid for all) on a
-60-step run (seed 0) at its middle level; recorded in the JSON (`lr_search`) and the RESULTS.md section.
-Output: a table of every point (perplexity mean ± std and [min, max] over seeds, analytic active FLOPs/token,
-parameters, median-step tokens/s, frontier membership), each family's frontier (the points no cheaper-or-equal point
-of the family beats), the paper's claim read off the frontiers (best UoE variant vs best MoE, MoEUT included, at 5
-log-spaced FLOP levels over the range both cover; each frontier linear in log FLOPs between its points and flat from
-its best point to its costliest level), `benchmarks/compare_lm_frontier.png`, a RESULTS.md section and
-`benchmarks/results/compare_lm_sweep.json`.
-Time estimate of the full sweep (2 idle cores): 10 families x 3 levels x 2 seeds x 180 steps + 10 x 3 learning
-rates x 60 steps = 12,600 training steps of 2,048 tokens. The main comparison's median steps take 0.115 s (Llama,
-17,800 tokens/s) to 0.148 s (UoE); measured side by side with Llama here (fastest of 6 interleaved steps), Mixtral
-and Qwen3-MoE take 0.9-1.6x Llama's step across top-k 1-4, DeepSeek-V3 1.3-1.5x, UoE 1.3-1.5x and the MoEUT
-baseline (dense experts) 1.9-2.0x: on average about 1.4 x 0.115 = 0.16 s, i.e. ~34 minutes, plus ~7 s per process
-(start, evaluation, FLOP count) x 90 = ~10 minutes: ~44 minutes (<= 50; the variants' chain doubles the MLP, so
-`uoe_chain` may add a minute or two). Before the variants are merged (7 families) about 31 minutes. `--quick` trains
-in this process (no peak RSS, no FLOP counter), 3 steps of tiny models: about a minute.
+The frontier sweep (every family at three compute levels) is `frontier_sweep.py`; `compare_lm.py --sweep` runs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
 import math
 import os
-import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -118,8 +74,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402  (benchmarks/harness.py: the RESULTS.md section writer shared by the comparisons)
-import moeut  # noqa: E402  (benchmarks/moeut.py: the MoEUT baseline of the sweep)
+import harness  # noqa: E402  (benchmarks/harness.py: what the benchmark scripts share)
+from baseline_flops import analytic_flops_per_token  # noqa: E402
+from harness import config_from_dict, count_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -237,7 +194,7 @@ def validation_blocks(ids: torch.Tensor, seq_len: int, count: int) -> torch.Tens
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _common(setup: Setup) -> dict[str, Any]:
+def common_fields(setup: Setup) -> dict[str, Any]:
     return dict(
         vocab_size=setup.vocab_size,
         hidden_size=setup.hidden_size,
@@ -256,7 +213,7 @@ def _config(name: str, setup: Setup, expert_width: int | None = None):
 
     from uoe import UoEConfig  # noqa: PLC0415
 
-    common, heads = _common(setup), setup.num_heads
+    common, heads = common_fields(setup), setup.num_heads
     head_dim = setup.hidden_size // heads
     moe = dict(num_experts_per_tok=setup.top_k, output_router_logits=True)
     if name == "llama":
@@ -290,42 +247,11 @@ def _config(name: str, setup: Setup, expert_width: int | None = None):
     raise ValueError(f"--models: unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}.")
 
 
-def model_class(config):
-    import transformers  # noqa: PLC0415
-
-    import uoe  # noqa: PLC0415
-
-    if config.model_type == "uoe":
-        return uoe.UoEForCausalLM
-    if config.model_type == "moeut_baseline":
-        return moeut.MoEUTForCausalLM
-    return getattr(transformers, {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
-                                  "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[config.model_type])  # fmt: skip
-
-
 def instantiate(config, device: str | torch.device = "cpu"):
-    if config.model_type == "moeut_baseline":  # benchmarks/moeut.py: its own SDPA attention and gathered experts
-        with torch.device(device):
-            return moeut.MoEUTForCausalLM(config)
-    kwargs = {"attn_implementation": "sdpa"}
-    if config.model_type != "llama":
-        kwargs["experts_implementation"] = EXPERTS_IMPLEMENTATION
-    with torch.device(device):
-        return model_class(config)._from_config(config, **kwargs)
-
-
-def config_from_dict(values: dict[str, Any]):
-    """The config object of a `config.to_dict()` (worker processes rebuild their config from the spec)."""
-    import transformers  # noqa: PLC0415
-
-    import uoe  # noqa: PLC0415
-
-    classes = {
-        "llama": transformers.LlamaConfig, "mixtral": transformers.MixtralConfig,
-        "qwen3_moe": transformers.Qwen3MoeConfig, "deepseek_v3": transformers.DeepseekV3Config,
-        "uoe": uoe.UoEConfig, "moeut_baseline": moeut.MoEUTConfig,
-    }  # fmt: skip
-    return classes[values["model_type"]].from_dict(values)
+    """The model of `config` with SDPA attention and, for the MoEs, eager experts (see EXPERTS_IMPLEMENTATION)."""
+    if config.model_type in ("llama", "moeut_baseline"):
+        return harness.instantiate(config, device)
+    return harness.instantiate(config, device, experts_implementation=EXPERTS_IMPLEMENTATION)
 
 
 def aux_loss_weight(config, setup: Setup) -> float:
@@ -344,18 +270,9 @@ def aux_loss_weight(config, setup: Setup) -> float:
     return setup.aux_coef
 
 
-def count_parameters(config) -> int:
-    """Total parameters, counted on the meta device (no memory, no initialisation)."""
-    return sum(p.numel() for p in instantiate(config, "meta").parameters())
-
-
 def match_expert_width(name: str, setup: Setup, target: int) -> int:
     """The integer per-expert width that brings the total parameters of `name` closest to `target`."""
-    at_1, at_2 = count_parameters(_config(name, setup, 1)), count_parameters(_config(name, setup, 2))
-    width = max(1, round(1 + (target - at_1) / (at_2 - at_1)))  # the count is linear in the width
-    return min(
-        (width - 1, width, width + 1), key=lambda w: abs(count_parameters(_config(name, setup, max(1, w))) - target)
-    )
+    return harness.solve_width(lambda width: count_parameters(_config(name, setup, width)), target)
 
 
 def build_configs(setup: Setup, names: tuple[str, ...] = MODEL_NAMES) -> dict[str, Any]:
@@ -368,66 +285,8 @@ def build_configs(setup: Setup, names: tuple[str, ...] = MODEL_NAMES) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 3. FLOPs per token: analytic active FLOPs, and what FlopCounterMode counts
+# 3. FLOPs per token that FlopCounterMode counts (the analytic ones: baseline_flops.py, uoe.flops)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def analytic_flops_per_token(config, seq_len: int, attention: str = "causal") -> float:
-    """Active forward FLOPs per token (a multiply-add = 2 FLOPs; LM head included; norms, RoPE, softmax left out).
-
-    `attention="causal"` averages (L+1)/2 keys per query (what a causal model needs, the convention of
-    `uoe.estimate_flops_per_token`); `"full"` counts all L keys, as a dense kernel executes them.
-    """
-    from uoe import estimate_flops_per_token  # noqa: PLC0415
-
-    if attention not in ("causal", "full"):
-        raise ValueError(f"`attention` must be 'causal' or 'full', got {attention!r}.")
-    context = (seq_len + 1) / 2 if attention == "causal" else seq_len
-    hidden, layers, kind = config.hidden_size, config.num_hidden_layers, config.model_type
-    if kind == "moeut_baseline":
-        return moeut.analytic_flops_per_token(config, seq_len, attention)
-    if kind == "uoe":
-        estimate = estimate_flops_per_token(config, seq_len)
-        # uoe.flops is linear in the causal context; rescale its score FLOPs for the "full" convention
-        return estimate.active + estimate.breakdown["attention_scores"] * (context / ((seq_len + 1) / 2) - 1)
-
-    heads = config.num_attention_heads
-    if kind == "deepseek_v3":  # multi-head latent attention, keys/values expanded per token as transformers does
-        qk_head = config.qk_nope_head_dim + config.qk_rope_head_dim
-        q_rank, kv_rank, v_head = config.q_lora_rank, config.kv_lora_rank, config.v_head_dim
-        query = 2 * hidden * heads * qk_head if q_rank is None else 2 * hidden * q_rank + 2 * q_rank * heads * qk_head
-        key_value = 2 * hidden * (kv_rank + config.qk_rope_head_dim) + 2 * kv_rank * heads * (
-            config.qk_nope_head_dim + v_head
-        )
-        attention_flops = query + key_value + 2 * heads * v_head * hidden + 2 * heads * (qk_head + v_head) * context
-    else:
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
-        kv_heads = config.num_key_value_heads
-        projections = 2 * hidden * head_dim * (2 * heads + 2 * kv_heads)  # q and o, k and v
-        attention_flops = projections + 2 * 2 * heads * head_dim * context
-
-    def swiglu(width: int) -> float:
-        return 3 * 2 * hidden * width
-
-    if kind == "llama":
-        mlp = [swiglu(config.intermediate_size)] * layers
-    elif kind == "mixtral":
-        routed = 2 * hidden * config.num_local_experts + config.num_experts_per_tok * swiglu(config.intermediate_size)
-        mlp = [routed] * layers
-    elif kind == "qwen3_moe":
-        routed = 2 * hidden * config.num_experts + config.num_experts_per_tok * swiglu(config.moe_intermediate_size)
-        sparse = [
-            i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
-            for i in range(layers)
-        ]
-        mlp = [routed if s else swiglu(config.intermediate_size) for s in sparse]
-    elif kind == "deepseek_v3":
-        experts = config.num_experts_per_tok + config.n_shared_experts
-        routed = 2 * hidden * config.n_routed_experts + experts * swiglu(config.moe_intermediate_size)
-        mlp = [swiglu(config.intermediate_size) if i < config.first_k_dense_replace else routed for i in range(layers)]
-    else:
-        raise ValueError(f"no analytic FLOPs for model_type {kind!r}")
-    return layers * attention_flops + sum(mlp) + 2 * hidden * config.vocab_size
 
 
 def counted_flops_per_token(model, input_ids: torch.Tensor) -> float:
@@ -499,56 +358,39 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train `config` from scratch with seed `seed` and evaluate it; the measurements of one table cell.
     `measure=False` (the in-process quick sweep) skips the peak-RSS baseline and the FLOP counter (NaN)."""
-    from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
-
     data = torch.load(data_path)
     train_blocks = data["train"][: len(data["train"]) // setup.seq_len * setup.seq_len].view(-1, setup.seq_len)
     eval_blocks = validation_blocks(data["validation"], setup.seq_len, setup.eval_blocks)
     # The batch order depends on the seed only, so every model sees the same batches for a given seed.
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
     order = order.repeat(math.ceil(setup.max_steps * setup.batch_size / len(order)))
-    model_class(config)  # import the modeling module first: its import is not the model's memory
+    size = setup.batch_size
+    batches = (train_blocks[order[step * size : (step + 1) * size]] for step in range(setup.max_steps))
+    harness.model_class(config.model_type)  # import the modeling module first: its import is not the model's memory
     baseline_rss, peak_was_reset = start_memory_measurement() if measure else (math.nan, False)
 
     torch.manual_seed(seed)
     model = instantiate(config)
-    model.train()
-    parameters = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and biases do not
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": setup.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=setup.learning_rate,
-        betas=(0.9, 0.95),
-    )
-    schedule = get_cosine_schedule_with_warmup(optimizer, setup.warmup_steps, setup.max_steps)
     balancer = DeepseekBiasBalancer(model) if config.model_type == "deepseek_v3" else None
-    with_aux = ("mixtral", "qwen3_moe", "uoe", "moeut_baseline")
-    router_kwargs = {"output_router_logits": True} if config.model_type in with_aux else {}
+    with_aux = config.model_type in ("mixtral", "qwen3_moe", "uoe", "moeut_baseline")
     aux_weight = aux_loss_weight(config, setup)
+    token_losses, aux_losses = [], []
 
-    losses, aux_losses, step_seconds = [], [], []
-    load_start = os.getloadavg()[0]
-    start = time.perf_counter()
-    for step in range(setup.max_steps):
-        step_start = time.perf_counter()
-        batch = train_blocks[order[step * setup.batch_size : (step + 1) * setup.batch_size]]
-        outputs = model(input_ids=batch, **router_kwargs)
+    def loss_fn(model, inputs: dict, batch: torch.Tensor) -> torch.Tensor:
+        outputs = model(**inputs, output_router_logits=True) if with_aux else model(**inputs)
         token_loss = F.cross_entropy(outputs.logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-        loss = token_loss
-        if router_kwargs:  # the same Switch-style aux loss weight for every model that has one (see aux_loss_weight)
-            loss = loss + aux_weight * outputs.aux_loss
-            aux_losses.append(outputs.aux_loss.item())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if balancer is not None:
-            balancer.step()
-        losses.append(token_loss.item())
-        step_seconds.append(time.perf_counter() - step_start)
-    train_seconds = time.perf_counter() - start
+        token_losses.append(token_loss.item())
+        if not with_aux:
+            return token_loss
+        aux_losses.append(outputs.aux_loss.item())
+        return token_loss + aux_weight * outputs.aux_loss  # the same Switch-style pressure for all (aux_loss_weight)
+
+    load_start = os.getloadavg()[0]
+    run = harness.train(
+        model, (({"input_ids": batch}, batch) for batch in batches), loss_fn, steps=setup.max_steps,
+        lr=setup.learning_rate, weight_decay=setup.weight_decay, warmup_steps=setup.warmup_steps, betas=(0.9, 0.95),
+        decay_matrices_only=True, after_step=balancer.step if balancer is not None else None,
+    )  # fmt: skip
     load_end = os.getloadavg()[0]
 
     model.eval()
@@ -564,7 +406,7 @@ def train_and_evaluate(
         "model": name,
         "seed": seed,
         "status": "ok",
-        "parameters": parameters,
+        "parameters": count_parameters(model),
         "flops_analytic": analytic_flops_per_token(config, setup.seq_len),
         "flops_analytic_full_attention": analytic_flops_per_token(config, setup.seq_len, attention="full"),
         "flops_counted": counted,
@@ -572,16 +414,16 @@ def train_and_evaluate(
         "validation_perplexity": math.exp(validation_loss),
         "validation_tokens": count,
         "learning_rate": setup.learning_rate,
-        "train_seconds": train_seconds,
+        "train_seconds": run["seconds"],
         # The median step is robust to bursts of load from other processes; the wall-time mean is not.
-        "tokens_per_second": setup.batch_size * setup.seq_len / statistics.median(step_seconds),
-        "tokens_per_second_wall": setup.tokens / train_seconds,
+        "tokens_per_second": setup.batch_size * setup.seq_len / statistics.median(run["step_seconds"]),
+        "tokens_per_second_wall": setup.tokens / run["seconds"],
         "load_average_start": load_start,
         "load_average_end": load_end,
         "peak_rss_mb": peak_rss_mb() - baseline_rss,
         "baseline_rss_mb": baseline_rss,
         "peak_rss_reset": peak_was_reset,
-        "train_losses": losses,
+        "train_losses": token_losses,
         "aux_losses": aux_losses,
         "torch_threads": torch.get_num_threads(),
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
@@ -742,31 +584,6 @@ def plot_losses(summary: dict[str, dict[str, Any]], setup: Setup, path: Path) ->
     plt.close(figure)
 
 
-def environment() -> dict[str, Any]:
-    import transformers  # noqa: PLC0415
-
-    import uoe  # noqa: PLC0415
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": harness.cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "uoe": uoe.__version__,
-        "git_commit": git("rev-parse", "--short", "HEAD"),
-        "uoe_uncommitted_changes": bool(git("status", "--porcelain", "--", "uoe")),
-    }
-
-
 def results_section(record: dict[str, Any], summary: dict[str, dict[str, Any]], setup: Setup) -> str:
     """The markdown section of RESULTS.md: command, device, setup, matching rule, table, claim, notes."""
     env, data_info, configs, wall = record["environment"], record["data"], record["configs"], record["wall_seconds"]
@@ -794,8 +611,8 @@ def results_section(record: dict[str, Any], summary: dict[str, dict[str, Any]], 
     lines = [
         SECTION_TITLE,
         "",
-        f"Command: `{command}` ({wall / 60:.1f} min wall time, finished {env['date']}).",
-        f"Device: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, no GPU.",
+        f"Command: `{command}` ({wall / 60:.1f} min wall time, finished {env['date_utc']}).",
+        f"Device: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}, no GPU.",
         f"Versions: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"uoe {env['uoe']} (commit {env['git_commit']}{uncommitted}).",
         f"Load average (1 min): {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end{load_note}.",
@@ -856,534 +673,30 @@ def results_section(record: dict[str, Any], summary: dict[str, dict[str, Any]], 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 6. The frontier sweep (--sweep): every family at three or more compute levels
-# ---------------------------------------------------------------------------------------------------------------------
-
-SWEEP_SECTION_TITLE = "## LM frontier sweep (compare_lm.py --sweep)"
-LR_GRID = (1.5e-3, 3e-3, 6e-3)  # the same grid for every family
-UOE_FAMILIES = ("uoe_union", "uoe_weighted", "uoe_shared", "uoe_moeut", "uoe_chain")
-SWEEP_MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "moeut")
-SWEEP_FAMILIES = ("llama", *SWEEP_MOE_FAMILIES, *UOE_FAMILIES)
-FAMILY_DESCRIPTIONS = {
-    "llama": "LlamaForCausalLM, dense, by hidden width (MLP 4x, 4 heads)",
-    "mixtral": "MixtralForCausalLM, by top-k of 8 (expert width matched to UoE's parameters at top-2)",
-    "qwen3_moe": "Qwen3MoeForCausalLM, by top-k of 8 (expert width matched at top-2)",
-    "deepseek_v3": "DeepseekV3ForCausalLM, by routed top-k of 8 (+1 shared expert; width matched at top-2)",
-    "moeut": "MoEUT baseline (benchmarks/moeut.py; layers shared two by two, parameters matched by its number of "
-    "MLP experts), by SwitchHead / sigma-MoE top-k",
-    "uoe_union": "UoE, union gates, by selected heads / MLP slices",
-    "uoe_weighted": "UoE, weighted gates, by selected heads / MLP slices",
-    "uoe_shared": "UoE weighted + 1 shared head and 1 shared MLP slice, by routed heads / slices",
-    "uoe_moeut": "UoE weighted, MoEUT-style: layers shared two by two (num_layer_groups = layers/2; so fewer "
-    "parameters at the same FLOPs), entropy balance loss, peri-layernorm",
-    "uoe_chain": "UoE weighted, Chain-of-Experts: the UoME block twice per layer (C=2)",
-}
-
-
-@dataclasses.dataclass
-class SweepPlan:
-    """What the sweep trains besides `Setup`: seeds, the learning-rate search and the in-process switch."""
-
-    setup: Setup
-    seeds: tuple[int, ...] = (0, 1)
-    lr_grid: tuple[float, ...] = LR_GRID
-    lr_steps: int = 60  # steps of each learning-rate trial (seed 0, the family's middle level)
-    in_process: bool = False  # True: runs in this process (no per-run peak RSS; the quick mode's speed)
-
-
-SWEEP_FULL = SweepPlan(
-    setup=dataclasses.replace(FULL, max_steps=180, warmup_steps=18, normalize_aux_by_top_k=True), lr_steps=60
-)
-SWEEP_QUICK = SweepPlan(
-    setup=dataclasses.replace(
-        FULL,
-        vocab_size=256,
-        hidden_size=32,
-        num_layers=2,
-        intermediate_size=64,
-        seq_len=32,
-        batch_size=4,
-        max_steps=3,
-        warmup_steps=1,
-        eval_blocks=4,
-        max_train_chars=200_000,
-        normalize_aux_by_top_k=True,
-    ),  # fmt: skip
-    seeds=(0, 1),
-    lr_steps=2,
-    in_process=True,
-)
-
-
-def sweep_levels(family: str, setup: Setup) -> list[tuple[str, dict[str, Any]]]:
-    """The compute levels of `family`: (label, the changes from the family's base config)."""
-    if family == "llama":  # dense, by width: hidden 1/2, 3/4 and 1x the setup's, MLP 4x hidden, 4 heads
-        widths = [setup.hidden_size // 2, 3 * setup.hidden_size // 4, setup.hidden_size]
-        return [(f"d{w}", {"hidden_size": w, "intermediate_size": 4 * w}) for w in widths]
-    if family in ("mixtral", "qwen3_moe", "deepseek_v3"):
-        return [(f"k{k}", {"num_experts_per_tok": k}) for k in (1, 2, 4)]
-    if family == "moeut":
-        return [(f"a{a}m{m}", {"attention_top_k": a, "mlp_top_k": m}) for a, m in ((1, 2), (2, 4), (4, 8))]
-    # UoE from its main-comparison point (2 of 4 heads, 2 of 8 slices) up to about the MoEs' largest FLOPs, so that
-    # the frontiers overlap (the MoEs' attention is dense: their FLOPs span only their MLP's share)
-    if family == "uoe_shared":  # 1 shared + routed: 2/2, 3/4 and 4/6 heads / slices in all
-        pairs = ((1, 1), (2, 3), (3, 5))
-    elif family == "uoe_chain":  # the MLP runs twice: 2x the slices per token
-        pairs = ((2, 1), (3, 2), (4, 3))
-    else:
-        pairs = ((2, 2), (3, 4), (4, 6))
-    return [(f"h{h}e{e}", {"attention_top_k": h, "mlp_top_k": e}) for h, e in pairs]
-
-
-UOE_VARIANT_FIELDS = {
-    "uoe_union": {"gate_mode": "union"},
-    "uoe_weighted": {"gate_mode": "weighted"},
-    "uoe_shared": {"gate_mode": "weighted", "num_shared_attention_groups": 1, "num_shared_mlp_experts": 1},
-    # num_layer_groups None here: half the layers, set per setup in sweep_base_configs (4 layers = 2 distinct x 2)
-    "uoe_moeut": {
-        "gate_mode": "weighted",
-        "num_layer_groups": None,
-        "router_balance_loss": "entropy",
-        "norm_placement": "peri",
-    },  # fmt: skip
-    "uoe_chain": {"gate_mode": "weighted", "mlp_chain_length": 2},
-}
-
-
-def missing_uoe_fields(family: str) -> list[str]:
-    """The variant fields of `family` that this UoEConfig does not take yet (its **kwargs would swallow them)."""
-    import inspect  # noqa: PLC0415
-
-    from uoe import UoEConfig  # noqa: PLC0415
-
-    accepted = inspect.signature(UoEConfig.__init__).parameters
-    return [name for name in UOE_VARIANT_FIELDS.get(family, {}) if name not in accepted]
-
-
-def _moeut_config(setup: Setup, num_mlp_experts: int, **levels):
-    return moeut.MoEUTConfig(
-        vocab_size=setup.vocab_size, hidden_size=setup.hidden_size, num_hidden_layers=setup.num_layers,
-        group_size=max(1, setup.num_layers // 2), num_attention_heads=setup.num_heads,
-        num_attention_experts=4, num_mlp_experts=num_mlp_experts, mlp_expert_size=setup.intermediate_size // 16,
-        max_position_embeddings=setup.seq_len, **levels,
-    )  # fmt: skip
-
-
-def sweep_base_configs(setup: Setup, families: tuple[str, ...]) -> dict[str, Any]:
-    """Per family, a function level-overrides -> config. The MoEs keep the parameters matched to UoE (top-2 of 8,
-    as the main comparison); the MoEUT baseline's number of MLP experts is solved likewise (its layers are shared
-    two by two, so it spends the parameters on more, smaller experts: width intermediate/16)."""
-    from transformers import LlamaConfig  # noqa: PLC0415
-
-    from uoe import UoEConfig  # noqa: PLC0415
-
-    builders: dict[str, Any] = {}
-    base = build_configs(setup, tuple(f for f in families if f in MOE_BASELINES) + ("uoe_union",))
-    target = count_parameters(base["uoe_union"])
-    for family in families:
-        if family == "llama":
-            builders[family] = lambda o: LlamaConfig(**{**_common(setup), "num_key_value_heads": setup.num_heads, **o})
-        elif family in MOE_BASELINES:
-            values = base[family].to_dict()
-            builders[family] = lambda o, values=values: config_from_dict({**values, **o})
-        elif family == "moeut":
-            at_1, at_2 = (count_parameters(_moeut_config(setup, n, mlp_top_k=1)) for n in (1, 2))
-            experts = max(8, round(1 + (target - at_1) / (at_2 - at_1)))
-            builders[family] = lambda o, experts=experts: _moeut_config(setup, experts, **o)
-        else:
-            values = {**base["uoe_union"].to_dict(), **UOE_VARIANT_FIELDS[family]}
-            if "num_layer_groups" in values and values["num_layer_groups"] is None:
-                values["num_layer_groups"] = max(1, setup.num_layers // 2)
-            builders[family] = lambda o, values=values: UoEConfig.from_dict({**values, **o})
-    return builders
-
-
-def run_point(name: str, config, setup: Setup, seed: int, data_path: Path, work_dir: Path, plan: SweepPlan,
-              timeout: float) -> dict[str, Any]:  # fmt: skip
-    """One training run of the sweep: in a fresh process (peak RSS is its own), or here with `plan.in_process`."""
-    if not plan.in_process:
-        return run_worker(name, config, setup, seed, data_path, work_dir, timeout)
-    try:
-        return train_and_evaluate(name, config, setup, seed, data_path, measure=False)
-    except Exception as error:  # noqa: BLE001  (a failing model is reported, the sweep goes on)
-        return {"model": name, "seed": seed, "status": f"failed: {type(error).__name__}: {error}"}
-
-
-def sweep_main(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Choose each family's learning rate on the grid, then train every (family, level, seed)."""
-    wall_start, load_start = time.perf_counter(), os.getloadavg()
-    plan = dataclasses.replace(SWEEP_QUICK if args.quick else SWEEP_FULL)
-    plan.setup = dataclasses.replace(plan.setup)
-    if args.max_steps is not None:
-        plan.setup.max_steps = args.max_steps
-    if args.tokens is not None:
-        plan.setup.max_steps = max(1, args.tokens // (plan.setup.batch_size * plan.setup.seq_len))
-    if args.eval_blocks is not None:
-        plan.setup.eval_blocks = args.eval_blocks
-    if args.seeds_given:
-        plan.seeds = args.seeds
-    if args.in_process:
-        plan.in_process = True
-    setup = plan.setup
-    setup.warmup_steps = min(setup.warmup_steps, max(1, setup.max_steps // 10))
-    work_dir = Path(args.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[sweep] {'quick' if args.quick else 'full'}: {plan}", flush=True)
-    data_path, data_info = prepare_data(work_dir, setup)
-
-    families, skipped = [], {}
-    for family in args.families:
-        missing = missing_uoe_fields(family)
-        if missing:
-            skipped[family] = f"skipped: UoEConfig does not accept {', '.join(missing)} yet"
-            print(f"[sweep] {family}: {skipped[family]}", flush=True)
-        else:
-            families.append(family)
-    builders = sweep_base_configs(setup, tuple(families))
-    points = {f: [(label, builders[f](o)) for label, o in sweep_levels(f, setup)] for f in families}
-
-    lr_search, runs = {}, []
-    for family in families:  # the learning rate: argmin of validation perplexity on a short run, middle level
-        label, config = points[family][len(points[family]) // 2]
-        short = dataclasses.replace(setup, max_steps=plan.lr_steps, warmup_steps=max(1, plan.lr_steps // 10))
-        results = {}
-        for lr in plan.lr_grid:
-            run = run_point(f"{family}:{label}", config, dataclasses.replace(short, learning_rate=lr), 0, data_path,
-                            work_dir, plan, args.run_timeout)  # fmt: skip
-            results[repr(lr)] = run.get("validation_perplexity") if run["status"] == "ok" else None
-            print(f"[sweep] lr search {family} {label} lr {lr:g}: {results[repr(lr)]}", flush=True)
-        finished = {lr: ppl for lr, ppl in results.items() if ppl is not None and math.isfinite(ppl)}
-        chosen = float(min(finished, key=finished.get)) if finished else None
-        lr_search[family] = {"level": label, "steps": plan.lr_steps, "seed": 0, "perplexity": results, "chosen": chosen}
-
-    for seed in plan.seeds:
-        for family in families:
-            lr = lr_search[family]["chosen"]
-            for label, config in points[family]:
-                name = f"{family}:{label}"
-                if lr is None:
-                    runs.append({"model": name, "seed": seed, "status": "failed: every learning rate failed"})
-                    continue
-                run = run_point(name, config, dataclasses.replace(setup, learning_rate=lr), seed, data_path, work_dir,
-                                plan, args.run_timeout)  # fmt: skip
-                run.update(family=family, level=label)
-                runs.append(run)
-                done = f"val ppl {run['validation_perplexity']:.2f}" if run["status"] == "ok" else run["status"]
-                print(f"[sweep] {name} seed {seed} lr {lr:g}: {done}", flush=True)
-
-    record = {
-        "command": command, "mode": "sweep_quick" if args.quick else "sweep", "setup": dataclasses.asdict(setup),
-        "plan": {"seeds": list(plan.seeds), "lr_grid": list(plan.lr_grid), "lr_steps": plan.lr_steps,
-                 "in_process": plan.in_process},
-        "environment": environment(), "load_average": {"start": load_start, "end": os.getloadavg()},
-        "data": data_info, "wall_seconds": time.perf_counter() - wall_start, "families": list(families),
-        "skipped": skipped, "lr_search": lr_search,
-        "points": {f"{f}:{label}": {"family": f, "level": label, "config": c.to_dict()} for f in families
-                   for label, c in points[f]},
-        "runs": runs,
-    }  # fmt: skip
-    return write_sweep_reports(record, Path(args.plot), Path(args.results_md), Path(args.output))
-
-
-def pareto_frontier(points: dict[str, dict[str, Any]]) -> list[str]:
-    """The lower envelope of (active FLOPs, mean perplexity): the points no cheaper-or-equal point beats, by FLOPs."""
-    ordered = sorted(points, key=lambda n: (points[n]["flops_analytic"], points[n]["perplexity_mean"]))
-    frontier, best = [], math.inf
-    for name in ordered:
-        if points[name]["perplexity_mean"] < best:
-            frontier.append(name)
-            best = points[name]["perplexity_mean"]
-    return frontier
-
-
-def frontier_at(curve: list[tuple[float, float]], flops: float, top: float) -> float | None:
-    """A frontier (FLOPs ascending, perplexity descending) read at a budget of `flops`: linear in log FLOPs between
-    its points; past its last point up to `top` (the family's costliest point) its best perplexity (a costlier
-    level of the family did no better); None below its cheapest point or above `top` (no extrapolation)."""
-    if not curve or flops < curve[0][0] * (1 - 1e-9) or flops > top * (1 + 1e-9):
-        return None
-    for (f0, p0), (f1, p1) in zip(curve, curve[1:], strict=False):
-        if f0 <= flops <= f1:
-            return p0 + (p1 - p0) * (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
-    return curve[-1][1]
-
-
-def summarize_sweep(record: dict[str, Any]) -> dict[str, Any]:
-    """Per point: mean and spread over seeds; per family: its frontier; the claim at common FLOP levels."""
-    points = {}
-    for name, info in record["points"].items():
-        mine = [r for r in record["runs"] if r["model"] == name]
-        failed = [r for r in mine if r["status"] != "ok"]
-        if failed or not mine:
-            points[name] = {**info, "status": failed[0]["status"] if failed else "not run"}
-            continue
-        ppl = [r["validation_perplexity"] for r in mine]
-        points[name] = {
-            "family": info["family"], "level": info["level"], "status": "ok", "seeds": [r["seed"] for r in mine],
-            "learning_rate": mine[0]["learning_rate"], "parameters": mine[0]["parameters"],
-            "flops_analytic": mine[0]["flops_analytic"], "flops_counted": mine[0]["flops_counted"],
-            "perplexity_mean": statistics.fmean(ppl), "perplexity_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
-            "perplexity_min": min(ppl), "perplexity_max": max(ppl),
-            "tokens_per_second": statistics.fmean(r["tokens_per_second"] for r in mine),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
-        }  # fmt: skip
-    frontiers = {}
-    for family in record["families"]:
-        ok = {n: p for n, p in points.items() if p["family"] == family and p["status"] == "ok"}
-        frontiers[family] = pareto_frontier(ok)
-
-    def curve(family: str) -> list[tuple[float, float]]:
-        return [(points[n]["flops_analytic"], points[n]["perplexity_mean"]) for n in frontiers.get(family, [])]
-
-    def top(family: str) -> float:
-        return max(p["flops_analytic"] for p in points.values() if p["family"] == family and p["status"] == "ok")
-
-    def best_of(group: tuple[str, ...], flops: float) -> tuple[str | None, float | None]:
-        values = {f: frontier_at(curve(f), flops, top(f)) for f in group if frontiers.get(f)}
-        values = {f: v for f, v in values.items() if v is not None}
-        return (min(values, key=values.get), min(values.values())) if values else (None, None)
-
-    claim = {"levels": []}
-    spans = {g: [(curve(f)[0][0], top(f)) for f in group if frontiers.get(f)]
-             for g, group in (("uoe", UOE_FAMILIES), ("moe", SWEEP_MOE_FAMILIES))}  # fmt: skip
-    if spans["uoe"] and spans["moe"]:
-        low = max(min(lo for lo, _ in spans["uoe"]), min(lo for lo, _ in spans["moe"]))
-        high = min(max(hi for _, hi in spans["uoe"]), max(hi for _, hi in spans["moe"]))
-        claim["overlap"] = [low, high]
-        if low <= high:
-            count = 5 if high > low else 1
-            for i in range(count):
-                flops = low * (high / low) ** (i / max(count - 1, 1))
-                uoe_family, uoe_ppl = best_of(UOE_FAMILIES, flops)
-                moe_family, moe_ppl = best_of(SWEEP_MOE_FAMILIES, flops)
-                if uoe_ppl is None or moe_ppl is None:
-                    continue  # the envelope of one side has a gap here
-                claim["levels"].append({
-                    "flops": flops, "uoe_family": uoe_family, "uoe_perplexity": uoe_ppl, "moe_family": moe_family,
-                    "moe_perplexity": moe_ppl, "difference": uoe_ppl - moe_ppl,
-                    "relative": (uoe_ppl - moe_ppl) / moe_ppl,
-                })  # fmt: skip
-    return {"points": points, "frontiers": frontiers, "claim": claim}
-
-
-def sweep_table(record: dict[str, Any], summary: dict[str, Any]) -> str:
-    rows = [
-        "| family | level | lr | parameters | active FLOPs/token (analytic) | val. perplexity (mean ± std, [min, max]) "
-        "| train tokens/s (median step) | on frontier |",
-        "|---|---|---:|---:|---:|---|---:|:-:|",
-    ]
-    for name, p in summary["points"].items():
-        if p["status"] != "ok":
-            rows.append(f"| {p['family']} | {p['level']} | – | – | – | **could not run**: {p['status']} | – | – |")
-            continue
-        mark = "✓" if name in summary["frontiers"][p["family"]] else ""
-        rows.append(
-            f"| {p['family']} | {p['level']} | {p['learning_rate']:g} | {p['parameters']:,} "
-            f"| {p['flops_analytic'] / 1e6:.3f} M | {p['perplexity_mean']:.2f} ± {p['perplexity_std']:.2f} "
-            f"[{p['perplexity_min']:.2f}, {p['perplexity_max']:.2f}] | {p['tokens_per_second']:,.0f} | {mark} |"
-        )
-    for family, reason in record["skipped"].items():
-        rows.append(f"| {family} | – | – | – | – | {reason} | – | – |")
-    return "\n".join(rows)
-
-
-def sweep_claim_statement(summary: dict[str, Any]) -> str:
-    """The paper's claim read off the frontiers: UoE's best envelope against the best MoE envelope at equal FLOPs."""
-    claim = summary["claim"]
-    if not claim["levels"]:
-        overlap = claim.get("overlap")
-        why = "no UoE or no MoE frontier" if overlap is None else "their frontiers' FLOP ranges do not overlap"
-        return f"The paper's claim cannot be read off the frontiers: {why}."
-    lines = [
-        "Paper's claim, read off the frontiers at equal active FLOPs (each family's lower envelope: linear in "
-        "log FLOPs between its frontier points, flat from its best point to its costliest level, no extrapolation "
-        "beyond its levels; the best UoE variant against the best MoE, MoEUT included, at 5 log-spaced levels "
-        "over the FLOPs both cover):",
-        "",
-        "| active FLOPs/token | best UoE (variant) | best MoE (family) | UoE − MoE perplexity |",
-        "|---:|---|---|---:|",
-    ]
-    for level in claim["levels"]:
-        lines.append(
-            f"| {level['flops'] / 1e6:.3f} M | {level['uoe_perplexity']:.2f} ({level['uoe_family']}) "
-            f"| {level['moe_perplexity']:.2f} ({level['moe_family']}) | {level['difference']:+.2f} "
-            f"({100 * level['relative']:+.1f}%) |"
-        )
-    below = [lv for lv in claim["levels"] if lv["difference"] <= 0]
-    above = [lv for lv in claim["levels"] if lv["difference"] > 0]
-    lines.append("")
-    if not above:
-        lines.append(f"UoE's best frontier is at or below the best MoE's at all {len(below)} levels: the claim holds.")
-    else:
-        worst = max(above, key=lambda lv: lv["relative"])
-        closest = collections_counter([lv["uoe_family"] for lv in above])
-        above_levels = ", ".join(f"{lv['flops'] / 1e6:.3f} M" for lv in above)
-        lines.append(
-            f"UoE's best frontier is below the best MoE's at {len(below)} of {len(claim['levels'])} levels and above "
-            f"at {above_levels} (by up to {worst['difference']:+.2f} "
-            f"perplexity, {100 * worst['relative']:+.1f}%, at {worst['flops'] / 1e6:.3f} M); the UoE variant "
-            f"closest there: {closest}."
-        )
-    return "\n".join(lines)
-
-
-def collections_counter(names: list[str]) -> str:
-    counts: dict[str, int] = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    return max(counts, key=counts.get)
-
-
-def plot_frontier(record: dict[str, Any], summary: dict[str, Any], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    figure, axis = plt.subplots(figsize=(9, 6))
-    colors = plt.get_cmap("tab10")
-    for i, family in enumerate(record["families"]):
-        mine = [p for p in summary["points"].values() if p["family"] == family and p["status"] == "ok"]
-        if not mine:
-            continue
-        style = "-" if family in UOE_FAMILIES else "--"
-        flops = [p["flops_analytic"] / 1e6 for p in mine]
-        means = [p["perplexity_mean"] for p in mine]
-        spread = [[m - p["perplexity_min"] for m, p in zip(means, mine, strict=True)],
-                  [p["perplexity_max"] - m for m, p in zip(means, mine, strict=True)]]  # fmt: skip
-        axis.errorbar(flops, means, yerr=spread, fmt="o", color=colors(i), capsize=3, alpha=0.8)
-        front = [summary["points"][n] for n in summary["frontiers"][family]]
-        axis.plot([p["flops_analytic"] / 1e6 for p in front], [p["perplexity_mean"] for p in front], style,
-                  color=colors(i), marker="o", markersize=7, markerfacecolor="none", label=family)  # fmt: skip
-    axis.set_xscale("log")
-    axis.set_xlabel("analytic active forward FLOPs per token (M)")
-    axis.set_ylabel("validation perplexity (mean over seeds; bars: min-max)")
-    axis.set_title("compare_lm.py --sweep: frontiers (lower envelopes); solid: UoE variants, dashed: baselines")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def sweep_section(record: dict[str, Any], summary: dict[str, Any], plot_link: str) -> str:
-    env, setup, plan, data_info = record["environment"], record["setup"], record["plan"], record["data"]
-    load = record["load_average"]
-    lr_lines = [
-        f"- {family}: " + ", ".join(
-            f"{float(lr):g} → {'failed' if ppl is None else f'{ppl:.2f}'}" for lr, ppl in s["perplexity"].items()
-        ) + f" ⇒ **{s['chosen']:g}**" if s["chosen"] is not None else f"- {family}: every learning rate failed"
-        for family, s in record["lr_search"].items()
-    ]  # fmt: skip
-    lines = [
-        SWEEP_SECTION_TITLE,
-        "",
-        f"Command: `{record['command']}` ({record['wall_seconds'] / 60:.1f} min wall time, finished {env['date']}).",
-        f"Device: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}, no GPU; load average "
-        f"(1 min) {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end. Versions: torch {env['torch']}, "
-        f"transformers {env['transformers']}, uoe {env['uoe']} (commit {env['git_commit']}).",
-        "",
-        f"Setup, identical for every run (as the LM comparison above, at a smaller budget): Shakespeare "
-        f"({data_info['train_tokens']:,} training tokens), BPE {setup['vocab_size']}, blocks of {setup['seq_len']}, "
-        f"batch {setup['batch_size']}, {setup['max_steps']} steps "
-        f"({setup['max_steps'] * setup['batch_size'] * setup['seq_len']:,} tokens), AdamW (betas 0.9/0.95, weight "
-        f"decay {setup['weight_decay']}), warmup {setup['warmup_steps']} then cosine, clipping 1.0, float32; seeds "
-        f"{', '.join(map(str, plan['seeds']))}. Width {setup['hidden_size']}, {setup['num_layers']} layers, "
-        f"{setup['num_heads']} heads; the MoEs and UoE variants share the main comparison's matching rule.",
-        "",
-        "Balance at the same pressure: UoE's Switch loss (mean over its 2L routed blocks) is 1 at perfect balance, "
-        "transformers' Mixtral / Qwen3-MoE loss (`load_balancing_loss_func`) is top_k there, so their coefficient "
-        f"is divided by their top-k: every Switch loss is weighted {setup['aux_coef']} per unit of imbalance. "
-        "DeepSeek-V3 keeps its aux-loss-free bias update; the MoEUT baseline its own entropy loss (0.01 MLP, "
-        f"0.001 attention, as its code); `uoe_moeut` UoE's entropy balance loss x {setup['aux_coef']}.",
-        "",
-        f"Learning rate per family: the argmin of validation perplexity over the grid "
-        f"{', '.join(f'{lr:g}' for lr in plan['lr_grid'])} on a {plan['lr_steps']}-step run (seed 0) at the "
-        "family's middle level:",
-        *lr_lines,
-        "",
-        "Families: "
-        + "; ".join(f"`{f}`: {FAMILY_DESCRIPTIONS[f]}" for f in (*record["families"], *record["skipped"]))
-        + ".",
-        "",
-        sweep_table(record, summary),
-        "",
-        sweep_claim_statement(summary),
-        "",
-        f"![frontier]({plot_link})",
-        "",
-        "FLOPs: analytic active forward FLOPs per token (`analytic_flops_per_token`, `uoe.estimate_flops_per_token` "
-        "for UoE, causal attention, LM head included). Frontier: the points that no cheaper-or-equal point of the "
-        "family beats. Tokens/s: the median training step. Raw results: `benchmarks/results/compare_lm_sweep.json`.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def write_sweep_reports(record: dict[str, Any], plot: Path, results_md: Path, output: Path | None) -> dict[str, Any]:
-    summary = summarize_sweep(record)
-    record["summary"] = summary
-    print("\n" + sweep_table(record, summary) + "\n\n" + sweep_claim_statement(summary), flush=True)
-    plot_frontier(record, summary, plot)
-    section = sweep_section(record, summary, os.path.relpath(plot, results_md.parent))
-    harness.replace_section(results_md, SWEEP_SECTION_TITLE, section.removeprefix(SWEEP_SECTION_TITLE))
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(record, indent=1))
-    print(f"[sweep] wrote {results_md}, {plot}, {output} ({record['wall_seconds'] / 60:.1f} min)", flush=True)
-    return record
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 7. Command line
+# 6. Command line
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser, output: str, plot: str) -> None:
+    """The arguments of a run that this script and frontier_sweep.py share; `output` and `plot`: default file names."""
     parser.add_argument("--quick", action="store_true", help="tiny models and data (a few minutes on 2 CPU cores)")
-    parser.add_argument(
-        "--sweep", action="store_true", help="the frontier sweep: every family at 3 compute levels (see section 6)"
-    )
-    parser.add_argument("--families", help=f"--sweep: comma-separated subset of {SWEEP_FAMILIES}")
-    parser.add_argument("--in_process", action="store_true", help="--sweep: train in this process (quick default)")
-    parser.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma-separated subset of {MODEL_NAMES}")
-    parser.add_argument("--seeds", help="comma-separated integer seeds (>= 2 for a spread; default 0,1)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated integer seeds (>= 2 for a spread; default 0,1)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--max_steps", type=int, help="training steps per run (default: the mode's)")
     budget.add_argument("--tokens", type=int, help="training tokens per run (rounded down to whole batches)")
     parser.add_argument("--eval_blocks", type=int, help="validation blocks (default: the mode's)")
-    parser.add_argument("--output", help="raw JSON (default results/compare_lm.json, --sweep compare_lm_sweep.json)")
-    parser.add_argument("--plot", help="PNG (default compare_lm_loss.png, --sweep compare_lm_frontier.png)")
+    parser.add_argument("--output", default=str(BENCHMARKS / "results" / output), help=f"raw JSON (default {output})")
+    parser.add_argument("--plot", default=str(BENCHMARKS / plot), help=f"PNG (default {plot})")
     parser.add_argument("--results_md", default=str(BENCHMARKS / "RESULTS.md"), help="markdown file to update")
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "compare_lm"), help="data cache and worker files")
     parser.add_argument("--run_timeout", type=float, default=1800, help="seconds before a single run is abandoned")
     parser.add_argument(
         "--from_json", help="re-write the table, PNG and RESULTS.md section from a saved JSON, without training"
     )
-    parser.add_argument("--_worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.output = args.output or str(
-        BENCHMARKS / "results" / ("compare_lm_sweep.json" if args.sweep else "compare_lm.json")
-    )
-    args.plot = args.plot or str(BENCHMARKS / ("compare_lm_frontier.png" if args.sweep else "compare_lm_loss.png"))
-    args.seeds_given = args.seeds is not None
-    args.seeds = args.seeds or "0,1"
-    if args._worker or args.from_json:
-        return args
-    if args.families is not None and not args.sweep:
-        parser.error("--families: only with --sweep")
-    families = tuple(f.strip() for f in (args.families or ",".join(SWEEP_FAMILIES)).split(",") if f.strip())
-    unknown = [f for f in families if f not in SWEEP_FAMILIES]
-    if unknown or not families:
-        parser.error(f"--families: unknown family(s) {unknown or families}; allowed: {', '.join(SWEEP_FAMILIES)}")
-    args.families = tuple(dict.fromkeys(families))
 
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    unknown = [m for m in models if m not in MODEL_NAMES]
-    if unknown or not models:
-        parser.error(f"--models: unknown model(s) {unknown or models}; allowed: {', '.join(MODEL_NAMES)}")
-    args.models = tuple(dict.fromkeys(models))
+
+def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Seeds as a tuple, budgets >= 1; a bad value exits with a message naming its argument."""
     try:
         args.seeds = tuple(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     except ValueError:
@@ -1393,24 +706,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("max_steps", "tokens", "eval_blocks"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag}: must be an integer >= 1, got {getattr(args, flag)}")
-    return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args._worker:
-        worker_main(Path(args._worker))
-        return {}
-    if args.from_json:
-        record = json.loads(Path(args.from_json).read_text())
-        if record["mode"].startswith("sweep"):
-            return write_sweep_reports(record, Path(args.plot), Path(args.results_md), Path(args.output))
-        return write_reports(record, Path(args.plot), Path(args.results_md), Path(args.output))
-    command = shlex.join([".venv/bin/python", "benchmarks/compare_lm.py", *(sys.argv[1:] if argv is None else argv)])
-    if args.sweep:
-        return sweep_main(args, command)
-    wall_start, load_start = time.perf_counter(), os.getloadavg()
-    setup = dataclasses.replace(QUICK if args.quick else FULL)
+def apply_budget(setup: Setup, args: argparse.Namespace) -> Setup:
+    """A copy of `setup` with the command line's budget; the warm-up at most a tenth of the steps."""
+    setup = dataclasses.replace(setup)
     if args.max_steps is not None:
         setup.max_steps = args.max_steps
     if args.tokens is not None:
@@ -1418,7 +718,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.eval_blocks is not None:
         setup.eval_blocks = args.eval_blocks
     setup.warmup_steps = min(setup.warmup_steps, max(1, setup.max_steps // 10))
+    return setup
 
+
+def read_record(path: str, sweep: bool) -> dict[str, Any]:
+    """A JSON record this script (`sweep=False`) or frontier_sweep.py saved, to re-report."""
+    record = json.loads(Path(path).read_text())
+    if record["mode"].startswith("sweep") != sweep:
+        script = "frontier_sweep.py" if record["mode"].startswith("sweep") else "compare_lm.py"
+        raise SystemExit(f"--from_json: {path} is a record of {script}; re-report it with that script.")
+    env = record["environment"]  # records from before `harness.environment` name two of its fields differently
+    env.setdefault("date_utc", env.get("date"))
+    env.setdefault("cpu_count", env.get("cores"))
+    return record
+
+
+def sweep_arguments(argv: list[str]) -> list[str] | None:
+    """The arguments for frontier_sweep.py when `argv` asks for the sweep the former way (`compare_lm.py --sweep`)."""
+    return [arg for arg in argv if arg != "--sweep"] if "--sweep" in argv else None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if sweep_arguments(argv) is not None:
+        import frontier_sweep  # noqa: PLC0415  (it imports this module)
+
+        return frontier_sweep.parse_args(sweep_arguments(argv))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, output="compare_lm.json", plot="compare_lm_loss.png")
+    parser.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma-separated subset of {MODEL_NAMES}")
+    parser.add_argument("--sweep", action="store_true", help="run frontier_sweep.py with the other arguments")
+    parser.add_argument("--families", help="with --sweep: the frontier sweep's families")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker or args.from_json:
+        return args
+    if args.families is not None:
+        parser.error("--families: only with --sweep")
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown or not models:
+        parser.error(f"--models: unknown model(s) {unknown or models}; allowed: {', '.join(MODEL_NAMES)}")
+    args.models = tuple(dict.fromkeys(models))
+    check_run_arguments(parser, args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if sweep_arguments(argv) is not None:
+        import frontier_sweep  # noqa: PLC0415  (it imports this module)
+
+        return frontier_sweep.main(sweep_arguments(argv))
+    args = parse_args(argv)
+    if args._worker:
+        worker_main(Path(args._worker))
+        return {}
+    if args.from_json:
+        return write_reports(read_record(args.from_json, sweep=False), Path(args.plot), Path(args.results_md),
+                             Path(args.output))  # fmt: skip
+    env, wall_start = harness.environment("compare_lm.py", argv), time.perf_counter()
+    setup = apply_budget(QUICK if args.quick else FULL, args)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     print(f"[compare_lm] {'quick' if args.quick else 'full'} mode: {setup}", flush=True)
@@ -1443,15 +803,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"[compare_lm] {name} seed {seed}: {result['status']}", flush=True)
 
     record = {
-        "command": command, "mode": "quick" if args.quick else "full", "setup": dataclasses.asdict(setup),
-        "environment": environment(), "load_average": {"start": load_start, "end": os.getloadavg()},
+        "command": env["command"], "mode": "quick" if args.quick else "full", "setup": dataclasses.asdict(setup),
+        "environment": env, "load_average": {"start": env["loadavg_start"], "end": os.getloadavg()},
         "data": data_info, "wall_seconds": time.perf_counter() - wall_start,
         "configs": {name: config.to_dict() for name, config in configs.items()}, "runs": runs,
     }  # fmt: skip
     return write_reports(record, Path(args.plot), Path(args.results_md), Path(args.output))
 
 
-def write_reports(record: dict[str, Any], plot: Path, results_md: Path, output: Path | None) -> dict[str, Any]:
+def write_reports(record: dict[str, Any], plot: Path, results_md: Path, output: Path) -> dict[str, Any]:
     """Summarise the runs of `record`, print the table and write the PNG, the RESULTS.md section and the JSON."""
     setup = Setup(**record["setup"])
     summary = summarize(record["runs"], tuple(record["configs"]))
@@ -1462,9 +822,7 @@ def write_reports(record: dict[str, Any], plot: Path, results_md: Path, output: 
     if plot.resolve() != (results_md.parent / "compare_lm_loss.png").resolve():  # keep the image link valid
         section = section.replace("(compare_lm_loss.png)", f"({os.path.relpath(plot, results_md.parent)})")
     harness.replace_section(results_md, SECTION_TITLE, section.removeprefix(SECTION_TITLE))
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(record, indent=1))
+    harness.write_json(output, record, indent=1)
     print(f"[compare_lm] wrote {results_md}, {plot}, {output} ({record['wall_seconds'] / 60:.1f} min)", flush=True)
     return record
 

@@ -26,7 +26,8 @@ Models (`--models`):
 
 Every model gets the same data order, optimizer (AdamW, weight decay 0.05), learning rate, warm-up + cosine schedule,
 gradient clipping (1.0), batch size, epochs and seeds. FLOPs are forward FLOPs per image, a multiply-add = 2:
-analytic (UoE: active, from `uoe.estimate_flops_per_token`), and as counted by `torch.utils.flop_counter`.
+analytic (UoE: active, `uoe.flops.estimate_flops_per_image`; the baselines: `baseline_flops.py`), and as counted by
+`torch.utils.flop_counter`.
 UoE runs its gathered path (the CPU default): only the selected (token, expert) pairs are computed, each head attends
 over its compacted token lists (padded to the longest), o_proj is one dense product and CLS goes through every
 expert, so its counted FLOPs lie between its active and its dense-equivalent FLOPs; data selection drops pairs.
@@ -49,9 +50,10 @@ from transformers import ViTConfig, ViTForImageClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from baseline_flops import all_mlp_flops_per_image, vit_flops_per_image  # noqa: E402
 
-import uoe  # noqa: E402
 from uoe import UoEConfig, UoEForImageClassification  # noqa: E402
+from uoe.flops import estimate_flops_per_image  # noqa: E402
 
 MODELS = ("uoe", "uoe_dc", "vit", "mlp")
 SECTION = "## Vision comparison (compare_vision.py)"
@@ -64,6 +66,10 @@ MODES = {
     "full": dict(train_samples=30000, test_samples=10000, epochs=3, seeds="0,1"),
 }
 MLP_DEPTH, MLP_EXPANSION = 4, 4
+UOE_SHAPE_FIELDS = (  # the shape column of the table, in this order
+    "hidden_size num_hidden_layers num_attention_heads attention_top_k intermediate_size num_mlp_experts mlp_top_k "
+    "routing_patch_size data_capacity patch_size"
+).split()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -99,28 +105,6 @@ def uoe_config(data_capacity: float | None = None) -> UoEConfig:
     )
 
 
-def uoe_flops_per_image(config: UoEConfig) -> dict[str, float]:
-    """Analytic forward FLOPs per image: encoder (active and dense) + patch embedding + classifier.
-
-    `estimate_flops_per_token` treats every token as routed; the CLS token is not routed (it goes through every
-    head's projections and every MLP expert), so its extra dense work is added here.
-    """
-    est = uoe.estimate_flops_per_token(config, NUM_TOKENS, include_lm_head=False)
-    h, layers = config.hidden_size, config.num_hidden_layers
-    projections = 4 * 2 * h * config.num_attention_heads * config.head_dim
-    mlp = 2 * 2 * h * config.intermediate_size
-    head_share = config.attention_top_k / config.num_attention_heads
-    mlp_share = config.mlp_top_k / config.num_mlp_experts
-    if config.data_capacity is not None:
-        head_share, mlp_share = min(head_share, config.data_capacity), min(mlp_share, config.data_capacity)
-    cls_extra = layers * (projections * (1 - head_share) + mlp * (1 - mlp_share))
-    stem = 2 * config.num_channels * PATCH_SIZE**2 * h * (NUM_TOKENS - 1) + 2 * h * NUM_CLASSES
-    return {
-        "active": est.active * NUM_TOKENS + cls_extra + stem,
-        "dense": est.dense * NUM_TOKENS + stem,
-    }
-
-
 def vit_config(hidden_size: int) -> ViTConfig:
     return ViTConfig(
         hidden_size=hidden_size,
@@ -139,16 +123,9 @@ def vit_config(hidden_size: int) -> ViTConfig:
     )
 
 
-def vit_flops_per_image(config: ViTConfig) -> float:
-    h, t = config.hidden_size, NUM_TOKENS
-    per_layer_token = 4 * 2 * h * h + 2 * 2 * h * t + 2 * 2 * h * config.intermediate_size
-    stem = 2 * config.num_channels * config.patch_size**2 * h * (t - 1) + 2 * h * NUM_CLASSES
-    return config.num_hidden_layers * per_layer_token * t + stem
-
-
 def matched_vit_width(target_flops: float, tolerance: float = 0.10) -> int:
     """Width (multiple of 8) whose ViT FLOPs per image are closest to `target_flops`; within `tolerance`."""
-    width = min(range(8, 1025, 8), key=lambda w: abs(vit_flops_per_image(vit_config(w)) - target_flops))
+    width = harness.solve_width(lambda w: vit_flops_per_image(vit_config(w)), target_flops, range(8, 1025, 8))
     ratio = vit_flops_per_image(vit_config(width)) / target_flops
     if abs(ratio - 1) > tolerance:
         raise RuntimeError(f"no ViT width matches {target_flops:.3g} FLOPs within {tolerance:.0%} (best {ratio:.3f})")
@@ -172,8 +149,6 @@ class AllMLPClassifier(nn.Module):
 
     def __init__(self, in_features: int, width: int, depth: int, expansion: int, num_classes: int):
         super().__init__()
-        self.in_features, self.width, self.depth, self.expansion = in_features, width, depth, expansion
-        self.num_classes = num_classes
         self.embed = nn.Linear(in_features, width)
         self.blocks = nn.ModuleList([MLPBlock(width, expansion) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
@@ -185,11 +160,6 @@ class AllMLPClassifier(nn.Module):
             x = block(x)
         return self.head(self.norm(x))
 
-    def analytic_flops(self) -> float:
-        """Forward FLOPs per image of the linear layers (LayerNorm/GELU/bias adds are not counted)."""
-        w = self.width
-        return 2 * self.in_features * w + self.depth * 2 * 2 * w * self.expansion * w + 2 * w * self.num_classes
-
 
 def mlp_param_count(width: int, depth: int = MLP_DEPTH, expansion: int = MLP_EXPANSION) -> int:
     in_features = IMAGE_SIZE * IMAGE_SIZE
@@ -198,7 +168,7 @@ def mlp_param_count(width: int, depth: int = MLP_DEPTH, expansion: int = MLP_EXP
 
 
 def matched_mlp_width(target_params: int) -> int:
-    return min(range(8, 4097), key=lambda w: abs(mlp_param_count(w) - target_params))
+    return harness.solve_width(mlp_param_count, target_params, range(8, 4097))
 
 
 @functools.lru_cache(maxsize=1)
@@ -213,29 +183,15 @@ def build_model(name: str) -> tuple[nn.Module, dict]:
     if name in ("uoe", "uoe_dc"):
         config = uoe_config(data_capacity=0.5 if name == "uoe_dc" else None)
         model = UoEForImageClassification(config)
-        flops = uoe_flops_per_image(config)
+        flops = estimate_flops_per_image(config)
         info = {
             "class": "uoe.UoEForImageClassification",
-            "config": {
-                k: getattr(config, k)
-                for k in (
-                    "hidden_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "attention_top_k",
-                    "intermediate_size",
-                    "num_mlp_experts",
-                    "mlp_top_k",
-                    "routing_patch_size",
-                    "data_capacity",
-                    "patch_size",
-                )
-            },
-            "analytic_flops": flops["active"],
-            "analytic_flops_dense_equivalent": flops["dense"],
+            "config": {k: getattr(config, k) for k in UOE_SHAPE_FIELDS},
+            "analytic_flops": flops.active,
+            "analytic_flops_dense_equivalent": flops.dense,
         }
     elif name == "vit":
-        width = matched_vit_width(uoe_flops_per_image(reference)["active"])
+        width = matched_vit_width(estimate_flops_per_image(reference).active)
         config = vit_config(width)
         model = ViTForImageClassification(config)
         info = {
@@ -247,12 +203,12 @@ def build_model(name: str) -> tuple[nn.Module, dict]:
             "analytic_flops": vit_flops_per_image(config),
         }
     elif name == "mlp":
-        width = matched_mlp_width(uoe_parameter_count())
-        model = AllMLPClassifier(IMAGE_SIZE * IMAGE_SIZE, width, MLP_DEPTH, MLP_EXPANSION, NUM_CLASSES)
+        width, sizes = matched_mlp_width(uoe_parameter_count()), (MLP_DEPTH, MLP_EXPANSION, NUM_CLASSES)
+        model = AllMLPClassifier(IMAGE_SIZE * IMAGE_SIZE, width, *sizes)
         info = {
             "class": "AllMLPClassifier (this script)",
             "config": {"width": width, "depth": MLP_DEPTH, "expansion": MLP_EXPANSION, "patches": "none"},
-            "analytic_flops": model.analytic_flops(),
+            "analytic_flops": all_mlp_flops_per_image(IMAGE_SIZE * IMAGE_SIZE, width, *sizes),
         }
     else:
         raise ValueError(f"unknown model {name!r}; expected one of {list(MODELS)}")
@@ -338,16 +294,7 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)  # same order for every model
         return batch_iterator(data["train_x"], data["train_y"], args.batch_size, torch.randperm(n, generator=generator))
 
-    stats = harness.train(
-        model,
-        batches,
-        training_loss,
-        epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-    )
+    stats = harness.train_epochs(model, batches, training_loss, args, steps_per_epoch)
     evaluation = harness.evaluate(
         model, batch_iterator(data["test_x"], data["test_y"], args.eval_batch_size, None), forward_logits
     )
@@ -361,32 +308,11 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
     }
 
 
-def summarize(results: dict, names: list[str]) -> list[dict]:
-    rows = []
-    for name in names:
-        runs = results["runs"].get(name, [])
-        ok = [r for r in runs if "error" not in r]
-        failed = [r for r in runs if "error" in r]
-        row = {"model": name, "runs": len(ok), "failed": [f"seed {r['seed']}: {r['error']}" for r in failed]}
-        if ok:
-            first = ok[0]
-            row.update(
-                {
-                    "class": first["class"],
-                    "config": first["config"],
-                    "parameters": first["parameters"],
-                    "analytic_flops": first["analytic_flops"],
-                    "counted_flops": first["counted_flops"],
-                    "accuracy": [r["accuracy"] for r in ok],
-                    "train_images_per_s": [r["train_examples_per_s"] for r in ok],
-                    "eval_images_per_s": [r["eval_examples_per_s"] for r in ok],
-                    "train_seconds": [r["train_seconds"] for r in ok],
-                }
-            )
-        rows.append(row)
-    return rows
-
-
+SUMMARY_FIELDS = (
+    ("class", "config", "parameters", "analytic_flops", "counted_flops"),
+    {"accuracy": "accuracy", "train_images_per_s": "train_examples_per_s", "eval_images_per_s": "eval_examples_per_s",
+     "train_seconds": "train_seconds"},
+)  # fmt: skip
 LABELS = {
     "uoe": "UoE (2/4 heads, 2/4 experts)",
     "uoe_dc": "UoE + data selection (capacity 0.5)",
@@ -396,74 +322,44 @@ LABELS = {
 
 
 def markdown(results: dict) -> str:
-    env, cfg = results["environment"], results["settings"]
+    cfg = results["settings"]
     rows = []
     for row in results["summary"]:
         if not row["runs"]:
-            rows.append([LABELS[row["model"]], "not run: " + "; ".join(row["failed"]), "", "", "", "", "", ""])
+            rows.append([LABELS[row["model"]], "not run: " + "; ".join(row["failed"])] + [""] * 6)
             continue
-        config = row["config"]
-        shape = ", ".join(f"{k}={v}" for k, v in config.items() if v is not None)
-        rows.append(
-            [
-                LABELS[row["model"]],
-                harness.fmt_mean(row["accuracy"], 100, 2),
-                f"{row['parameters']:,}",
-                harness.fmt_count(row["analytic_flops"]),
-                harness.fmt_count(row["counted_flops"]),
-                harness.fmt_mean(row["train_images_per_s"], 1, 0),
-                harness.fmt_mean(row["eval_images_per_s"], 1, 0),
-                f"`{shape}`",
-            ]
-        )
-    table = harness.markdown_table(
-        [
-            "model",
-            "test accuracy %",
-            "parameters",
-            "FLOPs/image (analytic)",
-            "FLOPs/image (counted)",
-            "train images/s",
-            "eval images/s",
-            "shape",
-        ],
-        rows,
-    )
+        shape = ", ".join(f"{k}={v}" for k, v in row["config"].items() if v is not None)
+        rows.append([
+            LABELS[row["model"]], harness.fmt_mean(row["accuracy"], 100, 2), f"{row['parameters']:,}",
+            harness.fmt_count(row["analytic_flops"]), harness.fmt_count(row["counted_flops"]),
+            harness.fmt_mean(row["train_images_per_s"], 1, 0), harness.fmt_mean(row["eval_images_per_s"], 1, 0),
+            f"`{shape}`",
+        ])  # fmt: skip
+    header = ["model", "test accuracy %", "parameters", "FLOPs/image (analytic)", "FLOPs/image (counted)",
+              "train images/s", "eval images/s", "shape"]  # fmt: skip
     seeds = ", ".join(str(s) for s in cfg["seeds"])
-    failed = [f"- {row['model']}: {'; '.join(row['failed'])}" for row in results["summary"] if row["failed"]]
-    return "\n".join(
-        [
-            f"Mode `{cfg['mode']}`, {env['date_utc']}, `{env['command']}`; {env['device']} ({env['cpu']}, "
-            f"{env['cpu_count']} cores, {env['torch_threads']} torch threads), Python {env['python']}, torch "
-            f"{env['torch']}, transformers {env['transformers']}. Wall time {results['wall_seconds'] / 60:.1f} min.",
-            "",
-            f"Fashion-MNIST: {cfg['train_samples']:,} training images (fixed subset, permutation seed {SUBSET_SEED}), "
-            f"{cfg['test_samples']:,} test images; {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr "
-            f"{cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['warmup_steps']} warm-up steps then cosine, "
-            f"grad clip 1.0, identical for every model; seeds {seeds} (accuracy and throughput: mean ± sample std "
-            "over seeds). FLOPs: forward, per image, multiply-add = 2.",
-            "",
-            table,
-            "",
-            "- Analytic FLOPs: UoE's are the *active* ones (`uoe.estimate_flops_per_token` on 17 tokens, plus the "
-            "dense CLS token, patch embedding and head); the ViT's width is the multiple of 8 whose analytic FLOPs "
-            "are closest to UoE's active FLOPs (same patch size, depth, heads, MLP ratio 2); the all-MLP width "
-            "is the one whose parameter count is closest to UoE's.",
-            "- Counted FLOPs: `torch.utils.flop_counter.FlopCounterMode` on an 8-image forward pass (matmuls, "
-            "convolutions and attention, not norms/activations). UoE runs its gathered path: only the selected "
-            "(token, expert) pairs, attention over each head's compacted lists (padded to the longest), o_proj as "
-            "one dense product and CLS through every expert, so its count lies between its active FLOPs and the "
-            f"dense-equivalent ones ({harness.fmt_count(results['uoe_dense_equivalent_flops'])}); data selection "
-            "drops pairs.",
-            "- Throughput is measured on this shared CPU with PyTorch eager kernels; it reflects these "
-            "implementations here, not what the FLOPs would allow.",
-            harness.THREADS_NOTE,
-            f"- {results['load_note']}",
-            *(["", "Models that did not run:", *failed] if failed else []),
-            "",
-            f"Raw results: `{results['json_path']}`.",
-        ]
+    settings = (
+        f"Fashion-MNIST: {cfg['train_samples']:,} training images (fixed subset, permutation seed {SUBSET_SEED}), "
+        f"{cfg['test_samples']:,} test images; {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr "
+        f"{cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, {cfg['warmup_steps']} warm-up steps then cosine, "
+        f"grad clip 1.0, identical for every model; seeds {seeds} (accuracy and throughput: mean ± sample std "
+        "over seeds). FLOPs: forward, per image, multiply-add = 2."
     )
+    notes = [
+        "- Analytic FLOPs: UoE's are the *active* ones (`uoe.estimate_flops_per_token` on 17 tokens, plus the "
+        "dense CLS token, patch embedding and head); the ViT's width is the multiple of 8 whose analytic FLOPs "
+        "are closest to UoE's active FLOPs (same patch size, depth, heads, MLP ratio 2); the all-MLP width "
+        "is the one whose parameter count is closest to UoE's.",
+        "- Counted FLOPs: `torch.utils.flop_counter.FlopCounterMode` on an 8-image forward pass (matmuls, "
+        "convolutions and attention, not norms/activations). UoE runs its gathered path: only the selected "
+        "(token, expert) pairs, attention over each head's compacted lists (padded to the longest), o_proj as "
+        "one dense product and CLS through every expert, so its count lies between its active FLOPs and the "
+        f"dense-equivalent ones ({harness.fmt_count(results['uoe_dense_equivalent_flops'])}); data selection "
+        "drops pairs.",
+        "- Throughput is measured on this shared CPU with PyTorch eager kernels; it reflects these "
+        "implementations here, not what the FLOPs would allow.",
+    ]
+    return harness.section_text(results, [settings, "", harness.markdown_table(header, rows)], notes)
 
 
 def parse_args(argv: list[str] | None):
@@ -479,16 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    env = harness.environment()
+    env = harness.environment("compare_vision.py", argv)
     data = load_data(args.fashion_mnist_dir, args.train_samples, args.test_samples)
     print(f"data: {len(data['train_y'])} train / {len(data['test_y'])} test images", flush=True)
-    uoe_flops = uoe_flops_per_image(uoe_config())
+    uoe_flops = estimate_flops_per_image(uoe_config())
     results = {
         "benchmark": "compare_vision",
         "environment": env,
         "settings": {**harness.common_settings(args), "subset_seed": SUBSET_SEED},
-        "uoe_active_flops": uoe_flops["active"],
-        "uoe_dense_equivalent_flops": uoe_flops["dense"],
+        "uoe_active_flops": uoe_flops.active,
+        "uoe_dense_equivalent_flops": uoe_flops.dense,
     }
     results["runs"] = harness.run_grid(
         lambda name, seed: run_one(name, seed, data, args),
@@ -496,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed_list,
         lambda run: f"accuracy {run['accuracy']:.4f}, {run['train_examples_per_s']:.0f} train images/s",
     )
-    return harness.finish_run(results, args, start, summarize, markdown, SECTION)
+    return harness.finish_run(results, args, start, SUMMARY_FIELDS, markdown, SECTION)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Shared pieces of compare_vision.py and compare_listops.py: environment record, training loop, FLOP counting,
-tables, and replacing one section of benchmarks/RESULTS.md."""
+"""What the benchmark scripts share: the environment record, the models by config, parameter counting and the width
+solver, FLOP counting, the training loop, evaluation, command-line checks, tables and RESULTS.md sections.
+The analytic FLOPs are in `uoe.flops` (UoE) and `baseline_flops.py` (the baselines)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-import transformers
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop
-from transformers import get_cosine_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
@@ -38,9 +39,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment() -> dict:
-    """What a reader needs to judge the numbers: machine, versions, date, command, load."""
-    return {
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def environment(script: str, argv: list[str] | None) -> dict[str, Any]:
+    """What a reader needs to judge a script's numbers: date, device, CPU, versions, commit, command, load at the
+    start (`loadavg_end` is the script's to add). `argv`: the script's arguments (None: `sys.argv[1:]`)."""
+    import transformers  # noqa: PLC0415
+
+    import uoe  # noqa: PLC0415
+
+    arguments = sys.argv[1:] if argv is None else argv
+    record = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cpu": cpu_name(),
@@ -49,10 +63,23 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "uoe": uoe.__version__,
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "uoe_uncommitted_changes": bool(_git("status", "--porcelain", "--", "uoe")),
         "platform": platform.platform(),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([".venv/bin/python", f"benchmarks/{script}", *arguments]),
         "loadavg_start": list(os.getloadavg()),
     }
+    if torch.cuda.is_available():
+        record["cuda"] = torch.version.cuda
+        record["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+        try:
+            import triton  # noqa: PLC0415
+
+            record["triton"] = triton.__version__
+        except ImportError:
+            record["triton"] = None
+    return record
 
 
 def parse_int_list(name: str, text: str) -> list[int]:
@@ -81,8 +108,54 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
 
 
-def count_parameters(model: torch.nn.Module) -> int:
+def model_class(model_type: str) -> type:
+    """The model class of a config's `model_type` in the comparisons: UoE, transformers' baselines, MoEUT's."""
+    import transformers  # noqa: PLC0415
+
+    import uoe  # noqa: PLC0415
+
+    if model_type == "uoe":
+        return uoe.UoEForCausalLM
+    if model_type == "moeut_baseline":
+        import moeut  # noqa: PLC0415  (benchmarks/moeut.py, next to this file)
+
+        return moeut.MoEUTForCausalLM
+    names = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+             "deepseek_v3": "DeepseekV3ForCausalLM"}  # fmt: skip
+    return getattr(transformers, names[model_type])
+
+
+def config_from_dict(values: dict[str, Any]):
+    """The config object of a `config.to_dict()` (worker processes and saved records hold configs as dicts)."""
+    return model_class(values["model_type"]).config_class.from_dict(values)
+
+
+def instantiate(config, device: str | torch.device = "cpu", **kwargs) -> torch.nn.Module:
+    """A model built from `config` on `device` with SDPA attention (`kwargs`: more `_from_config` arguments)."""
+    with torch.device(device):
+        if config.model_type == "moeut_baseline":  # its own SDPA attention, not a transformers attention interface
+            return model_class(config.model_type)(config)
+        return model_class(config.model_type)._from_config(config, attn_implementation="sdpa", **kwargs)
+
+
+def count_parameters(model: torch.nn.Module | Any) -> int:
+    """Parameters of a model, or of the model a config builds (on the meta device: no memory, no initialisation)."""
+    if not isinstance(model, torch.nn.Module):
+        model = instantiate(model, "meta")
     return sum(p.numel() for p in model.parameters())
+
+
+def solve_width(measure: Callable[[int], float], target: float, widths: range = range(1, 2**20)) -> int:
+    """The width of `widths` whose `measure` (a count that grows with the width: parameters, FLOPs) is closest to
+    `target`, the smaller of two equally close; by bisection, so a measure that builds a model runs ~20 times."""
+    low, high = 0, len(widths) - 1
+    while low < high:  # the first width whose measure reaches the target
+        middle = (low + high) // 2
+        if measure(widths[middle]) < target:
+            low = middle + 1
+        else:
+            high = middle
+    return min(widths[max(low - 1, 0) : low + 1], key=lambda width: abs(measure(width) - target))
 
 
 # torch's FLOP counter has no formula for the CPU flash-attention kernel that SDPA runs here (it would count 0);
@@ -111,44 +184,83 @@ def counted_forward_flops(model: torch.nn.Module, call: Callable[[], object]) ->
 
 def train(
     model: torch.nn.Module,
-    batches: Callable[[int], Iterator[tuple[dict, torch.Tensor]]],
+    batches: Iterable[tuple[dict, torch.Tensor]],
     loss_fn: Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor],
     *,
-    epochs: int,
-    steps_per_epoch: int,
+    steps: int,
     lr: float,
     weight_decay: float,
     warmup_steps: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    decay_matrices_only: bool = False,
+    after_step: Callable[[], None] | None = None,
     max_grad_norm: float = 1.0,
-) -> dict:
-    """AdamW + linear warm-up + cosine decay; the same loop for every model. Returns timing and loss curve."""
+) -> dict[str, Any]:
+    """The training loop of every comparison: AdamW, linear warm-up then cosine decay to 0 at `steps` (one per
+    batch), gradient clipping. `decay_matrices_only` exempts norms and biases from the weight decay; `after_step`
+    runs after every optimizer step. Returns each step's loss and seconds, the total seconds and examples."""
+    from transformers import get_cosine_schedule_with_warmup  # noqa: PLC0415
+
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    total_steps = epochs * steps_per_epoch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps // 2), total_steps)
-    examples = step = 0
-    losses: list[float] = []
+    parameters = list(model.parameters())
+    if decay_matrices_only:
+        parameters = [
+            {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+        ]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, betas=betas)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
+    losses, step_seconds, examples = [], [], 0
     start = time.perf_counter()
-    for epoch in range(epochs):
-        for inputs, labels in batches(epoch):
-            loss = loss_fn(model, inputs, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at step {step}: {loss.item()}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            examples += len(labels)
-            step += 1
-            losses.append(float(loss.detach()))
-    seconds = time.perf_counter() - start
+    for inputs, labels in batches:
+        step_start = time.perf_counter()
+        loss = loss_fn(model, inputs, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {len(losses)}: {loss.item()}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        losses.append(float(loss.detach()))
+        examples += len(labels)
+        step_seconds.append(time.perf_counter() - step_start)
+    return {
+        "losses": losses,
+        "step_seconds": step_seconds,
+        "seconds": time.perf_counter() - start,
+        "examples": examples,
+    }
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    batches: Callable[[int], Iterable[tuple[dict, torch.Tensor]]],
+    loss_fn: Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor],
+    args: argparse.Namespace,
+    steps_per_epoch: int,
+) -> dict[str, Any]:
+    """`train` over `args.epochs` passes of `batches(epoch)` with the optimizer settings of `args` (the classifier
+    comparisons; warm-up at most half the steps), summarised for their tables."""
+    steps = args.epochs * steps_per_epoch
+    run = train(
+        model,
+        (batch for epoch in range(args.epochs) for batch in batches(epoch)),
+        loss_fn,
+        steps=steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=min(args.warmup_steps, steps // 2),
+    )
+    losses, seconds = run["losses"], run["seconds"]
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "train_seconds": seconds,
-        "train_steps": step,
-        "train_examples": examples,
-        "train_examples_per_s": examples / seconds,
+        "train_steps": len(losses),
+        "train_examples": run["examples"],
+        "train_examples_per_s": run["examples"] / seconds,
         "first_loss": losses[0],
         "final_loss": sum(tail) / len(tail),
     }
@@ -228,10 +340,10 @@ def display_path(path) -> str:
         return str(path)
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict, indent: int = 2) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(payload, indent=indent) + "\n", encoding="utf-8")
 
 
 def load_note(load_start: list[float], load_end: list[float], cores: int | None, threads: int = 1) -> str:
@@ -295,7 +407,7 @@ def add_common_arguments(
     weight_decay: float,
     json_stem: str,
 ) -> None:
-    """The arguments every comparison takes: mode, models, seeds, data sizes, optimizer, threads, outputs.
+    """The arguments every classifier comparison takes: mode, models, seeds, data sizes, optimizer, threads, outputs.
     `None` defaults are filled from the script's `MODES` table by `parse_common_arguments`."""
     parser.add_argument("--quick", action="store_true", help="small budget (a few minutes on 2 CPU cores)")
     parser.add_argument("--models", default=",".join(models), help=f"comma-separated subset of {list(models)}")
@@ -351,24 +463,58 @@ def parse_common_arguments(
 
 
 def common_settings(args: argparse.Namespace) -> dict:
-    """The settings every comparison records with its results."""
+    """The settings every classifier comparison records with its results."""
     keys = ("mode", "train_samples", "test_samples", "epochs", "batch_size", "lr", "weight_decay", "warmup_steps")
     return {"models": args.model_list, "seeds": args.seed_list, **{key: getattr(args, key) for key in keys}}
+
+
+def summarize(results: dict, names: list[str], first: tuple[str, ...], per_seed: dict[str, str]) -> list[dict]:
+    """Per model: its finished runs and failures, the `first` fields of its first run (the same for every seed) and
+    the `per_seed` fields (summary name: run field) as lists over its seeds."""
+    rows = []
+    for name in names:
+        runs = results["runs"].get(name, [])
+        ok = [r for r in runs if "error" not in r]
+        row = {
+            "model": name,
+            "runs": len(ok),
+            "failed": [f"seed {r['seed']}: {r['error']}" for r in runs if "error" in r],
+        }
+        if ok:
+            row.update({key: ok[0][key] for key in first})
+            row.update({key: [r[field] for r in ok] for key, field in per_seed.items()})
+        rows.append(row)
+    return rows
+
+
+def section_text(results: dict, body: list[str], notes: list[str]) -> str:
+    """A classifier comparison's RESULTS.md section: mode, date, command and machine; the script's `body` (settings,
+    table) and `notes`; the notes every comparison has (threads, load, failed models) and the JSON's path."""
+    env, settings = results["environment"], results["settings"]
+    failed = [f"- {row['model']}: {'; '.join(row['failed'])}" for row in results["summary"] if row["failed"]]
+    return "\n".join([
+        f"Mode `{settings['mode']}`, {env['date_utc']}, `{env['command']}`; {env['device']} ({env['cpu']}, "
+        f"{env['cpu_count']} cores, {env['torch_threads']} torch threads), Python {env['python']}, torch "
+        f"{env['torch']}, transformers {env['transformers']}. Wall time {results['wall_seconds'] / 60:.1f} min.",
+        "", *body, "", *notes, THREADS_NOTE, f"- {results['load_note']}",
+        *(["", "Models that did not run:", *failed] if failed else []), "", f"Raw results: `{results['json_path']}`.",
+    ])  # fmt: skip
 
 
 def finish_run(
     results: dict,
     args: argparse.Namespace,
     started: float,
-    summarize: Callable[[dict, list[str]], list[dict]],
+    summary_fields: tuple[tuple[str, ...], dict[str, str]],
     markdown: Callable[[dict], str],
     section: str,
 ) -> int:
-    """Summarise, write the JSON and the RESULTS.md section, print the section; exit status 1 if a run failed."""
+    """Summarise (`summary_fields`: `summarize`'s `first` and `per_seed`), write the JSON and the RESULTS.md section,
+    print the section; exit status 1 if a run failed."""
     env = results["environment"]
     env["loadavg_end"] = list(os.getloadavg())
     results["wall_seconds"] = time.perf_counter() - started
-    results["summary"] = summarize(results, args.model_list)
+    results["summary"] = summarize(results, args.model_list, *summary_fields)
     results["load_note"] = load_note(
         env["loadavg_start"], env["loadavg_end"], env["cpu_count"], torch.get_num_threads()
     )

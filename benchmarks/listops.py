@@ -250,22 +250,3 @@ def encode(tokens: list[str], add_cls: bool = True) -> list[int]:
 def label_counts(examples: list[ListOpsExample]) -> dict[int, int]:
     counts = Counter(example.label for example in examples)
     return {label: counts.get(label, 0) for label in range(NUM_CLASSES)}
-
-
-__all__ = [
-    "CLS_ID",
-    "NUM_CLASSES",
-    "OPERATORS",
-    "PAD_ID",
-    "VOCAB",
-    "ListOpsExample",
-    "apply_operator",
-    "encode",
-    "evaluate",
-    "generate",
-    "label_counts",
-    "max_arguments",
-    "max_nesting",
-    "tokenize",
-    "tree_value",
-]

@@ -1,5 +1,5 @@
 """A compact MoEUT baseline for the LM comparison (issue 15): SwitchHead attention, σ-MoE MLP, layer grouping and
-peri-layernorm, as a transformers `PreTrainedModel` trained from scratch by `compare_lm.py`.
+peri-layernorm, as a transformers `PreTrainedModel` trained from scratch by `frontier_sweep.py`.
 
 MoEUT (Csordás, Irie, Schmidhuber, Potts and Manning, 2024, "MoEUT: Mixture-of-Experts Universal Transformers")
 builds a shared-layer ("universal") transformer out of two mixture-of-experts blocks. This module writes them down
@@ -33,7 +33,8 @@ Departures from the paper and its public code (github.com/RobertCsordas/moeut), 
   `"dense"` (the default, what the sweep trains): every expert is computed and the unselected ones are weighted 0,
   two matmuls per block. At the comparison's CPU sizes the dense one is several times faster (sort, scatter and
   gather dominate the small products), at the cost of executing all experts' FLOPs: its tokens/s are those of the
-  dense computation, while `compare_lm.py` reports the analytic *active* FLOPs for every model;
+  dense computation, while the comparisons report the analytic *active* FLOPs for every model
+  (`baseline_flops.moeut_flops_per_token`);
 - positions: RoPE on half of each head's channels (the public code's `SwitchHeadRope`, `rotate_fraction=0.5`), not
   the Transformer-XL relative positions of the paper's main results;
 - the entropy loss averages the router distribution over the batch *and* the positions before taking the entropy
@@ -391,20 +392,3 @@ class MoEUTForCausalLM(MoEUTPreTrainedModel):
         output = CausalLMOutputWithPast(loss=loss, logits=logits)
         output["aux_loss"] = aux_loss
         return output
-
-
-def analytic_flops_per_token(config: MoEUTConfig, seq_len: int, attention: str = "causal") -> float:
-    """Active forward FLOPs per token (a multiply-add = 2; LM head included; norms, RoPE and softmax left out):
-    per layer application the dense q/k projections, the routers, the top-k value and output experts per head,
-    the attention scores and weighted values over (L+1)/2 keys (causal) or L (full), and the top-k MLP experts."""
-    if attention not in ("causal", "full"):
-        raise ValueError(f"`attention` must be 'causal' or 'full', got {attention!r}.")
-    context = (seq_len + 1) / 2 if attention == "causal" else seq_len
-    d, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
-    query_key = 2 * 2 * d * heads * head_dim
-    routers = 2 * d * (2 * heads * config.num_attention_experts + config.num_mlp_experts)
-    value_output = 2 * 2 * d * head_dim * heads * config.attention_top_k
-    scores = 2 * 2 * heads * head_dim * context
-    mlp = config.mlp_top_k * 2 * 2 * d * config.mlp_expert_size
-    layer = query_key + routers + value_output + scores + mlp
-    return config.num_hidden_layers * layer + 2 * d * config.vocab_size

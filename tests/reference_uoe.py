@@ -7,7 +7,10 @@ query heads -- is the attention expert, a query head of a selected group attends
 that selected the group, RoPE at original positions, union of selected experts). Attention biases and
 per-head q/k RMSNorm (`qk_norm`) are read from the state dict when present. Shared experts (the first
 `num_shared_*` of a block, every token's, gate 1, not scored by the router) and Chain-of-Experts iterations
-(`mlp_chain_length`: `x = x + UoME_t(norm(x))`, router t per iteration) follow SPEC-level rules as well.
+(`mlp_chain_length`: `x = x + UoME_t(norm(x))`, router t per iteration) follow SPEC-level rules as well, and so do
+MoEUT's layer grouping (`num_layer_groups = G`: layer `a*G + j` applies the weights of layer j), padding
+(`reference_batch_logits`: each row's real tokens run alone, at positions counted from its first real token) and every
+RoPE type the config accepts (`rope_frequencies`, from the published formulas).
 """
 
 from __future__ import annotations
@@ -37,6 +40,79 @@ def _rope(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
     return out
 
 
+def rope_frequencies(cfg, seq_len: int) -> tuple[torch.Tensor, float]:
+    """`(inverse frequencies (head_dim / 2,), cos/sin scale)` of the configured RoPE, in float64, for a forward pass
+    whose largest position is `seq_len - 1` (dynamic NTK and LongRoPE depend on it). Pair d of a head rotates by
+    `position * inv[d]`; the default is `inv[d] = theta ** (-2d / head_dim)`. Written from the methods' descriptions:
+
+    - linear (position interpolation) and proportional (all dimensions rotated): `inv / factor`;
+    - dynamic NTK: past `max_position_embeddings = L`, the base grows to `theta * (factor * seq_len / L - factor + 1)
+      ** (D / (D - 2))`;
+    - YaRN: pairs that turn more than `beta_fast` times over the original context `L0` keep their frequency, those
+      that turn fewer than `beta_slow` times are interpolated (`/ factor`), linearly in the pair index between the two
+      (bounds rounded outwards); cos and sin are scaled by `0.1 ln(factor) + 1` (or `attention_factor`);
+    - Llama 3: wavelengths `2 pi / inv` above `L0 / low_freq_factor` are interpolated, those below
+      `L0 / high_freq_factor` kept, those between blended by `(L0 / wavelength - low) / (high - low)`;
+    - LongRoPE: `inv / long_factor` when `seq_len > L0`, else `inv / short_factor`, cos and sin scaled by
+      `sqrt(1 + ln(factor) / ln(L0))` with `factor = L / L0` unless given (or `attention_factor`).
+    """
+    params = cfg.rope_parameters
+    kind, base, dim = params.get("rope_type", "default"), params["rope_theta"], cfg.head_dim
+    length = cfg.max_position_embeddings
+    original = params.get("original_max_position_embeddings", length)
+    pairs = torch.arange(dim // 2, dtype=torch.float64)
+    inv = base ** (-2 * pairs / dim)
+    scale = 1.0
+    if kind in ("linear", "proportional"):
+        inv = inv / params["factor"]
+    elif kind == "dynamic" and seq_len > length:
+        factor = params["factor"]
+        grown = base * (factor * seq_len / length - factor + 1) ** (dim / (dim - 2))
+        inv = grown ** (-2 * pairs / dim)
+    elif kind == "yarn":
+        factor = params["factor"]
+
+        def pair_turning(turns: float) -> float:  # the pair index whose frequency turns `turns` times over L0 tokens
+            return dim * math.log(original / (2 * math.pi * turns)) / (2 * math.log(base))
+
+        low, high = pair_turning(params.get("beta_fast") or 32), pair_turning(params.get("beta_slow") or 1)
+        if params.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        high = high + 0.001 if low == high else high
+        interpolated = ((pairs - low) / (high - low)).clamp(0, 1)
+        inv = inv * (1 - interpolated) + inv / factor * interpolated
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        if params.get("attention_factor") is not None:
+            scale = params["attention_factor"]
+        elif mscale and mscale_all:
+            scale = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1)
+        else:
+            scale = 0.1 * math.log(factor) + 1 if factor > 1 else 1.0
+    elif kind == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        wavelength = 2 * math.pi / inv
+        blend = ((original / wavelength - low) / (high - low)).clamp(0, 1)
+        blend = torch.where(wavelength > original / low, 0.0, torch.where(wavelength < original / high, 1.0, blend))
+        inv = inv / factor * (1 - blend) + inv * blend
+    elif kind == "longrope":
+        chosen = params["long_factor"] if seq_len > original else params["short_factor"]
+        inv = inv / torch.tensor(chosen, dtype=torch.float64)
+        factor = params.get("factor") or length / original
+        if params.get("attention_factor") is not None:
+            scale = params["attention_factor"]
+        else:
+            scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return inv, scale
+
+
+def _rotate(x: torch.Tensor, position: int, inv: torch.Tensor, scale: float) -> torch.Tensor:
+    """RoPE of one head vector: pair (i, i + head_dim / 2) turned by `position * inv[i]`, times `scale`."""
+    half = x.shape[-1] // 2
+    cos, sin = torch.cos(position * inv), torch.sin(position * inv)
+    return scale * torch.cat([x[:half] * cos - x[half:] * sin, x[half:] * cos + x[:half] * sin])
+
+
 def _select(logits: torch.Tensor, top_k: int, score_func: str, gate_mode: str) -> dict[int, torch.Tensor]:
     """Each selected expert's gate, as a 0-dim tensor that carries the router's gradient."""
     scores = torch.softmax(logits, -1) if score_func == "softmax" else torch.sigmoid(logits)
@@ -58,12 +134,17 @@ def _select_with_shared(
 
 
 def reference_logits(
-    model, input_ids: list[int], router_weights: dict[str, torch.Tensor] | None = None
+    model,
+    input_ids: list[int],
+    router_weights: dict[str, torch.Tensor] | None = None,
+    rope_length: int | None = None,
 ) -> torch.Tensor:
     """Logits `(seq, vocab)` of one unpadded sequence, in float64.
 
     `router_weights` replaces the model's router weights by the given tensors (state-dict names), e.g. float64
-    leaves that require grad, so that autograd through this loop gives the routers' gradients.
+    leaves that require grad, so that autograd through this loop gives the routers' gradients. `rope_length`: the
+    largest position + 1 of the forward pass the sequence is part of (default: its own length), which dynamic NTK and
+    LongRoPE read.
     """
     cfg = model.config
     sd = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
@@ -71,13 +152,14 @@ def reference_logits(
     heads, head_dim, patch = cfg.num_attention_heads, cfg.head_dim, cfg.routing_patch_size
     kv_heads = cfg.num_key_value_heads
     group_size = heads // kv_heads
-    theta = cfg.rope_parameters["rope_theta"]
+    seq = len(input_ids)
+    inv_freq, rope_scale = rope_frequencies(cfg, rope_length or seq)
+    distinct_layers = getattr(cfg, "num_layer_groups", None) or cfg.num_hidden_layers
     expert_size = cfg.intermediate_size // cfg.num_mlp_experts
     act = torch.nn.functional.silu if cfg.hidden_act == "silu" else torch.nn.functional.gelu
-    seq = len(input_ids)
     x = sd["model.embed_tokens.weight"][input_ids]
     for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
+        p = f"model.layers.{layer % distinct_layers}."  # layer grouping: application a of layer j is a*G + j
         h = _rms_norm(x, sd[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         # routing: every token of a patch uses the decision of the patch's first token; experts are head groups
         router = h @ sd[p + "self_attn.router.weight"].T
@@ -96,13 +178,19 @@ def reference_logits(
         if p + "self_attn.q_norm.weight" in sd:
             q = _rms_norm(q, sd[p + "self_attn.q_norm.weight"], cfg.rms_norm_eps)
             k = _rms_norm(k, sd[p + "self_attn.k_norm.weight"], cfg.rms_norm_eps)
+        # every head vector rotated at its token's position
+        q = torch.stack(
+            [torch.stack([_rotate(q[t, i], t, inv_freq, rope_scale) for i in range(heads)]) for t in range(seq)]
+        )
+        k = torch.stack(
+            [torch.stack([_rotate(k[t, i], t, inv_freq, rope_scale) for i in range(kv_heads)]) for t in range(seq)]
+        )
         attn = torch.zeros(seq, heads, head_dim, dtype=torch.float64)
         for t in range(seq):
             for group, gate in groups_of[t].items():
                 keys = [j for j in range(t + 1) if group in groups_of[j]]
                 for head in range(group * group_size, (group + 1) * group_size):
-                    qt = _rope(q[t, head], t, theta)
-                    scores = torch.stack([qt @ _rope(k[j, group], j, theta) for j in keys]) / math.sqrt(head_dim)
+                    scores = torch.stack([q[t, head] @ k[j, group] for j in keys]) / math.sqrt(head_dim)
                     weights = torch.softmax(scores, 0)
                     attn[t, head] = gate * sum(w * v[j, group] for w, j in zip(weights, keys, strict=True))
         x = x + attn.reshape(seq, -1) @ sd[p + "self_attn.o_proj.weight"].T
@@ -130,3 +218,27 @@ def reference_logits(
     x = _rms_norm(x, sd["model.norm.weight"], cfg.rms_norm_eps)
     head_weight = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
     return x @ head_weight.T
+
+
+def reference_batch_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    router_weights: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Logits `(batch, seq, vocab)` of a padded batch, in float64: each row's real tokens (mask 1, one contiguous
+    run: left or right padding) run alone through `reference_logits`, at positions 0, 1, ... from its first real
+    token; padding positions are NaN. Padding thus selects nothing, is attended by nothing and moves no routing patch.
+    RoPE types that depend on the length (dynamic NTK, LongRoPE) get the batch's longest sequence, as a batched forward
+    pass sees it."""
+    rows = [torch.nonzero(row).flatten() for row in attention_mask]
+    for real in rows:
+        assert len(real) == 0 or int(real[-1] - real[0]) == len(real) - 1, "real tokens must be contiguous"
+    rope_length = max(len(real) for real in rows)
+    out = None
+    for index, real in enumerate(rows):
+        logits = reference_logits(model, input_ids[index, real].tolist(), router_weights, rope_length)
+        if out is None:
+            out = logits.new_full((*input_ids.shape, logits.shape[-1]), float("nan"))
+        out = out.index_put((torch.tensor(index), real), logits) if len(real) else out
+    return out

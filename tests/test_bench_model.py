@@ -90,7 +90,7 @@ def test_mixtral_flops_follow_the_uoe_convention():
     mixtral = bench_model.mixtral_config(shape, shape.seq, shape.intermediate // 2)
     dense = estimate_flops_per_token(bench_model.uoe_config(shape, shape.seq), shape.seq).dense
     routers = shape.layers * 2 * shape.hidden * shape.experts
-    assert bench_model.mixtral_flops_per_token(mixtral, shape.seq) == pytest.approx(dense + routers)
+    assert bench_model.analytic_flops_per_token(mixtral, shape.seq) == pytest.approx(dense + routers)
 
 
 def test_shapes_parse_presets_and_specs():

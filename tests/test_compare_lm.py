@@ -19,6 +19,7 @@ from .test_examples import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "compare_lm.py"
+SWEEP_SCRIPT = ROOT / "benchmarks" / "frontier_sweep.py"
 ALL_MODELS = ("llama", "mixtral", "deepseek_v3", "qwen3_moe", "uoe_union", "uoe_weighted")
 
 
@@ -35,6 +36,13 @@ def load_compare_lm():
 @pytest.fixture(scope="module")
 def compare_lm():
     return load_compare_lm()
+
+
+@pytest.fixture(scope="module")
+def frontier_sweep(compare_lm):
+    import frontier_sweep  # noqa: PLC0415  (benchmarks/frontier_sweep.py; compare_lm put benchmarks/ on the path)
+
+    return frontier_sweep
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +173,7 @@ def test_bad_arguments_name_the_parameter(compare_lm, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The frontier sweep (--sweep)
+# The frontier sweep (frontier_sweep.py; `compare_lm.py --sweep` runs it)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -196,7 +204,7 @@ def independent_flops(config: dict, seq_len: int) -> float | None:
 
 
 @pytest.mark.slow
-def test_sweep_quick_produces_every_point(compare_lm, tmp_path):
+def test_sweep_quick_produces_every_point(compare_lm, frontier_sweep, tmp_path):
     """`--sweep --quick` in <= 2 minutes: every family at >= 3 levels and 2 seeds, the LR the grid's argmin, the
     FLOPs the analytic formula, each frontier the lower envelope of its points, the table, PNG and JSON written."""
     from uoe import UoEConfig  # noqa: PLC0415
@@ -204,7 +212,7 @@ def test_sweep_quick_produces_every_point(compare_lm, tmp_path):
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# Benchmarks\n\n## LM comparison (compare_lm.py)\n\nkept\n")
     command = [
-        sys.executable, str(SCRIPT), "--sweep", "--quick", "--output", str(tmp_path / "sweep.json"),
+        sys.executable, str(SWEEP_SCRIPT), "--quick", "--output", str(tmp_path / "sweep.json"),
         "--plot", str(tmp_path / "frontier.png"), "--results_md", str(results_md), "--work_dir", str(tmp_path / "w"),
     ]  # fmt: skip
     result = subprocess.run(
@@ -216,9 +224,9 @@ def test_sweep_quick_produces_every_point(compare_lm, tmp_path):
     summary, setup = record["summary"], record["setup"]
 
     # every family runs (UoEConfig has every variant's fields), or is skipped exactly when it lacks them
-    assert set(record["families"]) == set(compare_lm.SWEEP_FAMILIES) and not record["skipped"]
-    for family in compare_lm.SWEEP_FAMILIES:
-        assert (family in record["skipped"]) == bool(compare_lm.missing_uoe_fields(family)), family
+    assert set(record["families"]) == set(frontier_sweep.SWEEP_FAMILIES) and not record["skipped"]
+    for family in frontier_sweep.SWEEP_FAMILIES:
+        assert (family in record["skipped"]) == bool(frontier_sweep.missing_uoe_fields(family)), family
     for family in ("llama", "mixtral", "qwen3_moe", "deepseek_v3", "moeut", "uoe_union", "uoe_weighted"):
         assert family in record["families"], family
 
@@ -263,7 +271,7 @@ def test_sweep_quick_produces_every_point(compare_lm, tmp_path):
 
     for level in summary["claim"]["levels"]:
         assert level["difference"] == pytest.approx(level["uoe_perplexity"] - level["moe_perplexity"])
-        assert level["uoe_family"].startswith("uoe") and level["moe_family"] in compare_lm.SWEEP_MOE_FAMILIES
+        assert level["uoe_family"].startswith("uoe") and level["moe_family"] in frontier_sweep.SWEEP_MOE_FAMILIES
 
     document = results_md.read_text()
     assert "## LM comparison (compare_lm.py)\n\nkept" in document  # the other section is kept
@@ -274,7 +282,7 @@ def test_sweep_quick_produces_every_point(compare_lm, tmp_path):
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_frontier_and_its_reading(compare_lm):
+def test_frontier_and_its_reading(frontier_sweep):
     points = {
         "a": {"flops_analytic": 1.0, "perplexity_mean": 10.0},
         "b": {"flops_analytic": 2.0, "perplexity_mean": 12.0},  # dominated by a
@@ -282,12 +290,12 @@ def test_frontier_and_its_reading(compare_lm):
         "d": {"flops_analytic": 3.0, "perplexity_mean": 9.0},  # dominated by c (equal FLOPs)
         "e": {"flops_analytic": 4.0, "perplexity_mean": 8.5},  # dominated by c
     }
-    assert compare_lm.pareto_frontier(points) == ["a", "c"]
+    assert frontier_sweep.pareto_frontier(points) == ["a", "c"]
     curve = [(1.0, 10.0), (3.0, 8.0)]
-    assert compare_lm.frontier_at(curve, 2.0, 4.0) == pytest.approx(10.0 - 2.0 * math.log(2) / math.log(3))
-    assert compare_lm.frontier_at(curve, 1.0, 4.0) == 10.0
-    assert compare_lm.frontier_at(curve, 4.0, 4.0) == 8.0  # flat past the best point, up to the costliest level
-    assert compare_lm.frontier_at(curve, 0.5, 4.0) is None and compare_lm.frontier_at(curve, 5.0, 4.0) is None
+    assert frontier_sweep.frontier_at(curve, 2.0, 4.0) == pytest.approx(10.0 - 2.0 * math.log(2) / math.log(3))
+    assert frontier_sweep.frontier_at(curve, 1.0, 4.0) == 10.0
+    assert frontier_sweep.frontier_at(curve, 4.0, 4.0) == 8.0  # flat past the best point, up to the costliest level
+    assert frontier_sweep.frontier_at(curve, 0.5, 4.0) is None and frontier_sweep.frontier_at(curve, 5.0, 4.0) is None
 
 
 def test_switch_losses_weigh_the_same(compare_lm, tiny_setup):

@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare_vision as cv  # noqa: E402
 import harness  # noqa: E402
+from baseline_flops import all_mlp_flops_per_image  # noqa: E402
+
+from uoe.flops import estimate_flops_per_image  # noqa: E402
 
 OTHER_SECTIONS = "# Benchmarks\n\n## LM comparison (compare_lm.py)\n\nLM table stays.\n\n## Kernels\n\nkernel text\n"
 
@@ -98,11 +101,11 @@ def test_all_mlp_flops_analytic_equal_counted():
     model = cv.AllMLPClassifier(784, 86, 4, 4, 10)
     x = torch.randn(4, 1, 28, 28)
     counted = harness.counted_forward_flops(model, lambda: model(x)) / 4
-    assert abs(counted / model.analytic_flops() - 1) < 0.02
+    assert abs(counted / all_mlp_flops_per_image(784, 86, 4, 4, 10) - 1) < 0.02
 
 
 def test_vit_flops_analytic_equal_counted_and_matched_to_uoe():
-    target = cv.uoe_flops_per_image(cv.uoe_config())["active"]
+    target = estimate_flops_per_image(cv.uoe_config()).active
     width = cv.matched_vit_width(target)
     assert abs(cv.vit_flops_per_image(cv.vit_config(width)) / target - 1) <= 0.10
     model, info = cv.build_model("vit")
@@ -113,16 +116,16 @@ def test_vit_flops_analytic_equal_counted_and_matched_to_uoe():
 
 
 def test_uoe_dense_flops_agree_with_counted_and_active_is_about_half():
-    flops = cv.uoe_flops_per_image(cv.uoe_config())
+    flops = estimate_flops_per_image(cv.uoe_config())
     model, _ = cv.build_model("uoe")
     x = torch.randn(2, 1, 28, 28)
     model.config.routing_backend = "masked"
     counted = harness.counted_forward_flops(model, lambda: cv.forward_logits(model, {"pixel_values": x})) / 2
-    assert abs(counted / flops["dense"] - 1) < 0.05  # masked path = dense work (+ routers)
-    assert 0.4 < flops["active"] / flops["dense"] < 0.6
+    assert abs(counted / flops.dense - 1) < 0.05  # masked path = dense work (+ routers)
+    assert 0.4 < flops.active / flops.dense < 0.6
     model.config.routing_backend = "gathered"  # the CPU default: the selected pairs (+ CLS, list padding)
     counted = harness.counted_forward_flops(model, lambda: cv.forward_logits(model, {"pixel_values": x})) / 2
-    assert 0.9 * flops["active"] < counted < 0.8 * flops["dense"]
+    assert 0.9 * flops.active < counted < 0.8 * flops.dense
 
 
 def test_mlp_width_matches_parameters():

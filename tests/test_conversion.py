@@ -178,16 +178,101 @@ def test_a_window_longer_than_every_accepted_sequence_is_exact():
         assert max_rel_error(model(input_ids[:, :20]).logits, windowed(input_ids[:, :20]).logits) <= TOLERANCE
 
 
-# -- full routing means the dense function ----------------------------------------------------------------------------
+# -- the layout at sparse routing, against the dense model's own weights -----------------------------------------------
+# Full routing computes the same function under any consistent permutation of hidden units or head groups, so it
+# cannot pin which units an expert owns. Here every sequence is one routing patch (`routing_patch_size` = its length),
+# so each block takes one decision per sequence, and every token attends to every earlier token in the groups it
+# selected. The UoE model must then equal the dense model whose o_proj input (query heads) and down_proj input (MLP
+# hidden units) are multiplied, per sequence, by the gates of the documented owners: head group g = query heads
+# [g*G, (g+1)*G) with key/value head g, MLP expert e = hidden units [e*I/E, (e+1)*I/E).
 
 
-def test_weighted_gates_are_not_full_routing_unless_every_block_has_one_expert():
-    dense = dense_model(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2)
-    weighted = UoEForCausalLM.from_dense(dense, gate_mode="weighted").eval()
-    assert not weighted.config.is_full_routing
-    input_ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(7))
+def gated_dense_logits(dense, input_ids, head_gates, unit_gates):
+    """Logits of the dense model with, in layer i, query head h's output multiplied by `head_gates[i][:, h]` before
+    o_proj and hidden unit u multiplied by `unit_gates[i][:, u]` before down_proj (both `(batch, count)`)."""
+    config = dense.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # Qwen2: none
+    hooks = []
+    for layer, heads, units in zip(dense.model.layers, head_gates, unit_gates, strict=True):
+        per_column = heads.repeat_interleave(head_dim, -1)[:, None, :]
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, g=per_column: (a[0] * g,)))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, g=units[:, None, :]: (a[0] * g,)))
+    try:
+        with torch.no_grad():
+            return dense(input_ids).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def documented_gates(model, router_logits):
+    """Per layer, `(batch, query heads)` and `(batch, hidden units)` gates from each sequence's routing decision (its
+    first token's router logits): 0 for unselected experts, 1 (union) or the renormalised top-k score (weighted)."""
+    config = model.config
+    group_size = config.num_attention_heads // config.num_key_value_heads
+    head_gates, unit_gates = [], []
+    for layer in range(config.num_hidden_layers):
+        for logits, top_k, width, gates in (
+            (router_logits[2 * layer], config.attention_top_k, group_size, head_gates),
+            (router_logits[2 * layer + 1], config.mlp_top_k, config.mlp_expert_size, unit_gates),
+        ):
+            scores = logits[:, 0].double().softmax(-1)
+            top = scores.topk(top_k, -1)
+            values = torch.ones_like(top.values) if config.gate_mode == "union" else top.values
+            if config.gate_mode == "weighted":
+                values = values / values.sum(-1, keepdim=True)
+            per_expert = torch.zeros_like(scores).scatter(-1, top.indices, values)
+            gates.append(per_expert.repeat_interleave(width, -1).float())  # expert e owns a contiguous block
+    return head_gates, unit_gates
+
+
+SPARSE_LAYOUTS = {
+    "llama_gqa_bias_top1": ("llama_gqa_bias", dict(attention_top_k=1, mlp_top_k=1)),
+    "mistral_gqa_top1_of_2_top2_of_4": ("mistral_gqa", dict(attention_top_k=1, mlp_top_k=2)),
+    "qwen2_gqa_top1": ("qwen2_gqa_tied", dict(attention_top_k=1, mlp_top_k=1)),
+    "qwen3_gqa_bias_8_experts": ("qwen3_gqa_bias", dict(attention_top_k=1, num_mlp_experts=8, mlp_top_k=3)),
+    "llama_mha_top2": ("llama_mha_tied", dict(attention_top_k=2, mlp_top_k=1)),
+}
+
+
+@pytest.mark.parametrize("case", SPARSE_LAYOUTS.values(), ids=SPARSE_LAYOUTS.keys())
+def test_sparse_conversion_owns_the_documented_heads_and_units(case):
+    """Planted bugs: the MLP split into strided experts (unit u to expert u % E) instead of contiguous slices; the head
+    groups converted in reverse order (key/value head g and its query heads stored as expert kv_heads - 1 - g). Both
+    are exact at full routing."""
+    family, overrides = case
+    config_class, model_class, dense_overrides = FAMILIES[family]
+    dense = dense_model(config_class, model_class, **dense_overrides)
+    seq = 12
+    model = UoEForCausalLM.from_dense(dense, routing_patch_size=seq, **overrides).eval()
+    input_ids = torch.randint(3, 97, (4, seq), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        assert max_rel_error(weighted(input_ids).logits, dense(input_ids).logits) > 1e-3
+        out = model(input_ids, output_router_logits=True)
+    head_gates, unit_gates = documented_gates(model, out.router_logits)
+    assert any(len({tuple(g.tolist()) for g in gates}) > 1 for gates in head_gates + unit_gates)  # decisions vary
+    expected = gated_dense_logits(dense, input_ids, head_gates, unit_gates)
+    assert max_rel_error(out.logits, expected) <= TOLERANCE
+    # the experts really are left out: the ungated dense model is far
+    with torch.no_grad():
+        assert max_rel_error(out.logits, dense(input_ids).logits) > 1e-2
+
+
+def test_weighted_gates_scale_the_documented_heads_and_units():
+    """`gate_mode="weighted"` with every expert selected is not the dense function (`is_full_routing` is False): it is
+    the dense model with each head group and each MLP slice scaled by its renormalised score. With one key/value head
+    and one MLP expert every gate is 1 and it is the dense function.
+
+    Planted bug: the MLP split into strided experts (each expert's score then scales other units)."""
+    dense = dense_model(LlamaConfig, LlamaForCausalLM, num_key_value_heads=2)
+    seq = 12
+    weighted = UoEForCausalLM.from_dense(dense, gate_mode="weighted", routing_patch_size=seq).eval()
+    assert not weighted.config.is_full_routing
+    input_ids = torch.randint(3, 97, (3, seq), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = weighted(input_ids, output_router_logits=True)
+    head_gates, unit_gates = documented_gates(weighted, out.router_logits)
+    assert all(float(g.min()) < 0.99 for g in head_gates + unit_gates)  # every block really scales
+    assert max_rel_error(out.logits, gated_dense_logits(dense, input_ids, head_gates, unit_gates)) <= TOLERANCE
     # one key/value head and one MLP expert: every renormalised gate is 1, so weighted is the dense function too
     mqa = dense_model(LlamaConfig, LlamaForCausalLM, num_key_value_heads=1)
     single = UoEForCausalLM.from_dense(mqa, gate_mode="weighted", num_mlp_experts=1).eval()
@@ -196,14 +281,11 @@ def test_weighted_gates_are_not_full_routing_unless_every_block_has_one_expert()
         assert max_rel_error(single(input_ids).logits, mqa(input_ids).logits) <= TOLERANCE
 
 
-def test_sparsified_conversion_is_not_dense():
+def test_sparse_conversion_router_scores_one_expert_per_key_value_group():
     dense = dense_model(Qwen2Config, Qwen2ForCausalLM, num_key_value_heads=2)
     sparse = UoEForCausalLM.from_dense(dense, attention_top_k=1, mlp_top_k=2).eval()
     assert not sparse.config.is_full_routing
     assert sparse.model.layers[0].self_attn.router.weight.shape == (2, 32)  # one expert per key/value head group
-    input_ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        assert max_rel_error(sparse(input_ids).logits, dense(input_ids).logits) > 1e-3
 
 
 # -- refused models and fields: one test per case ------------------------------------------------------------------------

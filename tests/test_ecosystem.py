@@ -296,6 +296,9 @@ LM_AUTO_MAP = {
     "AutoConfig": "configuration_uoe.UoEConfig",
     "AutoModel": "modeling_uoe.UoEModel",
     "AutoModelForCausalLM": "modeling_uoe.UoEForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_uoe.UoEForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_uoe.UoEForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_uoe.UoEForQuestionAnswering",
 }
 IMAGE_AUTO_MAP = {
     "AutoConfig": "configuration_uoe.UoEConfig",

@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from uoe import estimate_flops_per_token
+from uoe.flops import estimate_flops_per_sequence
 
 from .helpers import tiny_config, tiny_model
 
@@ -67,3 +68,25 @@ def test_active_fraction_follows_the_routing():
 def test_bad_sequence_length_raises():
     with pytest.raises(ValueError, match="seq_len"):
         estimate_flops_per_token(tiny_config(), 0)
+
+
+def test_full_attention_counts_every_key():
+    config = tiny_config()
+    causal = estimate_flops_per_token(config, 24)
+    full = estimate_flops_per_token(config, 24, full_attention=True)
+    scores = full.breakdown["attention_scores"]
+    assert scores == pytest.approx(causal.breakdown["attention_scores"] * 24 / 12.5)  # 24 keys, not (24 + 1) / 2
+    assert full.active - scores == pytest.approx(causal.active - causal.breakdown["attention_scores"])
+
+
+def test_an_unrouted_token_computes_every_head_and_expert():
+    """The encoder's CLS token goes through every head's projections and every MLP expert: with half of the heads
+    and half of the experts selected, it adds half the dense projections and MLP of one token."""
+    config = tiny_config(is_causal=False)
+    token = estimate_flops_per_token(config, 16, include_lm_head=False)
+    routed = estimate_flops_per_sequence(config, 16)
+    with_cls = estimate_flops_per_sequence(config, 16, unrouted_tokens=1)
+    assert routed.active == pytest.approx(16 * token.active)
+    extra = (token.dense_breakdown["attention_projections"] + token.dense_breakdown["mlp"]) / 2
+    assert with_cls.active - routed.active == pytest.approx(extra)
+    assert with_cls.dense == routed.dense == pytest.approx(16 * token.dense)

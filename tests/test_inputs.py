@@ -69,23 +69,74 @@ def test_positions_past_max_position_embeddings_run_and_decode_like_the_full_pas
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("scaling", sorted(SCALINGS))
-def test_rope_scaling_from_config(scaling):
-    """Dynamic scaling changes nothing up to `max_position_embeddings`; linear and YaRN change every position; past
-    the limit all three change the model's output."""
-    short_input = torch.randint(0, 61, (1, SHORT))
-    long_input = torch.randint(0, 61, (1, LONG))
-    original, scaled = base_model(rope_config()), base_model(rope_config(SCALINGS[scaling]))
-    with torch.no_grad():
-        original_short = original(short_input).last_hidden_state
-        original_long = original(long_input).last_hidden_state
-        scaled_short = scaled(short_input).last_hidden_state
-        scaled_long = scaled(long_input).last_hidden_state
-    if scaling == "dynamic":
-        torch.testing.assert_close(scaled_short, original_short, rtol=1e-5, atol=1e-5)
-    else:
-        assert not torch.allclose(scaled_short, original_short, atol=1e-5)
-    assert not torch.allclose(scaled_long, original_long, atol=1e-5)
+# Every RoPE type the config accepts (`"default"` and transformers' `ROPE_INIT_FUNCTIONS`), small enough for a
+# 16-position model: the types that read an original context get 8, so that 24 tokens run past both.
+ROPE_TYPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0},
+    "yarn_betas": {
+        "rope_type": "yarn",
+        "factor": 3.0,
+        "original_max_position_embeddings": 8,
+        "beta_fast": 4.0,
+        "beta_slow": 0.5,
+    },
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+    },
+    "longrope": {
+        "rope_type": "longrope",
+        "short_factor": [1.0, 1.5, 2.0, 3.0],
+        "long_factor": [2.0, 3.0, 5.0, 8.0],
+        "original_max_position_embeddings": 8,
+    },
+    "proportional": {"rope_type": "proportional", "factor": 2.0},
+}
+
+
+def test_every_accepted_rope_type_is_covered():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert {params["rope_type"] for params in ROPE_TYPES.values() if params} | {"default"} == {
+        "default",
+        *ROPE_INIT_FUNCTIONS,
+    }
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE_TYPES))
+def test_rope_scaling_matches_the_plain_loop_reference(rope_type):
+    """Every RoPE type, within and past `max_position_embeddings` (10 and 24 tokens, 16 positions), at sparse routing
+    with routing patches, against the float64 plain-loop reference whose frequencies and cos/sin scale are written
+    from the methods' formulas (`tests/reference_uoe.rope_frequencies`). The reference with default RoPE differs
+    wherever the type changes something (every type but dynamic within the limit), so a model ignoring the scaling
+    fails.
+
+    Planted bugs: the rotary embedding without its cos/sin scale (YaRN, LongRoPE), without the dynamic frequency
+    update (dynamic, LongRoPE past the original context). (Before, linear and YaRN were only asserted to "change
+    something".)"""
+    from .reference_uoe import reference_logits
+
+    parameters = copy.deepcopy(ROPE_TYPES[rope_type])
+    model = tiny_model(max_position_embeddings=16, rope_parameters=parameters, routing_patch_size=2).double()
+    plain = tiny_model(max_position_embeddings=16, routing_patch_size=2).double()
+    plain.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(4)
+    for length in (10, 24):
+        input_ids = torch.randint(0, 61, (length,), generator=generator).tolist()
+        with torch.no_grad():
+            actual = model(torch.tensor([input_ids])).logits[0]
+        expected = reference_logits(model, input_ids)
+        # float64, except RoPE angles and router scores (float32 in the model)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=2e-5, msg=lambda m, n=length: f"{n} tokens: {m}")
+        unscaled = reference_logits(plain, input_ids)
+        changes = rope_type != "default" and not (rope_type == "dynamic" and length <= 16)
+        assert (float((expected - unscaled).abs().max()) > 1e-3) == changes, length
 
 
 def reference_cos_sin(positions: torch.Tensor, head_dim: int, base: float, position_scale: float = 1.0):
@@ -192,21 +243,32 @@ def test_cache_under_both_names_is_refused():
 
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_generate_passes_the_cache_without_deprecation_warnings(num_beams):
-    model = tiny_model()
-    input_ids = torch.randint(0, 61, (2, 5))
+    """No `FutureWarning` about the cache's name from `generate`, and decoding with the cache is decoding without it:
+    greedy tokens equal argmax over full forward passes; beam search (which reorders the cache every step) returns
+    the beams and scores of beam search without cache.
+
+    Planted bug: a `reorder_cache` that leaves the routing state in place (before, beams were only checked for their
+    shape)."""
+    model = tiny_model(routing_patch_size=2)
+    input_ids = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(13))
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0, eos_token_id=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         generated = model.generate(
-            input_ids, max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0, use_cache=True
+            input_ids, use_cache=True, return_dict_in_generate=True, output_scores=True, **kwargs
         )
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
-    assert generated.shape == (2, 9)
+    assert generated.sequences.shape == (2, 11)
     if num_beams == 1:  # greedy decoding with the cache equals argmax over full forward passes
         sequence = input_ids
         with torch.no_grad():
-            for _ in range(4):
+            for _ in range(6):
                 sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
-        assert torch.equal(generated, sequence)
+        assert torch.equal(generated.sequences, sequence)
+    else:
+        without = model.generate(input_ids, use_cache=False, return_dict_in_generate=True, output_scores=True, **kwargs)
+        assert torch.equal(generated.sequences, without.sequences)
+        torch.testing.assert_close(generated.sequences_scores, without.sequences_scores, rtol=0, atol=1e-4)
 
 
 # -- 8. annotations and router logits through the output type ---------------------------------------------------------
@@ -379,9 +441,13 @@ def test_well_formed_inputs_of_the_same_kinds_are_accepted():
         embeds = model.get_input_embeddings()(input_ids)
         torch.testing.assert_close(model(inputs_embeds=embeds).logits, expected)
         assert model(input_ids, labels=input_ids).loss is not None
+        # a cache of this model and batch continues the sequence; a fresh config-built cache starts it (planted bug:
+        # positions of the tokens after a cache counted from 0, which two calls that assert nothing let through)
         cache = returned_cache(model(input_ids[:, :3], use_cache=True))
-        model(input_ids[:, 3:], cache=cache, use_cache=True)
-        model(input_ids, cache=DynamicCache(config=model.config), use_cache=True)
+        torch.testing.assert_close(model(input_ids[:, 3:], cache=cache, use_cache=True).logits, expected[:, 3:])
+        fresh = model(input_ids, cache=DynamicCache(config=model.config), use_cache=True)
+        torch.testing.assert_close(fresh.logits, expected)
+        assert returned_cache(fresh).get_seq_length() == 4
 
 
 BAD_CONFIG_VALUES = {

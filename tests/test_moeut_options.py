@@ -347,8 +347,15 @@ def check_option_is_active(model: uoe.UoEForCausalLM, name: str, batch: dict[str
         out = model(**batch, output_router_logits=True)
     if name == "grouped":
         assert len(model.model.layers) == 2 and len(out.router_logits) == 2 * 4
-    elif name == "entropy":  # a negative entropy; the Switch loss is >= 1
-        assert -math.log(4) <= float(out.aux_loss) < 0
+    elif name == "entropy":
+        # the entropy of each block's router distribution pooled over the real tokens, not the mean of the tokens'
+        # entropies (planted bug: an unpooled entropy, which the former bound -log 4 <= aux_loss < 0 let through)
+        real = batch["attention_mask"].bool()
+        probs = [logits.double().softmax(-1)[real] for logits in out.router_logits]
+        pooled = sum(negative_entropy(p) for p in probs) / len(probs)
+        unpooled = sum(float((p * p.log()).sum(-1).mean()) for p in probs) / len(probs)
+        assert float(out.aux_loss) == pytest.approx(pooled, rel=1e-5, abs=1e-7)
+        assert abs(pooled - unpooled) > 1e-3
     else:  # the same weights with pre-norm give other logits
         pre = uoe.UoEForCausalLM(uoe.UoEConfig(**{**model.config.to_diff_dict(), "norm_placement": "pre"})).eval()
         pre.load_state_dict(model.state_dict())

@@ -9,7 +9,6 @@ Both: KV-cache decoding equals the full pass, checkpoints load (also as remote c
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -84,17 +83,9 @@ def dense_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        dict(num_shared_attention_groups=1, num_shared_mlp_experts=2),  # union, top_k = routed count (default)
-        # one routed expert left per block: weighted gates are 1 only if shared experts' gates are exactly 1
-        dict(num_shared_attention_groups=3, num_shared_mlp_experts=3, gate_mode="weighted"),
-    ],
-    ids=["union", "weighted_one_routed"],
-)
-def test_full_routing_with_shared_experts_equals_the_dense_llama(overrides, backend):
+def test_full_routing_with_shared_experts_equals_the_dense_llama(backend):
     llama = dense_llama()
+    overrides = dict(num_shared_attention_groups=1, num_shared_mlp_experts=2)  # union, top_k = routed count
     model = UoEForCausalLM.from_dense(llama, num_mlp_experts=4, routing_backend=backend, **overrides).eval()
     config = model.config
     assert config.attention_top_k == 4 - config.num_shared_attention_groups and config.is_full_routing
@@ -102,6 +93,52 @@ def test_full_routing_with_shared_experts_equals_the_dense_llama(overrides, back
     with torch.no_grad():
         expected, actual = llama(input_ids).logits, model(input_ids).logits
     assert max_rel_error(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_gates_scale_only_the_routed_experts(backend):
+    """`gate_mode="weighted"` with 2 shared and 2 routed head groups / MLP experts, every routed one selected: the
+    routed experts are scaled by their renormalised scores (< 1), the shared ones by exactly 1. With one routing patch
+    per sequence this is the dense Llama with those factors applied to each head's output before o_proj and to each
+    hidden unit before down_proj (head group g = head g, expert e = units [16e, 16e + 16)). With one routed expert
+    per block every gate is 1 and the config says full routing.
+
+    Planted bug: shared experts given the gate of the first routed expert instead of 1. (Before, the weighted case had
+    one routed expert, whose renormalised gate is exactly 1, so a wrong shared gate was 1 as well.)"""
+    llama, seq = dense_llama(), 12
+    model = UoEForCausalLM.from_dense(
+        llama,
+        num_mlp_experts=4,
+        num_shared_attention_groups=2,
+        num_shared_mlp_experts=2,
+        gate_mode="weighted",
+        routing_patch_size=seq,
+        routing_backend=backend,
+    ).eval()
+    assert (model.config.attention_top_k, model.config.mlp_top_k) == (2, 2) and not model.config.is_full_routing
+    input_ids = torch.randint(0, 97, (3, seq), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(input_ids, output_router_logits=True)
+    hooks = []
+    for index, layer in enumerate(llama.model.layers):
+        for module, logits, width in (
+            (layer.self_attn.o_proj, out.router_logits[2 * index], 8),  # head_dim 8
+            (layer.mlp.down_proj, out.router_logits[2 * index + 1], 16),  # 64 units / 4 experts
+        ):
+            routed = logits[:, 0].double().softmax(-1)  # top-2 of 2: the renormalised scores are the scores
+            assert float(routed.max()) < 0.99
+            gates = torch.cat([torch.ones(3, 2, dtype=torch.float64), routed], -1).float()
+            per_column = gates.repeat_interleave(width, -1)[:, None, :]
+            hooks.append(module.register_forward_pre_hook(lambda m, a, g=per_column: (a[0] * g,)))
+    try:
+        with torch.no_grad():
+            expected = llama(input_ids).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert max_rel_error(out.logits, expected) <= 1e-5
+    one_routed = dict(num_shared_attention_groups=3, num_shared_mlp_experts=3, gate_mode="weighted")
+    assert UoEForCausalLM.from_dense(llama, num_mlp_experts=4, **one_routed).config.is_full_routing
 
 
 # -- shared experts and chains against the plain-loop reference --------------------------------------------------------
@@ -138,21 +175,38 @@ def test_sparse_routing_matches_plain_loop_reference(overrides, backend):
     assert float((outputs.logits[0] - expected).abs().max()) <= 1e-5  # float64, but router scores are float32
 
 
-def test_router_losses_cover_the_routed_experts_of_every_block_in_execution_order():
-    """aux_loss is the mean Switch loss over the routed blocks (SMHA, then the C UoME iterations of each layer),
-    computed here from the returned router logits over the routed experts only."""
-    model = tiny_model(7, **SHARED, **CHAIN)
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_router_losses_cover_the_routed_experts_of_every_block_in_execution_order(score_func):
+    """aux_loss and router_z_loss are the means of the Switch loss and the z-loss over the routed blocks (SMHA, then
+    the C UoME iterations of each layer), recomputed here by the plain loops of `tests/test_routing.py` from the
+    returned router logits, over the routed experts only and the non-padding tokens only (left and right padding).
+
+    Planted bugs: a shared-expert model's router losses counting padding tokens; a chain iteration's losses counting
+    padding tokens. (Before, only plain models were tested with padding.)"""
+    from .test_routing import switch_loss_by_hand, z_loss_by_hand
+
+    model = tiny_model(7, router_score_func=score_func, **SHARED, **CHAIN)
     input_ids = torch.randint(0, 61, (3, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(input_ids)
+    mask[0, :4] = 0
+    mask[2, 7:] = 0
     with torch.no_grad():
-        outputs = model(input_ids, output_router_logits=True)
+        outputs = model(input_ids, attention_mask=mask, output_router_logits=True)
     widths = [logits.shape[-1] for logits in outputs.router_logits]
     assert widths == [3, 3, 3] * 2  # layer: SMHA, UoME iteration 0, iteration 1; 4 experts minus 1 shared
-    losses, top_k = [], [model.config.attention_top_k, model.config.mlp_top_k, model.config.mlp_top_k] * 2
-    for logits, k in zip(outputs.router_logits, top_k, strict=True):
-        probs = logits.double().softmax(-1).reshape(-1, logits.shape[-1])
-        chosen = F.one_hot(probs.topk(k, -1).indices, logits.shape[-1]).sum(1).double()
-        losses.append(logits.shape[-1] * (chosen.mean(0) / k * probs.mean(0)).sum())
-    assert float(outputs.aux_loss) == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
+    rows = mask.bool().tolist()
+    balance, z = [], []
+    for logits, k in zip(outputs.router_logits, [2, 2, 2] * 2, strict=True):
+        logits = logits.double()
+        scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+        top_index = scores.argsort(-1, descending=True)[..., :k]
+        balance.append(switch_loss_by_hand(scores, top_index, rows))
+        z.append(z_loss_by_hand(logits, rows))
+    assert float(outputs.aux_loss) == pytest.approx(sum(balance) / len(balance), rel=1e-5)
+    assert float(outputs.router_z_loss) == pytest.approx(sum(z) / len(z), rel=1e-5)
+    # counting the padding would change both values
+    padded_z = [z_loss_by_hand(logits.double(), None) for logits in outputs.router_logits]
+    assert abs(sum(padded_z) / len(padded_z) - float(outputs.router_z_loss)) > 1e-3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,9 +227,13 @@ def test_padding_selects_no_expert_not_even_shared_ones(backend):
 
 def test_encoder_data_selection_never_drops_shared_experts():
     """The encoder's data selection (`data_capacity`) limits the routed experts only: every patch keeps its shared
-    experts (first slots, gate 1), the routed slots are capped, and the length bound covers every token."""
+    experts (first slots, gate 1), and each routed expert keeps exactly the ceil(0.3 x 8) = 3 best-scored of the
+    patches that chose it (recomputed here by a loop), per sequence; the length bound covers every token.
+
+    Planted bug: the kept-patch count rounded down (`int(c * num_patches)` = 2), which the former upper bound at a
+    whole-number capacity (`<= ceil(0.25 x 8)`) let through."""
     config = tiny_config(
-        is_causal=False, data_capacity=0.25, num_shared_mlp_experts=2, mlp_top_k=1, routing_patch_size=2
+        is_causal=False, data_capacity=0.3, num_shared_mlp_experts=2, mlp_top_k=1, routing_patch_size=2
     )
     torch.manual_seed(0)
     router = UoERouter(32, 2)
@@ -186,33 +244,52 @@ def test_encoder_data_selection_never_drops_shared_experts():
     assert torch.equal(cls.index[0, 0], torch.arange(4))
     assert torch.equal(routed.index[..., :2], torch.arange(2).expand(2, 16, 2))
     assert bool(routed.keep[..., :2].all()) and torch.equal(routed.gate[..., :2], torch.ones(2, 16, 2))
-    assert bool((routed.index[..., 2] >= 2).all())
-    # routed: at most ceil(0.25 * 8 patches) = 2 patches (4 tokens) per expert and sequence
-    for expert in (2, 3):
-        kept = (routed.keep[..., 2] & (routed.index[..., 2] == expert)).sum(-1)
-        assert bool((kept <= 4).all())
-    assert int(routed.keep[..., 2].sum()) < 2 * 16  # data selection did drop routed pairs
+    # the routed slot, by a loop: patch p chose its best routed expert; each expert keeps its 3 best choosers
+    with torch.no_grad():
+        scores = (hidden[:, 1:].double().view(2, 8, 2, 32).mean(2) @ router.weight.double().T).softmax(-1)
+    for b in range(2):
+        chosen = [int(scores[b, p].argmax()) for p in range(8)]
+        kept = set()
+        for expert in (0, 1):
+            choosers = [p for p in range(8) if chosen[p] == expert]
+            kept |= set(sorted(choosers, key=lambda p: -float(scores[b, p, expert]))[:3])
+        assert len(kept) < 8  # data selection dropped a pair
+        for t in range(16):
+            assert int(routed.index[b, t, 2]) == 2 + chosen[t // 2]
+            assert bool(routed.keep[b, t, 2]) == (t // 2 in kept), (b, t)
     assert selection.max_list_length == 17
 
 
-def test_image_classifier_with_shared_experts_and_data_selection_paths_agree():
+def test_image_classifier_with_shared_experts_and_data_selection_matches_the_plain_loop_reference():
+    """Shared head groups and MLP experts with data selection at capacity 0.3 x 16 patches = 4.8 -> 5 kept per routed
+    expert: both paths equal the float64 encoder loop of `tests/reference_encoder.py`.
+
+    Planted bugs: data selection that also drops shared experts; the kept count rounded down. (Before, the test only
+    compared the two paths, which share the selection code.)"""
     from uoe import UoEForImageClassification
+
+    from .reference_encoder import reference_image_logits
 
     def config(**overrides) -> UoEConfig:
         return UoEConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, attention_top_k=1, intermediate_size=64,
             num_mlp_experts=4, mlp_top_k=1, mlp_type="gelu", mlp_bias=True, is_causal=False, norm_type="layernorm",
             position_embedding_type="learned", image_size=16, patch_size=4, num_labels=3, initializer_range=0.2,
-            data_capacity=0.5, num_shared_attention_groups=1, num_shared_mlp_experts=2, **overrides,
+            data_capacity=0.3, num_shared_attention_groups=1, num_shared_mlp_experts=2, **overrides,
         )  # fmt: skip
 
-    logits = {}
+    pixel_values = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = None
     for backend in BACKENDS:
         torch.manual_seed(0)
-        model = UoEForImageClassification(config(routing_backend=backend)).eval()
+        model = UoEForImageClassification(config(routing_backend=backend)).eval().double()
+        if expected is None:
+            expected = reference_image_logits(model, pixel_values)
         with torch.no_grad():
-            logits[backend] = model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))).logits
-    assert max_rel_error(logits["gathered"], logits["masked"]) <= 1e-5
+            actual = model(pixel_values).logits
+        torch.testing.assert_close(
+            actual, expected, rtol=0, atol=1e-5, msg=lambda m, backend=backend: f"{backend}: {m}"
+        )
     with pytest.raises(ValueError, match="mlp_chain_length"):
         UoEForImageClassification(config(mlp_chain_length=2))
 
@@ -221,49 +298,54 @@ def test_image_classifier_with_shared_experts_and_data_selection_paths_agree():
 
 
 def test_chain_of_one_is_todays_layer():
-    """Same weights, same output, bit for bit: the layer by hand (x + SMHA(norm x), then x + UoME(norm x))."""
-    model = tiny_model(3, mlp_chain_length=1)
-    plain = tiny_model(3)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    input_ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        assert torch.equal(model(input_ids).logits, plain(input_ids).logits)
-        captured = {}
-        layer = model.model.layers[1]
-        layer.register_forward_hook(lambda m, args, out: captured.update(x=args[0], pe=args[1], routing=args[2]))
-        layer_out = layer.register_forward_hook(lambda m, args, out: captured.update(out=out[0]))
-        model(input_ids)
-        layer_out.remove()
-        x = captured["x"]
-        h = x + layer.self_attn(layer.input_layernorm(x), captured["pe"], captured["routing"])[0]
-        by_hand = h + layer.mlp(layer.post_attention_layernorm(h), captured["routing"])[0]
-    assert torch.equal(captured["out"], by_hand)
+    """A chain of 1 has the plain layer's parameters and computes the plain layer, x + SMHA(norm x), then
+    x + UoME(norm x): the float64 plain-loop reference's layer (sparse routing, routing patches of 2, both paths).
+
+    Planted bug: the UoME block routing every token from itself instead of from its patch's first token. (Before, the
+    test compared two identical models and a layer with itself rebuilt from its own modules, which share any bug.)"""
+    assert set(tiny_model(mlp_chain_length=1).state_dict()) == set(tiny_model().state_dict())
+    input_ids = torch.randint(0, 61, (13,), generator=torch.Generator().manual_seed(8)).tolist()
+    for backend in BACKENDS:
+        model = tiny_model(3, mlp_chain_length=1, routing_patch_size=2, routing_backend=backend).double()
+        with torch.no_grad():
+            actual = model(torch.tensor([input_ids])).logits[0]
+        expected = reference_logits(model, input_ids)
+        assert float((actual - expected).abs().max()) <= 1e-5, backend
+
+
+def copies_of(layer, config_overrides: dict, mlp_router: torch.Tensor):
+    """A separate plain (chain of 1) decoder layer holding copies of `layer`'s attention and norms, and a UoME block
+    whose router is `mlp_router`: built from its own modules, so the chain's code computes none of the by-hand
+    result."""
+    plain = tiny_model(0, **config_overrides).model.layers[0]
+    state = {n: p for n, p in layer.state_dict().items() if ".chain_routers." not in n}
+    plain.load_state_dict({**state, "mlp.router.weight": mlp_router}, strict=True)
+    return plain
 
 
 @pytest.mark.parametrize("shared", [{}, SHARED], ids=["routed", "shared"])
 def test_chain_of_two_equals_two_blocks_applied_by_hand(shared):
-    """Iteration 2 is a plain UoME block (a C=1 model's MLP) holding the same experts and the chain's second router,
-    applied after the first iteration with the same post-attention norm."""
+    """A chain of 2 is the plain layer (attention, then a UoME block with the first router) followed by a second
+    residual UoME block with the same experts and norm and the chain's second router, all computed by a separate
+    chain-of-1 layer (`copies_of`), whose function the test above holds to the reference.
+
+    Planted bug: every chain iteration routed by the first router (`iteration` not passed on)."""
     model = tiny_model(4, mlp_chain_length=2, **shared)
-    one = tiny_model(0, **shared)
     layer = model.model.layers[0]
-    second = one.model.layers[0].mlp
-    state = {n: p for n, p in layer.mlp.state_dict().items() if not n.startswith(("router.", "chain_routers."))}
-    second.load_state_dict({**state, "router.weight": layer.mlp.chain_routers[0].weight}, strict=True)
+    first = copies_of(layer, shared, layer.mlp.router.weight)
+    second = copies_of(layer, shared, layer.mlp.chain_routers[0].weight)
     input_ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(9))
     captured = {}
     layer.register_forward_hook(lambda m, args, out: captured.update(x=args[0], pe=args[1], r=args[2], out=out[0]))
     with torch.no_grad():
         model(input_ids)
         x, routing = captured["x"], captured["r"]
-        h = x + layer.self_attn(layer.input_layernorm(x), captured["pe"], routing)[0]
-        h = h + layer.mlp(layer.post_attention_layernorm(h), routing)[0]
-        h = h + second(layer.post_attention_layernorm(h), routing)[0]
-    torch.testing.assert_close(captured["out"], h, rtol=0, atol=1e-6)
-    # and the second iteration matters: it is not the first block twice
-    with torch.no_grad():
-        twice = layer.mlp(layer.post_attention_layernorm(h), routing)[0]
-        assert float((second(layer.post_attention_layernorm(h), routing)[0] - twice).abs().max()) > 1e-4
+        h = first(x, captured["pe"], routing)[0]  # x + SMHA(norm x), then + UoME_0(norm .)
+        h = h + second.mlp(second.post_attention_layernorm(h), routing)[0]
+        torch.testing.assert_close(captured["out"], h, rtol=0, atol=1e-6)
+        # and the second iteration matters: it is not the first block twice
+        twice = first.mlp(first.post_attention_layernorm(h), routing)[0]
+        assert float((second.mlp(second.post_attention_layernorm(h), routing)[0] - twice).abs().max()) > 1e-4
 
 
 # -- KV cache, checkpoints, Trainer -------------------------------------------------------------------------------------

@@ -64,11 +64,18 @@ def test_full_routing_is_exact(num_mlp_experts, tie_word_embeddings, num_key_val
     first = sparse.model.layers[0].mlp.experts.down_proj[0]
     assert first.shape == (32, 128 // num_mlp_experts)
     assert not torch.equal(first, dense_down[:, : 128 // num_mlp_experts])
-    # ... but a permutation: the same set of columns
-    assert torch.equal(
-        sparse.model.layers[0].mlp.experts.down_proj.transpose(0, 1).reshape(32, -1).sort(dim=1).values,
-        dense_down.sort(dim=1).values,
-    )
+    # ... but a permutation of whole units: each column of the experts' down_proj (in expert order) is exactly one
+    # column of the dense down_proj, every dense column is used once, and the unit's gate and up rows moved with it.
+    # (A per-row shuffle of down_proj, which sorting each row would let through, matches no dense column.)
+    for index, layer in enumerate(sparse.model.layers):
+        experts, mlp = layer.mlp.experts, llama.model.layers[index].mlp
+        flat_down = experts.down_proj.transpose(0, 1).reshape(32, -1)
+        matches = (flat_down[:, :, None] == mlp.down_proj.weight[:, None, :]).all(0)  # unit i is dense unit j
+        ones = torch.ones(128, dtype=torch.long)
+        assert torch.equal(matches.sum(1), ones) and torch.equal(matches.sum(0), ones), index
+        order = matches.int().argmax(1)
+        gate, up = (part.reshape(128, 32) for part in experts.gate_up_proj.chunk(2, dim=1))
+        assert torch.equal(gate, mlp.gate_proj.weight[order]) and torch.equal(up, mlp.up_proj.weight[order]), index
     ids = torch.randint(0, 128, (3, 40), generator=generator)
     with torch.no_grad():
         assert relative_error(sparse(ids).logits, llama(ids).logits) <= 1e-5

@@ -173,12 +173,42 @@ def test_full_routing_equals_vit(vit_overrides, uoe_overrides, attn_implementati
     assert max_rel_error(actual, expected) <= 1e-5
 
 
-def test_sparsified_from_dense_differs_from_vit():
+def test_sparse_conversion_owns_the_documented_heads_and_units():
+    """`from_dense` of a ViT at sparse routing, against the ViT's own weights: with all image tokens in one routing
+    patch and weighted gates, head h's output of every image token is scaled by h's score (all heads selected, so
+    attention itself stays dense) and MLP expert e = fc1 rows / fc2 columns [e*I/E, (e+1)*I/E) is scaled by its
+    renormalised top-2 score, 0 if not selected; CLS goes through everything with gate 1. The UoE model must equal
+    the ViT with exactly those factors applied before o_proj and fc2.
+
+    Planted bug: the MLP split into strided experts (unit u to expert u % E), exact at full routing."""
     vit = tiny_vit()
-    model = UoEForImageClassification.from_dense(vit, attention_top_k=2, mlp_top_k=2, data_capacity=0.5).eval()
-    pixel_values = torch.randn(2, 3, 8, 8)
+    model = UoEForImageClassification.from_dense(
+        vit, gate_mode="weighted", mlp_top_k=2, routing_patch_size=16, data_capacity=None
+    ).eval()
+    pixel_values = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert max_rel_error(model(pixel_values).logits, vit(pixel_values).logits) > 1e-3
+        out = model(pixel_values, output_router_logits=True)
+    config, hooks = model.config, []
+    for index, layer in enumerate(vit.vit.layers):
+        head_scores = out.router_logits[2 * index][:, 0].softmax(-1)  # (batch, heads): all selected
+        top = out.router_logits[2 * index + 1][:, 0].softmax(-1).topk(2, -1)
+        expert_gates = torch.zeros(3, 4).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+        for module, gates, width in (
+            (layer.attention.o_proj, head_scores, config.head_dim),
+            (layer.mlp.fc2, expert_gates, config.mlp_expert_size),
+        ):
+            per_column = gates.repeat_interleave(width, -1)[:, None, :].expand(-1, 17, -1).clone()
+            per_column[:, 0] = 1.0  # CLS
+            hooks.append(module.register_forward_pre_hook(lambda m, a, g=per_column: (a[0] * g,)))
+    try:
+        with torch.no_grad():
+            expected = vit(pixel_values).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert max_rel_error(out.logits, expected) <= 1e-5
+    with torch.no_grad():
+        assert max_rel_error(out.logits, vit(pixel_values).logits) > 1e-2  # the gates matter
 
 
 # -- 2. routing against the loop reference; per-image independence ----------------------------------------------------

@@ -16,8 +16,11 @@ from transformers import (
 from transformers.utils import is_vision_available
 
 from .callbacks import UoERouterStatsCallback
+from .configuration_mowst import MowstConfig
 from .configuration_uoe import UoEConfig
 from .flops import FlopsEstimate, estimate_flops_per_token
+from .merging import MergePlan, collect_expert_statistics, compress_experts, drop_experts, merge_experts
+from .modeling_mowst import MowstForImageClassification, MowstImageClassifierOutput
 from .modeling_uoe import (
     UoECacheLayer,
     UoEForCausalLM,
@@ -72,6 +75,8 @@ AutoModelForImageClassification.register(UoEConfig, UoEForImageClassification, e
 AutoModelForSequenceClassification.register(UoEConfig, UoEForSequenceClassification, exist_ok=True)
 AutoModelForTokenClassification.register(UoEConfig, UoEForTokenClassification, exist_ok=True)
 AutoModelForQuestionAnswering.register(UoEConfig, UoEForQuestionAnswering, exist_ok=True)
+AutoConfig.register(MowstConfig.model_type, MowstConfig, exist_ok=True)
+AutoModelForImageClassification.register(MowstConfig, MowstForImageClassification, exist_ok=True)
 
 # `save_pretrained` then writes `auto_map` and copies the code files, so checkpoints load with
 # `trust_remote_code=True` where this package is not installed.
@@ -83,11 +88,17 @@ UoEForImageClassification.register_for_auto_class("AutoModelForImageClassificati
 UoEForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 UoEForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 UoEForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
+MowstConfig.register_for_auto_class()
+MowstForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "ALL_SELECTIVE_ATTENTION_FUNCTIONS",
     "FlopsEstimate",
     "SelectiveAttentionInterface",
+    "MergePlan",
+    "MowstConfig",
+    "MowstForImageClassification",
+    "MowstImageClassifierOutput",
     "UoECacheLayer",
     "UoEConfig",
     "UoEForCausalLM",
@@ -101,7 +112,11 @@ __all__ = [
     "UoERouterStatsCallback",
     "SparsifyReport",
     "UoEVisionModel",
+    "collect_expert_statistics",
+    "compress_experts",
+    "drop_experts",
     "estimate_flops_per_token",
+    "merge_experts",
     "retention_report",
     "sparsify",
 ]

@@ -68,9 +68,11 @@ class UoECacheLayer(DynamicLayer):
         self.routing = {}
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)  # refuses positive counts, as transformers' layers do
-        if tokens_to_remove < 0:
-            self._map_routing(lambda states: states[:, :tokens_to_remove])
+        # The routing state follows the keys, whatever the argument means to the installed transformers: a negative
+        # count of tokens to remove, or a positive length to keep (older releases; transformers 5.25 refuses it).
+        super().crop(tokens_to_remove)
+        length = self.get_seq_length()
+        self._map_routing(lambda states: states[:, :length])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -13,6 +13,8 @@ Shared experts (`num_shared_attention_groups`, `num_shared_mlp_experts`) take ev
 selection does not apply to them; a query head of a shared group sees every key) and the routers score only the
 routed experts, among which the `top_k` routed selections spread evenly. With `mlp_chain_length = C` the UoME
 block, its router included, runs C times per layer (the dense equivalent too).
+The encoder of `UoEForImageClassification` does not route its CLS token: it goes through every head's projections
+and every MLP expert (`estimate_flops_per_sequence`'s `unrouted_tokens`).
 """
 
 from __future__ import annotations
@@ -24,25 +26,33 @@ from .configuration_uoe import UoEConfig
 
 @dataclass
 class FlopsEstimate:
-    """Forward FLOPs per token; `breakdown` holds the active FLOPs of each part for the whole model."""
+    """Forward FLOPs per token (per sequence or image for the functions that say so); `breakdown` holds the active
+    FLOPs of each part for the whole model, `dense_breakdown` those of its dense equivalent."""
 
     active: float
     dense: float
     breakdown: dict[str, float] = field(default_factory=dict)
+    dense_breakdown: dict[str, float] = field(default_factory=dict)
 
     @property
     def active_fraction(self) -> float:
         return self.active / self.dense
 
 
-def estimate_flops_per_token(config: UoEConfig, seq_len: int, include_lm_head: bool = True) -> FlopsEstimate:
-    """Active and dense-equivalent forward FLOPs per token for `config` at sequence length `seq_len`."""
+def estimate_flops_per_token(
+    config: UoEConfig, seq_len: int, include_lm_head: bool = True, full_attention: bool = False
+) -> FlopsEstimate:
+    """Active and dense-equivalent forward FLOPs per token for `config` at sequence length `seq_len`.
+
+    `full_attention=True` counts every query against all `seq_len` keys, as a dense attention kernel executes a
+    causal mask (and torch's FLOP counter counts it), instead of the causal average.
+    """
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"`seq_len` must be an integer >= 1, got {seq_len!r}.")
     hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
     kv_heads = config.num_key_value_heads
     layers = config.num_hidden_layers
-    context = (seq_len + 1) / 2 if config.is_causal else seq_len
+    context = (seq_len + 1) / 2 if config.is_causal and not full_attention else seq_len
 
     shared_groups, shared_experts = config.num_shared_attention_groups, config.num_shared_mlp_experts
     routed_groups, routed_experts = kv_heads - shared_groups, config.num_mlp_experts - shared_experts
@@ -65,13 +75,57 @@ def estimate_flops_per_token(config: UoEConfig, seq_len: int, include_lm_head: b
     routers = 2 * hidden * (routed_groups + chain * routed_experts)
     lm_head = 2 * hidden * config.vocab_size if include_lm_head else 0
 
+    dense_breakdown = {
+        "attention_projections": layers * projections,
+        "attention_scores": layers * attention,
+        "mlp": layers * chain * mlp,
+        "routers": 0,
+        "lm_head": lm_head,
+    }
     breakdown = {
-        "attention_projections": layers * projections * head_share,
+        "attention_projections": dense_breakdown["attention_projections"] * head_share,
         # a query head of group g meets only the keys that also chose g
-        "attention_scores": layers * attention * score_share,
-        "mlp": layers * chain * mlp * mlp_share,
+        "attention_scores": dense_breakdown["attention_scores"] * score_share,
+        "mlp": dense_breakdown["mlp"] * mlp_share,
         "routers": layers * routers,
         "lm_head": lm_head,
     }
     dense = layers * (projections + attention + chain * mlp) + lm_head
-    return FlopsEstimate(active=sum(breakdown.values()), dense=dense, breakdown=breakdown)
+    return FlopsEstimate(
+        active=sum(breakdown.values()), dense=dense, breakdown=breakdown, dense_breakdown=dense_breakdown
+    )
+
+
+def estimate_flops_per_sequence(config: UoEConfig, seq_len: int, unrouted_tokens: int = 0) -> FlopsEstimate:
+    """Forward FLOPs of one sequence of `seq_len` tokens through the layers (no LM head), of which `unrouted_tokens`
+    go through every head's projections and every MLP expert (the CLS token of UoE's encoder layers); their
+    attention scores are counted as a routed token's."""
+    if not isinstance(unrouted_tokens, int) or not 0 <= unrouted_tokens <= seq_len:
+        raise ValueError(f"`unrouted_tokens` must be an integer in [0, seq_len={seq_len}], got {unrouted_tokens!r}.")
+    token = estimate_flops_per_token(config, seq_len, include_lm_head=False)
+    breakdown = {part: flops * seq_len for part, flops in token.breakdown.items()}
+    for part in ("attention_projections", "mlp"):
+        breakdown[part] += unrouted_tokens * (token.dense_breakdown[part] - token.breakdown[part])
+    dense_breakdown = {part: flops * seq_len for part, flops in token.dense_breakdown.items()}
+    return FlopsEstimate(
+        active=sum(breakdown.values()),
+        dense=token.dense * seq_len,
+        breakdown=breakdown,
+        dense_breakdown=dense_breakdown,
+    )
+
+
+def estimate_flops_per_image(config: UoEConfig) -> FlopsEstimate:
+    """Forward FLOPs of one image through `UoEForImageClassification`: the patch embedding, the encoder over the
+    patches and the unrouted CLS token, and the classifier on CLS."""
+    patches = (config.image_size // config.patch_size) ** 2
+    encoder = estimate_flops_per_sequence(config, patches + 1, unrouted_tokens=1)
+    stem = {
+        "patch_embedding": 2 * config.num_channels * config.patch_size**2 * config.hidden_size * patches,
+        "classifier": 2 * config.hidden_size * config.num_labels,
+    }
+    breakdown, dense_breakdown = {**encoder.breakdown, **stem}, {**encoder.dense_breakdown, **stem}
+    dense = encoder.dense + sum(stem.values())
+    return FlopsEstimate(
+        active=sum(breakdown.values()), dense=dense, breakdown=breakdown, dense_breakdown=dense_breakdown
+    )
