@@ -6,7 +6,7 @@ whole sequence without a cache (1e-4 in float32)."""
 
 import pytest
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 import uoe
 from uoe.cache_uoe import UoEStaticCacheLayer
@@ -31,7 +31,8 @@ def model_on(backend: str, **overrides) -> uoe.UoEForCausalLM:
 
 
 def full_logits(model, sequences: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    mask = torch.cat([prompt_mask, torch.ones(2, sequences.shape[1] - PROMPT, dtype=prompt_mask.dtype)], 1)
+    new = torch.ones(2, sequences.shape[1] - PROMPT, dtype=prompt_mask.dtype, device=prompt_mask.device)
+    mask = torch.cat([prompt_mask, new], 1)
     with torch.no_grad():
         return model(sequences, attention_mask=mask, use_cache=False).logits
 
@@ -96,7 +97,7 @@ def decode_with_static_cache(model, ids, mask, steps, forward=None):
     tokens, each step's last logits and the cache."""
     forward = forward or model
     cache = StaticCache(config=model.config, max_cache_len=SLOTS)
-    slot_mask = torch.zeros(ids.shape[0], SLOTS, dtype=torch.long)
+    slot_mask = torch.zeros(ids.shape[0], SLOTS, dtype=torch.long, device=ids.device)
     slot_mask[:, :PROMPT] = mask
     with torch.no_grad():
         out = model(ids, attention_mask=mask, cache=cache, use_cache=True)
@@ -141,18 +142,23 @@ def test_a_compiled_decode_step_is_one_graph_for_every_length(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_decode_step_reads_the_device_once(backend, monkeypatch):
-    """An eager decode step with the static cache reads back only what the input check reads (one `tolist`), on every
-    path: lengths, positions and masks stay on the device."""
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_a_decode_step_reads_the_device_once(backend, cache_kind, monkeypatch):
+    """An eager decode step reads back only what the input check reads (one `tolist`), on every path and with either
+    cache: lengths, positions and masks stay on the device (the dynamic cache knows its length from its shapes)."""
     model = model_on(backend)
     ids, mask = prompt()
-    cache = StaticCache(config=model.config, max_cache_len=SLOTS)
-    slot_mask = torch.zeros(2, SLOTS, dtype=torch.long)
-    slot_mask[:, : PROMPT + 1] = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    if cache_kind == "static":
+        cache = StaticCache(config=model.config, max_cache_len=SLOTS)
+        step_mask = torch.zeros(2, SLOTS, dtype=torch.long)
+        step_mask[:, : PROMPT + 1] = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    else:
+        cache = DynamicCache()
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=cache, use_cache=True)
         reads = HostReads(monkeypatch)
-        model(input_ids=ids[:, -1:], attention_mask=slot_mask, cache=cache, use_cache=True)
+        model(input_ids=ids[:, -1:], attention_mask=step_mask, cache=cache, use_cache=True)
     assert reads.count == 1
 
 
@@ -213,3 +219,50 @@ def test_caches_other_than_dynamic_and_static_are_refused():
     model = model_on("gathered")
     with pytest.raises(ValueError, match="DynamicCache` or a `StaticCache"):
         model(torch.ones(1, 3, dtype=torch.long), cache=QuantizedCache(backend="quanto", config=model.config))
+
+
+# -- on a GPU (scripts/gpu_check.sh) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "gathered", "masked"])
+def test_gpu_static_cache_generation_equals_the_dynamic_one(backend):
+    """On CUDA ("auto" is the Triton kernels there): greedy tokens with the static cache equal the dynamic cache's,
+    and each step's logits the full forward's (float32, 1e-3: the kernels' accumulation order differs)."""
+    model = model_on(backend).cuda()
+    ids, mask = (t.cuda() for t in prompt())
+    outputs = {}
+    for cache_implementation in ("dynamic", "static"):
+        with torch.no_grad():
+            outputs[cache_implementation] = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=NEW,
+                do_sample=False,
+                cache_implementation=cache_implementation,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+    assert torch.equal(outputs["static"].sequences, outputs["dynamic"].sequences)
+    logits = full_logits(model, outputs["static"].sequences, mask)
+    for step, step_logits in enumerate(outputs["static"].logits):
+        torch.testing.assert_close(step_logits, logits[:, PROMPT - 1 + step], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "gathered"])
+def test_gpu_decode_step_in_a_cuda_graph_equals_eager(backend):
+    """`torch.compile(mode="reduce-overhead")` (CUDA graphs) of the static-cache decode step: eager's tokens and
+    logits (1e-3), one graph for every length."""
+    import torch._dynamo
+
+    model = model_on(backend).cuda()
+    ids, mask = (t.cuda() for t in prompt())
+    sequences, eager_logits, _ = decode_with_static_cache(model, ids, mask, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, fullgraph=True, mode="reduce-overhead")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        graph_sequences, graph_logits, _ = decode_with_static_cache(model, ids, mask, 4, forward=compiled)
+    assert torch.equal(graph_sequences, sequences)
+    for graph_step, eager_step in zip(graph_logits, eager_logits, strict=True):
+        torch.testing.assert_close(graph_step, eager_step, rtol=1e-3, atol=1e-3)
