@@ -31,9 +31,13 @@ Measured per model, interleaved (after `--warmup` rounds, every repeat runs each
 - train: tokens/s of one training step on a `B x T` batch of random token ids: forward with labels, backward,
   `torch.optim.AdamW.step()`, `zero_grad` (train mode, no dropout, router aux losses off as in the configs);
 - prefill: tokens/s of one forward of the same batch under `torch.inference_mode()` with `use_cache=True`;
-- decode: after a prefill of a `--decode_batch x --decode_prompt` prompt, `--decode_tokens` greedy steps of one token
-  each with the KV cache in a manual loop (argmax of the last logits fed back with the returned cache); tokens/s =
-  decode_batch x decode_tokens / time of the steps, and ms per step;
+- decode, for each batch size of `--decode_batches` and each mode of `--decode_modes`: after a prefill of a
+  `batch x --decode_prompt` prompt, `--decode_tokens` greedy steps of one token each with the KV cache in a manual
+  loop (argmax of the last logits fed back); tokens/s = batch x decode_tokens / time of the steps, and ms per step.
+  Modes: `dynamic` (transformers' default `DynamicCache`, eager), `static` (a `StaticCache` of prompt + steps slots,
+  eager), `compiled` (the static cache with the forward under `torch.compile(fullgraph=True, mode=--compile_mode)`,
+  every model compiled alike; compilation happens in the warm-up round, which is untimed), `generate` (the whole
+  `model.generate(max_new_tokens=decode_tokens, do_sample=False)` call, prefill included, default cache);
 - peak memory of one training step (after the warm-up, untimed): on CUDA `torch.cuda.max_memory_allocated()` after
   `reset_peak_memory_stats()` minus the memory allocated before the step; on CPU the process RSS
   (`/proc/self/statm`) sampled every ~1 ms by a background thread during the step, peak minus the RSS just before
@@ -79,7 +83,7 @@ from baseline_flops import analytic_flops_per_token  # noqa: E402
 
 MODELS = ("llama", "mixtral", "uoe")
 BACKENDS = ("masked", "gathered", "triton")
-MEASUREMENTS = ("train", "prefill", "decode")
+DECODE_MODES = ("dynamic", "static", "compiled", "generate")
 MIXTRAL_TOP_K = 2
 SECTION_PREFIX = "## Whole-model benchmark (bench_model.py"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -350,7 +354,8 @@ class Entry:
     model: Any = None
     optimizer: Any = None
     cache_arg: str = "cache"
-    times: dict[str, list[float]] = dataclasses.field(default_factory=lambda: {m: [] for m in MEASUREMENTS})
+    times: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    compiled: dict[Any, Any] = dataclasses.field(default_factory=dict)
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: str | None = None
 
@@ -381,22 +386,52 @@ def prefill(entry: Entry, ids: torch.Tensor) -> None:
         entry.model(input_ids=ids, use_cache=True)
 
 
-def decode(entry: Entry, prompt: torch.Tensor, steps: int, device: torch.device) -> float:
-    """Seconds of `steps` greedy one-token steps with the KV cache, after an (untimed) prefill of `prompt`."""
-    entry.model.eval()
+def decode_name(mode: str, batch: int) -> str:
+    return f"decode_{mode}_b{batch}"
+
+
+def measurement_names(args: argparse.Namespace) -> list[str]:
+    return ["train", "prefill", *(decode_name(m, b) for b in args.decode_batch_list for m in args.decode_mode_list)]
+
+
+def decode(entry: Entry, prompt: torch.Tensor, steps: int, device: torch.device, mode: str, compile_mode) -> float:
+    """Seconds of `steps` greedy one-token steps with the KV cache, after an (untimed) prefill of `prompt`; for
+    `generate`, seconds of the whole call."""
+    from transformers import StaticCache  # noqa: PLC0415
+
+    model = entry.model.eval()
+    if mode == "generate":
+        with torch.inference_mode():
+            synchronize(device)
+            start = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+        if out.shape[1] != prompt.shape[1] + steps:
+            raise RuntimeError(f"generate returned {out.shape[1]} tokens, expected {prompt.shape[1] + steps}.")
+        return seconds
+    forward = model
+    cache = None
+    if mode in ("static", "compiled"):
+        cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)
+        if mode == "compiled":
+            key = ("compiled", prompt.shape[0])
+            if key not in entry.compiled:  # one compiled forward per batch size, built in the warm-up round
+                entry.compiled[key] = torch.compile(model.forward, fullgraph=True, mode=compile_mode)
+            forward = entry.compiled[key]
     with torch.inference_mode():
-        outputs = entry.model(input_ids=prompt, use_cache=True)
+        outputs = model(input_ids=prompt, use_cache=True, **({entry.cache_arg: cache} if cache is not None else {}))
         cache = output_cache(outputs)
         token = outputs.logits[:, -1:].argmax(-1)
         synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
-            outputs = entry.model(input_ids=token, use_cache=True, **{entry.cache_arg: cache})
+            outputs = forward(input_ids=token, use_cache=True, **{entry.cache_arg: cache})
             cache = output_cache(outputs)
             token = outputs.logits[:, -1:].argmax(-1)
         synchronize(device)
         seconds = time.perf_counter() - start
-    length = cache.get_seq_length()
+    length = int(cache.get_seq_length())
     if length != prompt.shape[1] + steps:  # the cache was not used or not returned
         raise RuntimeError(f"after decoding, the cache holds {length} tokens, expected {prompt.shape[1] + steps}.")
     return seconds
@@ -433,7 +468,7 @@ def measure(entry: Entry, name: str, fn: Callable[[], float]) -> None:
     if entry.error is not None:
         return
     try:
-        entry.times[name].append(fn())
+        entry.times.setdefault(name, []).append(fn())
     except Exception as error:  # reported in the model's row; the other models go on
         traceback.print_exc()
         entry.error = f"{name}: {type(error).__name__}: {error}"
@@ -491,12 +526,21 @@ def run_shape(shape: Shape, index: int, args: argparse.Namespace, device: torch.
         print(f"[bench_model] {shape.name}: {note}", flush=True)
     generator = torch.Generator().manual_seed(args.seed + index)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
-    prompt = torch.randint(0, shape.vocab, (args.decode_batch, args.decode_prompt), generator=generator).to(device)
+    prompts = {
+        batch: torch.randint(0, shape.vocab, (batch, args.decode_prompt), generator=generator).to(device)
+        for batch in args.decode_batch_list
+    }
 
     def run_all(entry: Entry) -> None:
         measure(entry, "train", lambda: timed(lambda: train_step(entry, ids), device))
         measure(entry, "prefill", lambda: timed(lambda: prefill(entry, ids), device))
-        measure(entry, "decode", lambda: decode(entry, prompt, args.decode_tokens, device))
+        for batch, prompt in prompts.items():
+            for mode in args.decode_mode_list:
+                measure(
+                    entry,
+                    decode_name(mode, batch),
+                    lambda: decode(entry, prompt, args.decode_tokens, device, mode, args.compile_mode),  # noqa: B023
+                )
 
     started = time.perf_counter()
     for entry in entries:
@@ -514,7 +558,7 @@ def run_shape(shape: Shape, index: int, args: argparse.Namespace, device: torch.
         for entry in entries:
             run_all(entry)
     for entry in entries:
-        entry.times = {m: [] for m in MEASUREMENTS}  # warm-up rounds are not reported
+        entry.times = {m: [] for m in measurement_names(args)}  # warm-up rounds are not reported
         if entry.error is None:
             try:
                 entry.memory = train_step_memory(entry, ids, device)
@@ -534,6 +578,7 @@ def run_shape(shape: Shape, index: int, args: argparse.Namespace, device: torch.
     rows = summarize_shape(shape, entries, args, plan["llama_flops"])
     for entry in entries:  # free this shape's models before the next one
         entry.model = entry.optimizer = None
+        entry.compiled = {}
     release_memory(device)
     return {
         "shape": dataclasses.asdict(shape),
@@ -547,11 +592,10 @@ def run_shape(shape: Shape, index: int, args: argparse.Namespace, device: torch.
 
 
 def summarize_shape(shape: Shape, entries: list[Entry], args: argparse.Namespace, llama_flops: float) -> list[dict]:
-    tokens = {
-        "train": shape.batch * shape.seq,
-        "prefill": shape.batch * shape.seq,
-        "decode": args.decode_batch * args.decode_tokens,
-    }
+    tokens = {"train": shape.batch * shape.seq, "prefill": shape.batch * shape.seq}
+    for batch in args.decode_batch_list:
+        for mode in args.decode_mode_list:
+            tokens[decode_name(mode, batch)] = batch * args.decode_tokens
     rows = []
     for entry in entries:
         row: dict[str, Any] = {
@@ -564,8 +608,8 @@ def summarize_shape(shape: Shape, entries: list[Entry], args: argparse.Namespace
             "peak_memory_mib": entry.memory.get("peak_mib"),
             "memory": entry.memory,
         }
-        for name in MEASUREMENTS:
-            seconds = entry.times[name]
+        for name in measurement_names(args):
+            seconds = entry.times.get(name, [])
             if entry.error is not None or not seconds:
                 row[name] = None
                 continue
@@ -577,7 +621,7 @@ def summarize_shape(shape: Shape, entries: list[Entry], args: argparse.Namespace
                 "tokens_per_second_range": [tokens[name] / max(seconds), tokens[name] / min(seconds)],
                 "relative_range": (max(seconds) - min(seconds)) / median,
             }
-            if name == "decode":
+            if name.startswith("decode_"):
                 row[name]["ms_per_token"] = 1000 * median / args.decode_tokens
         rows.append(row)
     llama = next((r for r in rows if r["model"] == "llama" and r["status"] == "ok"), None)
@@ -586,7 +630,7 @@ def summarize_shape(shape: Shape, entries: list[Entry], args: argparse.Namespace
             name: (llama[name]["tokens_per_second"] / row[name]["tokens_per_second"])
             if llama is not None and row[name] is not None
             else None
-            for name in MEASUREMENTS
+            for name in measurement_names(args)
         }
         memory, base = row["peak_memory_mib"], llama["peak_memory_mib"] if llama is not None else None
         row["memory_ratio"] = memory / base if memory is not None and base else None
@@ -599,8 +643,7 @@ def summarize_shape(shape: Shape, entries: list[Entry], args: argparse.Namespace
 
 TABLE_HEADER = [
     "model", "params", "active params/token", "train tok/s", "train time ×Llama", "prefill tok/s",
-    "prefill time ×Llama", "decode tok/s", "decode ms/token", "decode time ×Llama", "active FLOPs/token",
-    "FLOPs ×Llama", "train peak Δ (MiB)", "memory ×Llama",
+    "prefill time ×Llama", "active FLOPs/token", "FLOPs ×Llama", "train peak Δ (MiB)", "memory ×Llama",
 ]  # fmt: skip
 
 
@@ -620,19 +663,33 @@ def shape_table(result: dict) -> str:
     rows = []
     for row in result["rows"]:
         if row["status"] != "ok":
-            rows.append([f"{row['model']}: {row['description']}", f"**{row['status']}**"] + [""] * 12)
+            rows.append([f"{row['model']}: {row['description']}", f"**{row['status']}**"] + [""] * 9)
             continue
-        decode = row["decode"]
         memory = row["peak_memory_mib"]
         rows.append([
             f"{row['model']}: {row['description']}", harness.fmt_count(row["parameters"]),
             harness.fmt_count(row["active_parameters"]), _rate(row["train"]), _ratio(row["time_ratio"]["train"]),
-            _rate(row["prefill"]), _ratio(row["time_ratio"]["prefill"]), _rate(decode),
-            f"{decode['ms_per_token']:.2f}", _ratio(row["time_ratio"]["decode"]),
+            _rate(row["prefill"]), _ratio(row["time_ratio"]["prefill"]),
             harness.fmt_count(row["flops_per_token"]), f"{row['flops_ratio']:.3f}",
             "–" if memory is None else f"{memory:,.0f}", _ratio(row["memory_ratio"]),
         ])  # fmt: skip
     return harness.markdown_table(TABLE_HEADER, rows)
+
+
+def decode_table(result: dict) -> str:
+    """Per model, each decode measurement as `ms per step (time ×Llama)`."""
+    names = [name for name in result["rows"][0] if name.startswith("decode_")]
+    header = ["model", *(name.removeprefix("decode_").replace("_b", ", batch ") for name in names)]
+    rows = []
+    for row in result["rows"]:
+        cells = [f"{row['model']}"]
+        for name in names:
+            value = row.get(name)
+            cells.append(
+                "–" if value is None else f"{value['ms_per_token']:.2f} ms ({_ratio(row['time_ratio'][name])})"
+            )
+        rows.append(cells)
+    return harness.markdown_table(header, rows)
 
 
 def shape_heading(result: dict) -> str:
@@ -676,10 +733,12 @@ def markdown(results: dict) -> str:
         "(each repeat runs every model once in turn); tokens/s from the median time, in brackets the range over the "
         "repeats (slowest–fastest). *train*: forward with labels + backward + `AdamW.step()` + `zero_grad` on the "
         "shape's batch of random token ids; *prefill*: one forward of that batch under `torch.inference_mode()` with "
-        f"`use_cache=True`; *decode*: after a prefill of {settings['decode_batch']} x {settings['decode_prompt']} "
-        f"prompt tokens, {settings['decode_tokens']} greedy one-token steps with the KV cache (tokens/s = "
-        f"{settings['decode_batch']} x {settings['decode_tokens']} / time of the steps; ms/token = time of one step, "
-        "one new token per sequence). Time ×Llama = model time / Llama time (below 1: faster than the dense model). "
+        f"`use_cache=True`; *decode* (second table, per batch size): after a prefill of batch x "
+        f"{settings['decode_prompt']} prompt tokens, {settings['decode_tokens']} greedy one-token steps with the KV "
+        "cache; ms per step (one new token per sequence), in brackets time ×Llama. Modes: `dynamic` (DynamicCache, "
+        "eager), `static` (StaticCache of prompt + steps slots, eager), `compiled` (the static cache and "
+        f"`torch.compile(forward, fullgraph=True, mode={settings['compile_mode']!r})`, every model alike, compiled "
+        "in the untimed warm-up), `generate` (the whole `generate` call, prefill included, per new token). Time ×Llama = model time / Llama time (below 1: faster than the dense model). "
         "Memory: peak of one training step, "
         f"{memory_method}. All models: SDPA attention, no dropout, router aux losses off.",
         "",
@@ -693,7 +752,8 @@ def markdown(results: dict) -> str:
         "Mixtral's by the same convention (projections, attention, router, 2 experts, LM head).",
     ]
     for result in results["shapes"]:
-        lines += ["", shape_heading(result), "", shape_table(result), "", mixtral_note(result)]
+        lines += ["", shape_heading(result), "", shape_table(result), "", decode_table(result), ""]
+        lines += [mixtral_note(result)]
         lines += [f"{note}" for note in result["notes"]]
     lines += ["", f"Raw numbers (every repeat's time): `{results['json_path']}`."]
     return "\n".join(lines) + "\n"
@@ -721,7 +781,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; quick 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the repeats (default 1)")
-    parser.add_argument("--decode_batch", type=int, default=1, help="sequences decoded at once (default 1)")
+    parser.add_argument(
+        "--decode_batches", default=None, help="comma-separated batch sizes of the decode rows (default 1,8; quick 2)"
+    )
+    parser.add_argument(
+        "--decode_modes",
+        default=None,
+        help=f"comma-separated subset of {list(DECODE_MODES)} (default all; quick: dynamic,static,generate)",
+    )
+    parser.add_argument(
+        "--compile_mode", default=None, help="torch.compile mode of the `compiled` rows (e.g. reduce-overhead on CUDA)"
+    )
     parser.add_argument("--decode_prompt", type=int, default=None, help="prompt tokens before decoding (128; quick 16)")
     parser.add_argument("--decode_tokens", type=int, default=None, help="greedy decode steps (default 64; quick 4)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -746,6 +816,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     defaults = {"shapes": QUICK_SHAPES if quick else DEFAULT_SHAPES, "repeats": 1 if quick else 5}
     defaults.update(decode_prompt=16 if quick else 128, decode_tokens=4 if quick else 64)
+    defaults.update(
+        decode_batches="2" if quick else "1,8",
+        decode_modes="dynamic,static,generate" if quick else ",".join(DECODE_MODES),
+    )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -753,7 +827,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.shape_list = parse_shapes(args.shapes)
         args.model_list = harness.parse_choices("models", args.models, MODELS)
         args.backend_list = harness.parse_choices("backends", args.backends, BACKENDS)
-        for name in ("repeats", "decode_batch", "decode_prompt", "decode_tokens"):
+        args.decode_batch_list = harness.parse_int_list("decode_batches", args.decode_batches)
+        for batch in args.decode_batch_list:
+            harness.check_positive("decode_batches", batch)
+        args.decode_mode_list = harness.parse_choices("decode_modes", args.decode_modes, DECODE_MODES)
+        for name in ("repeats", "decode_prompt", "decode_tokens"):
             harness.check_positive(name, getattr(args, name))
         harness.check_positive("warmup", args.warmup, allow_zero=True)
         if args.threads is not None:
@@ -789,9 +867,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else harness.cpu_name()
     settings = {
         key: getattr(args, key)
-        for key in ("quick", "repeats", "warmup", "decode_batch", "decode_prompt", "decode_tokens", "seed")
+        for key in ("quick", "repeats", "warmup", "decode_prompt", "decode_tokens", "seed", "compile_mode")
     }
     settings.update(
+        decode_batches=args.decode_batch_list, decode_modes=args.decode_mode_list,
         shapes=[s.spec for s in args.shape_list], models=args.model_list, backends=args.backend_list,
         dtype=args.dtype, threads=torch.get_num_threads(), device=str(device), mixtral_experts=args.mixtral_experts,
     )  # fmt: skip
@@ -802,7 +881,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[bench_model] shape {shape.name}: {shape.describe()}", flush=True)
         result = run_shape(shape, index, args, device, dtype)
         shapes.append(result)
-        print(f"\n{shape_heading(result)}\n\n{shape_table(result)}\n\n{mixtral_note(result)}\n", flush=True)
+        tables = f"{shape_table(result)}\n\n{decode_table(result)}"
+        print(f"\n{shape_heading(result)}\n\n{tables}\n\n{mixtral_note(result)}\n", flush=True)
 
     env["loadavg_end"] = list(os.getloadavg())
     results = {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go: the gpu-marked tests (compiled kernels and the gathered path against the float32
-# references, determinism, no host sync, torch.compile), then benchmarks/bench_kernels.py and
+# references, determinism, no host sync, torch.compile; the static cache against the dynamic one, and its decode step
+# in a CUDA graph), then benchmarks/bench_kernels.py and
 # benchmarks/bench_model.py (whole models, bf16), which write their sections of benchmarks/RESULTS.md. Needs a CUDA
 # GPU with Triton; logs go to $OUT (default runs/gpu_check).
 #
@@ -26,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 parallel=()
 if [ "$workers" -gt 0 ] && "$python" -c "import xdist" 2>/dev/null; then parallel=(-n "$workers"); fi
 start=$SECONDS
-timeout "${TESTS_LIMIT_S:-0}" "$python" -m pytest -m gpu tests/test_kernels_gpu.py -rA -p no:cacheprovider "${parallel[@]}" \
+timeout "${TESTS_LIMIT_S:-0}" "$python" -m pytest -m gpu tests/test_kernels_gpu.py tests/test_static_cache.py -rA -p no:cacheprovider "${parallel[@]}" \
     --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log"
 tests_status=${PIPESTATUS[0]}
 echo "gpu tests: exit $tests_status in $((SECONDS - start)) s" | tee -a "$out/device.txt"
@@ -36,10 +37,13 @@ timeout "${BENCH_LIMIT_S:-0}" "$python" benchmarks/bench_kernels.py "$@" 2>&1 | 
 bench_status=${PIPESTATUS[0]}
 echo "bench_kernels.py: exit $bench_status in $((SECONDS - start)) s" | tee -a "$out/device.txt"
 
-# Whole models in bf16: UoE (triton, gathered, masked) vs dense Llama vs Mixtral, at d_model 1024 and 2048.
+# Whole models in bf16: UoE (triton, gathered, masked) vs dense Llama vs Mixtral, at d_model 1024 and 2048; decoding
+# with the dynamic cache, the static cache, and the static cache in CUDA graphs (torch.compile "reduce-overhead",
+# Llama compiled alike), batch 1 and 8.
 start=$SECONDS
 timeout "${MODEL_BENCH_LIMIT_S:-0}" "$python" benchmarks/bench_model.py --device cuda --repeats "${MODEL_REPEATS:-3}" \
     --shapes "${MODEL_SHAPES:-d1024,2048:4:16/8:5504:16/4:32000:4x1024}" --output "$out/bench_model_cuda.json" \
+    --decode_modes "${DECODE_MODES:-dynamic,static,compiled,generate}" --compile_mode reduce-overhead \
     2>&1 | tee "$out/bench_model.log"
 model_status=${PIPESTATUS[0]}
 echo "bench_model.py: exit $model_status in $((SECONDS - start)) s" | tee -a "$out/device.txt"

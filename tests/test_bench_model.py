@@ -40,17 +40,19 @@ def test_quick_mode_measures_every_model(tmp_path):
     for shape in results["shapes"]:
         rows = {row["model"]: row for row in shape["rows"]}
         assert sorted(rows) == sorted(expected), shape["notes"]
+        decodes = [f"decode_{mode}_b2" for mode in ("dynamic", "static", "generate")]  # the quick mode's rows
         for name, row in rows.items():
             assert row["status"] == "ok", row["status"]
-            for measurement in ("train", "prefill", "decode"):
+            for measurement in ("train", "prefill", *decodes):
                 rate = row[measurement]["tokens_per_second"]
                 assert math.isfinite(rate) and rate > 0, (name, measurement, rate)
                 ratio = row["time_ratio"][measurement]
                 assert math.isfinite(ratio) and ratio > 0, (name, measurement, ratio)
-            assert math.isfinite(row["decode"]["ms_per_token"]) and row["decode"]["ms_per_token"] > 0
+            for measurement in decodes:
+                assert math.isfinite(row[measurement]["ms_per_token"]) and row[measurement]["ms_per_token"] > 0
             assert row["peak_memory_mib"] is not None and math.isfinite(row["peak_memory_mib"])
             assert f"{name}: {row['description']}" in text  # every model has its row in the written section
-        assert rows["llama"]["time_ratio"] == {"train": 1.0, "prefill": 1.0, "decode": 1.0}
+        assert rows["llama"]["time_ratio"] == {name: 1.0 for name in ("train", "prefill", *decodes)}
 
         # the FLOPs ratio of a UoE row is UoE's active fraction, computed here independently from the shape
         s = shape["shape"]
@@ -121,6 +123,8 @@ def test_backends_skip_what_cannot_run(monkeypatch):
         (["--backends", "cuda"], "--backends"),
         (["--repeats", "0"], "--repeats"),
         (["--decode_tokens", "-1"], "--decode_tokens"),
+        (["--decode_modes", "cached"], "--decode_modes"),
+        (["--decode_batches", "1,0"], "--decode_batches"),
     ],
 )
 def test_bad_arguments_name_the_parameter(argv, message, capsys):

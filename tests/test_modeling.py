@@ -509,8 +509,10 @@ def test_malformed_attention_mask_and_foreign_cache_raise():
     input_ids = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="attention_mask"):
         model(input_ids, attention_mask=torch.ones(2, 4))
-    with pytest.raises(ValueError, match="`cache`.*must be a `DynamicCache`"):
-        model(input_ids, cache=StaticCache(config=model.config, max_cache_len=8))
+    foreign_static = StaticCache(config=model.config, max_cache_len=8)  # filled by another model
+    foreign_static.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 0)
+    with pytest.raises(ValueError, match="`cache`.*without UoE routing state"):
+        model(input_ids, cache=foreign_static)
     foreign = DynamicCache()
     foreign.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 0)
     with pytest.raises(ValueError, match="`cache`.*without UoE routing state"):

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from .routing import Slots, slots_to_dense
-from .selective_attention import apply_rotary_pos_emb, rotate_half
+from .selective_attention import apply_rotary_pos_emb, query_slots, rotate_half
 
 # ---------------------------------------------------------------------------------------------------------------------
 # When a path may read a module's weights
@@ -702,7 +702,8 @@ def gathered_selective_attention(
             module, hidden_states, position_embeddings, selection, cache_layer, segment_ids, value_states
         )
     heads = module.num_key_value_heads
-    past_length = cache_layer.get_seq_length() if cache_layer is not None else 0
+    continues = cache_layer is not None and cache_layer.has_tokens
+    query_positions = query_slots(cache_layer, seq_len, hidden_states.device)
     pairs = sort_pairs(selection.slots, heads, seq_len)
     query, key, value = _pair_states(module, hidden_states, value_states, position_embeddings, pairs)
     dropout = module.attention_dropout if module.training else 0.0
@@ -717,7 +718,7 @@ def gathered_selective_attention(
         key_selected = cache_layer.update_routing("head_selected", slots_to_dense(selection.slots, heads)[0])
         key_segments = None if segment_ids is None else cache_layer.update_routing("segment_ids", segment_ids)
 
-    if past_length == 0:
+    if not continues:  # attention over the new tokens only
         lists = head_lists(pairs, heads, batch, seq_len, selection.max_list_length)
         segments = None if token_segments is None else to_lists(token_segments, lists)[:, 0]
         rows = [to_lists(x, lists) for x in (query, key, value)]
@@ -730,7 +731,7 @@ def gathered_selective_attention(
         def as_lists(rows: torch.Tensor) -> torch.Tensor:
             return to_lists(rows, lists).view(heads, batch, length, rows.shape[1])
 
-        query_position = as_lists((past_length + pairs.token % seq_len)[:, None])[..., 0]
+        query_position = as_lists(query_positions[pairs.token % seq_len][:, None])[..., 0]
         key_index, key_count = compact_heads(key_selected)  # (heads, batch, Lk)
         key_segment = query_segment = None
         if key_segments is not None:
@@ -831,6 +832,7 @@ def _decode_step(
     block = selection.slots[0]
     index = block.index[:, 0]  # (batch, top_k) selected groups, token-major
     query_width = group * head_dim
+    position = query_slots(cache_layer, 1, hidden_states.device)  # the new token's slot
     plain = all(
         reads_weights_directly(p, hidden_states.device)
         for p in (module.q_proj, module.k_proj, module.v_proj, module.o_proj)
@@ -857,6 +859,8 @@ def _decode_step(
     head_index = index[:, :, None, None].expand(-1, -1, num_keys, head_dim)
     keys, values = cached_key.gather(1, head_index), cached_value.gather(1, head_index)  # (batch, top_k, keys, d)
     allowed = key_selected.gather(2, index[:, None, :].expand(-1, num_keys, -1)).transpose(1, 2)
+    # no slot after the token's own (a static cache's empty or cropped slots)
+    allowed = allowed & (torch.arange(num_keys, device=allowed.device) <= position)
     if segment_ids is not None:
         key_segments = cache_layer.update_routing("segment_ids", segment_ids)
         allowed = allowed & (key_segments == segment_ids[:, -1:])[:, None, :]

@@ -17,7 +17,13 @@ from torch import nn
 
 from .kernels_common import require_kernels, triton_module
 from .kernels_routing import compact_selection
-from .selective_attention import project_all_heads, selective_allowed, union_of_heads
+from .selective_attention import (
+    ALL_SELECTIVE_ATTENTION_FUNCTIONS,
+    is_static,
+    project_all_heads,
+    selective_allowed,
+    union_of_heads,
+)
 
 
 def _kernels() -> ModuleType:
@@ -96,7 +102,10 @@ def selective_attention_reference(
     _check_inputs(query, key, value, query_selected, key_selected, key_mask, segment_ids, causal)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     key_selected = key_selected if key_mask is None else key_selected & key_mask[..., None]
-    allowed = selective_allowed(key_selected, query.shape[2], causal, segment_ids)
+    k_len, q_len = key.shape[2], query.shape[2]
+    allowed = selective_allowed(
+        key_selected, torch.arange(k_len - q_len, k_len, device=key.device), causal, segment_ids
+    )
     scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     # zeroing after the softmax makes rows without any allowed key exactly 0 (and keeps gradients finite)
@@ -263,18 +272,31 @@ def triton_selective_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """SMHA implementation `"triton"` (contract: `selective_attention.py`): the modules project every head, the
-    kernels attend over each (sequence, head)'s selected tokens, unselected heads are 0."""
+    kernels attend over each (sequence, head)'s selected tokens, unselected heads are 0.
+
+    The kernels take the new tokens as the last keys. A static cache's buffer has empty slots after them, so there
+    the kernels run one decoded token at a time (its visible slots passed as the selection, no causal rule needed);
+    other forwards with a static cache (the prefill, several new tokens, packed rows) take the masked reference."""
+    static = is_static(cache_layer)
+    if static and (hidden_states.shape[1] != 1 or not cache_layer.has_tokens or segment_ids is not None):
+        masked = ALL_SELECTIVE_ATTENTION_FUNCTIONS["masked"]
+        return masked(module, hidden_states, position_embeddings, selection, cache_layer, segment_ids, value_states)
     heads = project_all_heads(
         module, hidden_states, position_embeddings, selection, cache_layer, segment_ids, value_states
     )
+    key_selected, causal = heads.key_selected, module.is_causal
+    if static:  # one new token: every filled slot up to its own is a key it may see
+        slots = torch.arange(key_selected.shape[1], device=key_selected.device)
+        key_selected = key_selected & (slots <= heads.query_positions)[None, :, None]
+        causal = False
     attn_output = selective_attention(
         heads.query,
         heads.key,
         heads.value,
         query_selected=heads.query_selected,
-        key_selected=heads.key_selected,
+        key_selected=key_selected,
         segment_ids=heads.key_segments,
-        causal=module.is_causal,
+        causal=causal,
         scaling=module.scaling,
     )
     return union_of_heads(module, attn_output, heads.head_gates), None

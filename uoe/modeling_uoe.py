@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ExpertsInterface
@@ -45,6 +45,13 @@ try:
 except ImportError:  # a transformers without named tensor-parallel styles: the model works, unsharded
     ALL_PARALLEL_STYLES, TensorParallelLayer = None, object
 
+from .cache_uoe import (
+    UoECacheLayer,
+    UoEStaticCacheLayer,
+    block_cache_layer,
+    prepare_uoe_cache,
+    resolve_cache_argument,
+)
 from .configuration_uoe import CACHE_FIELD, UoEConfig
 from .conversion import uoe_config_from_dense, uoe_state_dict_from_dense
 from .gathered import gathered_experts_forward, gathered_selective_attention, reads_parameters_directly
@@ -69,6 +76,7 @@ from .selective_attention import (
     ALL_SELECTIVE_ATTENTION_FUNCTIONS,
     GATHERED_ATTENTION_MIN_KEYS,  # noqa: F401  (re-exported: the "auto" threshold)
     auto_selective_attention,
+    is_static,
     project_all_heads,
     resolve_routing_backend,
     selective_allowed,
@@ -238,123 +246,6 @@ class UoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     router_z_loss: torch.FloatTensor | None = None
 
 
-class UoECacheLayer(DynamicLayer):
-    """KV cache of one SMHA layer, plus the routing state incremental decoding needs.
-
-    Besides keys and values of every key/value head (one per head group) it keeps, per cached token, which
-    groups the token selected (`routing["head_selected"]`, `(batch, tokens, groups)`: a group's keys are only
-    visible to queries that selected the same group) and the router logits the token was routed with (the next
-    token reuses them when it belongs to the same routing patch).
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.routing: dict[str, torch.Tensor] = {}
-
-    def update_routing(self, name: str, states: torch.Tensor) -> torch.Tensor:
-        """Append `(batch, seq, ...)` routing states and return all of them."""
-        if name in self.routing:
-            states = torch.cat([self.routing[name], states.to(self.routing[name].device)], dim=1)
-        self.routing[name] = states
-        return states
-
-    def last_routing(self, name: str) -> torch.Tensor | None:
-        """The routing state of the last cached token, `(batch, ...)`, or `None` if nothing is cached."""
-        states = self.routing.get(name)
-        return None if states is None or states.shape[1] == 0 else states[:, -1]
-
-    def _map_routing(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.routing = {name: fn(states) for name, states in self.routing.items()}
-
-    def reset(self) -> None:
-        super().reset()
-        self.routing = {}
-
-    def crop(self, tokens_to_remove: int) -> None:
-        # The routing state follows the keys, whatever the argument means to the installed transformers: a negative
-        # count of tokens to remove, or a positive length to keep (older releases; transformers 5.25 refuses it).
-        super().crop(tokens_to_remove)
-        length = self.get_seq_length()
-        self._map_routing(lambda states: states[:, :length])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._map_routing(lambda states: states.index_select(0, beam_idx.to(states.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._map_routing(lambda states: states.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._map_routing(lambda states: states[indices, ...])
-
-    def offload(self) -> None:
-        super().offload()
-        self._map_routing(lambda states: states.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        super().prefetch()
-        if self.is_initialized:
-            self._map_routing(lambda states: states.to(self.device, non_blocking=True))
-
-
-def prepare_uoe_cache(cache: Cache, num_layers: int, batch_size: int | None = None) -> Cache:
-    """Make every layer of a `DynamicCache` a `UoECacheLayer` (the cache `generate` builds has plain layers).
-
-    Only empty layers are swapped: a cache already filled by another model cannot be continued. A cache made for
-    more layers, or filled by a model of another depth or for another batch size, is refused (shapes only, no sync).
-    """
-    if not isinstance(cache, DynamicCache):
-        raise ValueError(
-            f"`cache` (`past_key_values`) must be a `DynamicCache` for UoE models (got {type(cache).__name__}): selective "
-            "attention needs per-token routing state that static and quantized caches do not store."
-        )
-    foreign = any(not isinstance(layer, UoECacheLayer) and layer.get_seq_length() > 0 for layer in cache.layers)
-    if foreign:
-        raise ValueError(
-            "`cache` (`past_key_values`) holds keys and values without UoE routing state (filled by another model); "
-            "pass an empty `DynamicCache` or one returned by this model."
-        )
-    filled = cache.get_seq_length() > 0
-    if len(cache.layers) > num_layers or (filled and len(cache.layers) != num_layers):
-        raise ValueError(
-            f"`cache` (`past_key_values`) has {len(cache.layers)} layers but the model has num_hidden_layers="
-            f"{num_layers}: it was made for another config."
-        )
-    cached_routing = cache.layers[0].routing.get("attention_router_logits") if filled else None
-    if batch_size is not None and cached_routing is not None and cached_routing.shape[0] != batch_size:
-        raise ValueError(
-            f"`cache` (`past_key_values`) holds {cached_routing.shape[0]} sequences but the input has batch size "
-            f"{batch_size}."
-        )
-    for index, layer in enumerate(cache.layers):
-        if not isinstance(layer, UoECacheLayer):
-            cache.layers[index] = UoECacheLayer()
-    while len(cache.layers) < num_layers:
-        cache.layers.append(UoECacheLayer())
-    if cache.layer_class_to_replicate is not None:
-        cache.layer_class_to_replicate = UoECacheLayer
-    return cache
-
-
-def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The KV cache given as `cache` or under its older name `past_key_values` (not both)."""
-    if past_key_values is None:
-        return cache
-    if cache is not None:
-        raise ValueError("Pass the KV cache as `cache` or as `past_key_values` (its older name), not both.")
-    return past_key_values
-
-
-def block_cache_layer(cache: Cache | None, layer_idx: int, cache_index: int | None) -> "UoECacheLayer | None":
-    """The cache layer of one application of a decoder layer: `cache_index` (a grouped model applies its layers
-    several times, each with a cache layer of its own) or, by default, the layer's own index."""
-    if cache is None:
-        return None
-    return cache.layers[layer_idx if cache_index is None else cache_index]
-
-
 def renamed_cache_argument(forward: Callable) -> Callable:
     """Take the KV cache under its pre-5.24 name `past_key_values` as well as `cache`.
 
@@ -483,17 +374,18 @@ def masked_selective_attention(
     key_length, query_length = key.shape[2], query.shape[2]
     # every head of every token, no padding, one sequence per row: the dense layer's attention, which SDPA runs with
     # its own kernels instead of a materialised mask
+    # (a static cache's slots outnumber its tokens: the mask hides the empty ones)
     dense = (
         module.num_selected == module.num_key_value_heads
         and all(block.keep is None for block in selection.slots)
         and heads.key_segments is None
+        and not is_static(cache_layer)
     )
     attention_mask = None
     if not (dense and implementation == "sdpa" and (not module.is_causal or query_length in (1, key_length))):
-        allowed = selective_allowed(heads.key_selected, query_length, module.is_causal, heads.key_segments)
-        own_key = torch.arange(key_length - query_length, key_length, device=key.device)[:, None] == torch.arange(
-            key_length, device=key.device
-        )
+        positions = heads.query_positions
+        allowed = selective_allowed(heads.key_selected, positions, module.is_causal, heads.key_segments)
+        own_key = positions[:, None] == torch.arange(key_length, device=key.device)
         attention_mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~(allowed | own_key), torch.finfo(query.dtype).min
         )
@@ -744,7 +636,7 @@ class UoESelectiveAttention(nn.Module):
             "attention_router_logits",
             self.num_shared,
         )
-        num_keys = hidden_states.shape[1] + (cache_layer.get_seq_length() if cache_layer is not None else 0)
+        num_keys = hidden_states.shape[1] if cache_layer is None else cache_layer.key_slots(hidden_states.shape[1])
         attention = ALL_SELECTIVE_ATTENTION_FUNCTIONS.get_interface(self.implementation(hidden_states, num_keys))
         segment_ids = routing.segment_ids if routing is not None else None
         output, attn_weights = attention(
@@ -1020,6 +912,8 @@ class UoEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
+    # a decode step with a static cache compiles as one graph (tests/test_static_cache.py)
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(UoERouter, index=0),
         "hidden_states": OutputRecorder(UoEDecoderLayer, index=0),
@@ -1108,6 +1002,38 @@ def _check_input_values(input_ids: torch.Tensor | None, attention_mask: torch.Te
         )
 
 
+def _padding_mask(
+    attention_mask: torch.Tensor,
+    cache_layer: "UoECacheLayer | UoEStaticCacheLayer | None",
+    batch_size: int,
+    seq_len: int,
+) -> torch.Tensor:
+    """The 2-D padding mask as bool, over the cache's slots: `(batch, cached + new tokens)`, or with a static cache
+    `(batch, max_cache_len)` (a mask of cached + new tokens is padded to it; `generate` passes the full length, see
+    `UoEForCausalLM.create_masks_for_generate`). `max_position_embeddings` is no limit (as in transformers' RoPE
+    models): RoPE scaling decides what longer inputs see."""
+    static = isinstance(cache_layer, UoEStaticCacheLayer)
+    if attention_mask.dim() == 2 and attention_mask.shape[0] == batch_size:
+        if static and attention_mask.shape[1] == cache_layer.max_cache_len:
+            return attention_mask.bool()
+        if torch.compiler.is_compiling() and static:
+            raise ValueError(
+                "With a static cache under `torch.compile`, `attention_mask` must cover the cache's "
+                f"max_cache_len={cache_layer.max_cache_len} slots, got shape {tuple(attention_mask.shape)}."
+            )
+        # a static cache's filled length is read back from the device here (eager calls with a shorter mask only)
+        cached = int(cache_layer.get_seq_length()) if cache_layer is not None else 0
+        if attention_mask.shape[1] == cached + seq_len:
+            mask = attention_mask.bool()
+            return F.pad(mask, (0, cache_layer.max_cache_len - mask.shape[1])) if static else mask
+    expected = f"({batch_size}, cached + new tokens)" + (
+        f" or ({batch_size}, max_cache_len={cache_layer.max_cache_len})" if static else ""
+    )
+    raise ValueError(
+        f"`attention_mask` must be a 2-D padding mask of shape {expected}, got {tuple(attention_mask.shape)}."
+    )
+
+
 class UoEModel(UoEPreTrainedModel):
     # Tensor parallelism (see "Tensor parallelism" above); transformers adds the vocabulary-sharded `embed_tokens`.
     _tp_plan = UOE_LAYERS_TP_PLAN
@@ -1171,19 +1097,19 @@ class UoEModel(UoEPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if cache is not None:
             cache = prepare_uoe_cache(cache, self.config.num_hidden_layers, batch_size)
-        past_length = cache.get_seq_length() if cache is not None else 0
+        first_layer = cache.layers[0] if cache is not None else None
+        # the slots the new tokens take in the cache (after the cached ones); a tensor, so a static cache's decode
+        # step has one graph for every length
+        device = inputs_embeds.device
+        query_positions = (
+            first_layer.next_positions(seq_len, device)
+            if first_layer is not None
+            else torch.arange(seq_len, device=device)
+        )
         if attention_mask is not None:
-            # `max_position_embeddings` is no limit (as in transformers' RoPE models): RoPE scaling decides what
-            # longer inputs see
-            total_length = past_length + seq_len
-            if attention_mask.dim() != 2 or attention_mask.shape != (batch_size, total_length):
-                raise ValueError(
-                    f"`attention_mask` must be a 2-D padding mask of shape (batch, cached + new tokens) = "
-                    f"({batch_size}, {total_length}), got {tuple(attention_mask.shape)}."
-                )
-            attention_mask = attention_mask.bool()
+            attention_mask = _padding_mask(attention_mask, first_layer, batch_size, seq_len)
         routing, position_ids = self._routing_inputs(
-            attention_mask, position_ids, cache, past_length, inputs_embeds, compute_router_losses
+            attention_mask, position_ids, cache, query_positions, inputs_embeds, compute_router_losses
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         hidden_states, layer_aux = self._run_layers(
@@ -1226,41 +1152,41 @@ class UoEModel(UoEPreTrainedModel):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         cache: Cache | None,
-        past_length: int,
+        query_positions: torch.Tensor,
         inputs_embeds: torch.Tensor,
         compute_router_losses: bool,
     ) -> tuple[RoutingInputs, torch.Tensor]:
-        """The routing context every layer shares, and the `(batch, seq)` position ids of the new tokens.
+        """The routing context every layer shares, and the `(batch, seq)` position ids of the new tokens
+        (`query_positions`: their slots in the cache, or `0 .. seq - 1` without one).
 
         Packed rows (positions restarting inside a row, no mask) get segment ids, so attention and routing patches
         stay inside each sequence; new tokens after a cache continue the row's last packed sequence. Without
         `position_ids`, positions count real tokens only, so a left-padded sequence gets the positions it has alone.
         """
         batch_size, seq_len = inputs_embeds.shape[:2]
+        continues = cache is not None and cache.layers[0].has_tokens
         segment_ids = None
-        if position_ids is not None and attention_mask is None and past_length == 0:
+        if position_ids is not None and attention_mask is None and not continues:
             segment_ids = packed_segment_ids(position_ids.expand(batch_size, -1))
-        elif cache is not None and past_length > 0:
+        elif continues:
             cached_segments = cache.layers[0].last_routing("segment_ids")
             if cached_segments is not None:
                 segment_ids = cached_segments[:, None].expand(batch_size, seq_len)
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past_length:]
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0).index_select(1, query_positions)
             else:
-                position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)[None]
+                position_ids = query_positions[None]
         position_ids = position_ids.expand(batch_size, -1)
         source_index = None
         if self.config.routing_patch_size > 1:
             segment_starts = None
-            if segment_ids is not None and past_length == 0:
+            if segment_ids is not None and not continues:
                 segment_starts = torch.diff(segment_ids, prepend=segment_ids[:, :1], dim=-1) != 0
-            source_index = patch_source_index(
-                position_ids, self.config.routing_patch_size, past_length > 0, segment_starts
-            )
+            source_index = patch_source_index(position_ids, self.config.routing_patch_size, continues, segment_starts)
         routing = RoutingInputs(
             source_index=source_index,
-            token_mask=attention_mask[:, past_length:] if attention_mask is not None else None,
+            token_mask=attention_mask.index_select(1, query_positions) if attention_mask is not None else None,
             segment_ids=segment_ids,
             router_losses=compute_router_losses,
         )
@@ -1412,6 +1338,18 @@ class UoEForCausalLM(UoEPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
+
+    def create_masks_for_generate(
+        self, config=None, inputs_embeds=None, attention_mask=None, cache=None, past_key_values=None, **kwargs
+    ) -> torch.Tensor | None:
+        """`generate`'s mask for a static cache (transformers would build a 4-D causal mask; UoE takes the 2-D
+        padding mask): the `(batch, cached + new tokens)` mask padded to the cache's `max_cache_len` slots, so that
+        every decode step has the same shapes and compiles once."""
+        cache = cache if cache is not None else past_key_values
+        if attention_mask is None or not isinstance(cache, StaticCache):
+            return attention_mask
+        max_cache_len = cache.layers[0].max_cache_len
+        return F.pad(attention_mask.bool(), (0, max_cache_len - attention_mask.shape[-1]))
 
     @classmethod
     def from_dense(cls, dense_model: PreTrainedModel, **config_overrides) -> "UoEForCausalLM":

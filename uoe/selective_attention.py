@@ -142,26 +142,39 @@ def apply_rotary_pos_emb(
 
 
 def selective_allowed(
-    key_selected: torch.Tensor, query_length: int, causal: bool, segment_ids: torch.Tensor | None = None
+    key_selected: torch.Tensor,
+    query_positions: torch.Tensor,
+    causal: bool,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`(batch, heads, queries, keys)` bool: key j is visible to query i in head h when j selected h, j is not later
-    than i (`causal`) and both are in the same packed sequence. The queries are the last `query_length` keys.
+    """`(batch, heads, queries, keys)` bool: key slot j is visible to query i in head h when j selected h, j is not
+    after i's own slot (`causal`; in a static cache this also hides the slots not filled yet) and both are in the
+    same packed sequence.
 
     Args:
         key_selected: `(batch, keys, heads)` bool, which heads each key token selected (padding selects none).
+        query_positions: `(queries,)` the key slots of the queries' own tokens.
         segment_ids: `(batch, keys)` packed-sequence ids of the keys, or `None` (one sequence per row).
     """
-    key_length = key_selected.shape[1]
-    device = key_selected.device
-    query_pos = torch.arange(key_length - query_length, key_length, device=device)[:, None]
-    key_pos = torch.arange(key_length, device=device)[None, :]
+    key_pos = torch.arange(key_selected.shape[1], device=key_selected.device)[None, :]
+    query_pos = query_positions.to(key_selected.device)[:, None]
     allowed = key_selected.transpose(1, 2)[:, :, None, :]
     if causal:
         allowed = allowed & (key_pos <= query_pos)
     if segment_ids is not None:
-        same_segment = segment_ids[:, key_length - query_length :, None] == segment_ids[:, None, :]
+        same_segment = segment_ids.index_select(1, query_positions)[:, :, None] == segment_ids[:, None, :]
         allowed = allowed & same_segment[:, None]
     return allowed
+
+
+def query_slots(cache_layer, num_new: int, device: torch.device) -> torch.Tensor:
+    """`(num_new,)` the key slots the new tokens take: after the cached ones (call before updating the cache)."""
+    return torch.arange(num_new, device=device) if cache_layer is None else cache_layer.next_positions(num_new, device)
+
+
+def is_static(cache_layer) -> bool:
+    """Whether a cache layer is the fixed-size layout (`UoEStaticCacheLayer`): its key slots outnumber the tokens."""
+    return cache_layer is not None and getattr(cache_layer, "is_compileable", False)
 
 
 class HeadStates(NamedTuple):
@@ -172,6 +185,7 @@ class HeadStates(NamedTuple):
     query_selected: `(batch, seq, heads)` bool; key_selected: `(batch, keys, heads)` bool (per query head).
     key_segments: `(batch, keys)` packed-sequence ids of the keys, or `None`.
     head_gates: `(batch, seq, heads)` each query head's gate (its group's), 0 where the group is not selected.
+    query_positions: `(seq,)` the key slots of the new tokens themselves.
     """
 
     query: torch.Tensor
@@ -181,6 +195,7 @@ class HeadStates(NamedTuple):
     key_selected: torch.Tensor
     key_segments: torch.Tensor | None
     head_gates: torch.Tensor
+    query_positions: torch.Tensor
 
 
 def project_all_heads(
@@ -204,6 +219,7 @@ def project_all_heads(
     query, key, value = (x.view(batch, seq_len, -1, module.head_dim).transpose(1, 2) for x in (query, key, value))
     if position_embeddings is not None:
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    query_positions = query_slots(cache_layer, seq_len, hidden_states.device)
     key_selected, key_segments = selected, segment_ids
     if cache_layer is not None:
         key, value = cache_layer.update(key, value)
@@ -219,6 +235,7 @@ def project_all_heads(
         per_head(key_selected, -1),
         key_segments,
         per_head(group_gates, -1),
+        query_positions,
     )
 
 
