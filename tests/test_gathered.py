@@ -418,3 +418,9 @@ def test_auto_attends_on_the_gathered_path_except_where_the_masked_one_is_faster
             calls.clear()
             model(input_ids)
             assert calls == [expected] * 2, (input_ids.shape, calls)
+        # a decode step after a long prompt: one new token per sequence attends masked (fewer operations)
+        model = tiny_model()
+        cache = returned_cache(model(long, use_cache=True))
+        calls.clear()
+        model(long[:, :1], cache=cache, use_cache=True)
+        assert calls == ["masked"] * 2, calls

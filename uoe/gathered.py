@@ -370,20 +370,28 @@ def gathered_experts_forward(
     return combine_pairs(out, pairs, slots)[0].to(hidden_states.dtype)
 
 
+def pair_products(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`weights[p] @ rows[p]` for each pair p: `(pairs, in)` rows times `(pairs, out, in)` weights -> `(pairs, out)`.
+
+    Written as a batch of row vectors times transposed weights: on CPU that is an order of magnitude faster than the
+    same batch of matrix-vector products (`bmm(weights, rows[..., None])`, 155 vs 15 us at 2 x 384 x 192)."""
+    return torch.bmm(rows[:, None, :], weights.mT)[:, 0]
+
+
 def _token_major_experts(self, hidden_states, top_k_index, top_k_weights, pair_keep) -> torch.Tensor:
     """Few pairs of small experts: each pair's expert slices gathered and multiplied directly, without sorting."""
     up, up_bias, down_bias = expert_weights(self)
     num_tokens, top_k = top_k_index.shape
     flat = top_k_index.reshape(-1)
-    rows = hidden_states.to(up.dtype).repeat_interleave(top_k, 0)[:, :, None]  # (pairs, hidden, 1)
-    inner = torch.bmm(up.index_select(0, flat), rows)[..., 0]
+    rows = hidden_states.to(up.dtype).repeat_interleave(top_k, 0)  # (pairs, hidden)
+    inner = pair_products(rows, up.index_select(0, flat))
     if up_bias is not None:
         inner = inner + up_bias.index_select(0, flat)
     inner = _activate(self, inner)
     weights = top_k_weights.reshape(-1, 1).to(inner.dtype)
     if pair_keep is not None:
         weights = weights * pair_keep.reshape(-1, 1).to(inner.dtype)
-    out = torch.bmm(self.down_proj.index_select(0, flat), (inner * weights)[:, :, None])[..., 0]
+    out = pair_products(inner * weights, self.down_proj.index_select(0, flat))
     if down_bias is not None:
         out = out + down_bias.index_select(0, flat) * weights
     return out.view(num_tokens, top_k, -1).sum(1).to(hidden_states.dtype)
@@ -898,16 +906,14 @@ def _decode_states_token_major(
     widths = [group * head_dim, head_dim, head_dim]  # a group's query heads, its key head, its value head
     projections = (module.q_proj, module.k_proj, module.v_proj)
     weight = torch.cat([p.weight.view(heads, -1, hidden).index_select(0, index.reshape(-1)) for p in projections], 1)
+    rows = hidden_states[:, 0].repeat_interleave(top_k, 0)  # (batch * top_k, hidden): each token once per group
     if value_states is None:
-        qkv = torch.bmm(weight, hidden_states.repeat_interleave(top_k, 0).mT)
+        qkv = pair_products(rows, weight)
     else:  # peri-norm: queries and keys from the normalised stream, values from the residual stream
         qk_width = widths[0] + widths[1]
+        value_rows = value_states[:, 0].repeat_interleave(top_k, 0)
         qkv = torch.cat(
-            [
-                torch.bmm(weight[:, :qk_width], hidden_states.repeat_interleave(top_k, 0).mT),
-                torch.bmm(weight[:, qk_width:], value_states.repeat_interleave(top_k, 0).mT),
-            ],
-            dim=1,
+            [pair_products(rows, weight[:, :qk_width]), pair_products(value_rows, weight[:, qk_width:])], dim=1
         )
     qkv = qkv.view(batch, top_k, sum(widths))
     if module.q_proj.bias is not None:

@@ -88,7 +88,10 @@ def resolve_routing_backend(backend: str, tensor: torch.Tensor) -> str:
 
 # With fewer keys per sequence than this, "auto" attends on the masked path on CPU: its per-head mask is tiny and
 # the gathered path's sorting and scattering cost more than the attention they save (measured on 2 CPU cores: the
-# two break even at about 32 tokens; the image encoder's 17 tokens are 1.3x faster masked).
+# two break even at about 32 tokens; the image encoder's 17 tokens are 1.3x faster masked). Decode steps (one new
+# token per sequence) attend masked there too: gathering the selected groups' cached keys copies about as much as
+# attending over every group reads, in more operations (decode step 0.67-0.79x the gathered path's at the main
+# job's shape and d512, batch 1 and 8, with the experts gathered either way).
 GATHERED_ATTENTION_MIN_KEYS = 32
 
 
@@ -96,8 +99,8 @@ def auto_selective_attention(module: nn.Module, tensor: torch.Tensor, num_keys: 
     """The implementation `routing_backend` picks for an SMHA block attending over `num_keys` keys.
 
     `"auto"` runs the masked path where it is the dense layer (full routing: plain SDPA, no mask), with a non-SDPA
-    `attn_implementation` (e.g. `"eager"`, which returns attention maps) and, off CUDA, for short sequences
-    (`GATHERED_ATTENTION_MIN_KEYS`); training with attention dropout leaves the kernels (which have no dropout) for
+    `attn_implementation` (e.g. `"eager"`, which returns attention maps) and, off CUDA, for short sequences and for
+    decode steps (`GATHERED_ATTENTION_MIN_KEYS`); training with attention dropout leaves the kernels (which have no dropout) for
     the gathered path. Tensor-parallel attention never takes the gathered path (it reads whole weight tensors,
     while a rank holds only its heads' slices).
     """
@@ -115,7 +118,7 @@ def auto_selective_attention(module: nn.Module, tensor: torch.Tensor, num_keys: 
     full_routing = module.num_selected == module.num_key_value_heads and not config.data_capacity
     if full_routing or config._attn_implementation != "sdpa":
         return "masked"
-    if path == "gathered" and num_keys < GATHERED_ATTENTION_MIN_KEYS:
+    if path == "gathered" and (num_keys < GATHERED_ATTENTION_MIN_KEYS or tensor.shape[1] == 1):
         return "masked"
     if path == "triton" and module.training and module.attention_dropout > 0:
         return "gathered"
