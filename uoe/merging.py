@@ -520,6 +520,45 @@ def _new_block_state(
 
 
 @torch.no_grad()
+def _merge_inputs(
+    model: nn.Module,
+    blocks: list,
+    calibration_batches: Iterable[Batch] | None,
+    num_experts: int | None,
+    statistics: Sequence[ExpertStatistics] | None,
+    groups: Sequence[Sequence[Sequence[int]]] | None,
+) -> tuple[Sequence[ExpertStatistics], int]:
+    """`merge_experts`' statistics (collected when not given) and target expert count, checked against the blocks."""
+    if statistics is None:
+        if calibration_batches is None:
+            raise ValueError("`calibration_batches` (or `statistics`) is needed to merge by routing statistics.")
+        statistics = collect_expert_statistics(model, calibration_batches)
+    if len(statistics) != len(blocks) or any(s.block != b.name for s, b in zip(statistics, blocks, strict=True)):
+        raise ValueError("`statistics` must be `collect_expert_statistics(model, ...)` of this model (one per block).")
+    if groups is not None:
+        if len(groups) != len(blocks):
+            raise ValueError(f"`groups` must hold one partition per MoE block ({len(blocks)}), got {len(groups)}.")
+        sizes = {len(g) for g in groups}
+        if num_experts is None and len(sizes) == 1:
+            num_experts = sizes.pop()
+        for block, partition in zip(blocks, groups, strict=True):
+            flat = sorted(e for group in partition for e in group)
+            if flat != list(range(block.num_routed)) or len(partition) != num_experts:
+                raise ValueError(
+                    f"`groups` of block {block.name} must partition its {block.num_routed} routed experts into "
+                    f"`num_experts`={num_experts} non-empty groups, got {partition!r}."
+                )
+    if num_experts is None:
+        raise ValueError("`num_experts` is needed (or `groups`).")
+    for block in blocks:
+        _check_num_experts(num_experts, block)
+    widths = {block.width for block in blocks}
+    if len(widths) != 1:
+        raise ValueError(f"`model`'s blocks have experts of different widths {sorted(widths)}.")
+
+    return statistics, num_experts
+
+
 def merge_experts(
     model: nn.Module,
     calibration_batches: Iterable[Batch] | None = None,
@@ -557,32 +596,7 @@ def merge_experts(
     _check_choice("weighting", weighting, WEIGHTINGS)
     _check_choice("router", router, ROUTER_MERGES)
     blocks = moe_blocks(model)
-    if statistics is None:
-        if calibration_batches is None:
-            raise ValueError("`calibration_batches` (or `statistics`) is needed to merge by routing statistics.")
-        statistics = collect_expert_statistics(model, calibration_batches)
-    if len(statistics) != len(blocks) or any(s.block != b.name for s, b in zip(statistics, blocks, strict=True)):
-        raise ValueError("`statistics` must be `collect_expert_statistics(model, ...)` of this model (one per block).")
-    if groups is not None:
-        if len(groups) != len(blocks):
-            raise ValueError(f"`groups` must hold one partition per MoE block ({len(blocks)}), got {len(groups)}.")
-        sizes = {len(g) for g in groups}
-        if num_experts is None and len(sizes) == 1:
-            num_experts = sizes.pop()
-        for block, partition in zip(blocks, groups, strict=True):
-            flat = sorted(e for group in partition for e in group)
-            if flat != list(range(block.num_routed)) or len(partition) != num_experts:
-                raise ValueError(
-                    f"`groups` of block {block.name} must partition its {block.num_routed} routed experts into "
-                    f"`num_experts`={num_experts} non-empty groups, got {partition!r}."
-                )
-    if num_experts is None:
-        raise ValueError("`num_experts` is needed (or `groups`).")
-    for block in blocks:
-        _check_num_experts(num_experts, block)
-    widths = {block.width for block in blocks}
-    if len(widths) != 1:
-        raise ValueError(f"`model`'s blocks have experts of different widths {sorted(widths)}.")
+    statistics, num_experts = _merge_inputs(model, blocks, calibration_batches, num_experts, statistics, groups)
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dtype = next(model.parameters()).dtype
