@@ -6,8 +6,8 @@
     .venv/bin/python benchmarks/recipe_study.py --report                    # RESULTS.md section + plot, from the files
     .venv/bin/python benchmarks/recipe_study.py --quick                     # tiny models in this process (the test)
 
-The plan (data, below: `uoe_ablation_sets`, `BASELINE_ARMS`, `VISION_ARMS`), on the data, tokenizer, optimizer, schedule,
-matching rule and training runs of `compare_lm.py` / `frontier_sweep.py` (LM) and `compare_vision.py` (vision):
+The plan (data, below: `uoe_ablation_sets`, `BASELINE_ARMS`, `VISION_STATIC`), on the data, tokenizer, optimizer,
+schedule, matching rule and training runs of `compare_lm.py` / `frontier_sweep.py` (LM) and `compare_vision.py`:
 
 1. **Ablation at the middle FLOP level** (the sweep's h3e4: 3 of 4 heads, 4 of 8 MLP slices; its shared-expert and
    chain variants at the same active FLOPs). UoE arms: the full 2^4 factorial of the four components of MoEUT's design
@@ -81,6 +81,7 @@ DEFAULT_PLOT = harness.ROOT / "benchmarks" / "recipe_study_frontier.png"
 DEFAULT_WORK_DIR = harness.ROOT / "runs" / "recipe_study"
 STUDY_FILE = "study.json"  # the study's setup, written once per results folder
 ESTIMATE_DIR = "estimate"  # --estimate's timings, one file per cost class
+POLL_SECONDS = 20.0  # how often a process whose ready runs are all held by another one looks again
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. The study's budget
@@ -869,8 +870,11 @@ def run_study(args: argparse.Namespace, study: Study, argv: list[str] | None) ->
             outcome = f"{metric(record):.2f}" if result.get("status") == "ok" else result.get("status")
             print(f"[recipe] {run_id}: {outcome} ({wall:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
             break  # re-plan after every run: a result can add or remove runs
-        else:
-            stop = "every ready run is being run by another process"
+        else:  # every ready run is held by another process: wait for its results (they can open new runs)
+            if time.perf_counter() - started + POLL_SECONDS > budget:
+                stop = "every ready run is being run by another process"
+            else:
+                time.sleep(POLL_SECONDS)
     print(f"[recipe] stopped: {stop}; {done} run(s) in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return {"runs": done, "stop": stop}
 
@@ -970,8 +974,10 @@ def estimate(args: argparse.Namespace, study: Study) -> dict[str, Any]:
         cls = summary["unmeasured_classes"][0]
         timing = measure_class(summary["example_runs"][cls], study, runner, args.estimate_steps)
         harness.write_json(folder / f"{cls.replace(':', '_')}.json", timing)
-        print(f"[estimate] {cls}: {timing['run_seconds']:.0f} s per run ({timing['step_seconds']:.3f} s/step x "
-              f"the budget's steps + {timing['overhead_seconds']:.0f} s start, data, evaluation)", flush=True)  # fmt: skip
+        seconds = f"{timing['step_seconds']:.3f} s/step x the budget's steps + {timing['overhead_seconds']:.0f} s"
+        print(
+            f"[estimate] {cls}: {timing['run_seconds']:.0f} s per run ({seconds} start, data, evaluation)", flush=True
+        )
     print(estimate_text(summary), flush=True)
     return {k: v for k, v in summary.items() if k != "example_runs"}
 
@@ -1001,8 +1007,9 @@ def stats(values: list[float]) -> dict[str, Any]:
     finite = [v for v in values if math.isfinite(v)]
     if not finite or len(finite) < len(values):
         return {"n": len(values), "ok": False}
-    return {"n": len(values), "ok": True, "mean": statistics.fmean(finite),
-            "std": statistics.stdev(finite) if len(finite) > 1 else 0.0, "min": min(finite), "max": max(finite)}  # fmt: skip
+    spread = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"n": len(values), "ok": True, "mean": statistics.fmean(finite), "std": spread, "min": min(finite),
+            "max": max(finite)}  # fmt: skip
 
 
 def fmt_stats(s: dict[str, Any] | None, digits: int = 2) -> str:
@@ -1010,7 +1017,8 @@ def fmt_stats(s: dict[str, Any] | None, digits: int = 2) -> str:
         return "–"
     if not s["ok"]:
         return "failed"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}] (n={s['n']})"
+    mean, std, low, high = (f"{s[k]:.{digits}f}" for k in ("mean", "std", "min", "max"))
+    return f"{mean} ± {std} [{low}, {high}] (n={s['n']})"
 
 
 class Report:
@@ -1049,7 +1057,8 @@ class Report:
         values = [metric(r) for r in runs]  # inf for a failed seed: the point shows as failed
         first = ok[0]["result"] if ok else {}
         point = {"arm": arm.name, "level": level, "learning_rate": runs[0]["learning_rate"], "stats": stats(values),
-                 "parameters": first.get("parameters"), "flops": first.get("flops_analytic", first.get("analytic_flops")),
+                 "parameters": first.get("parameters"),
+                 "flops": first.get("flops_analytic", first.get("analytic_flops")),
                  "failed": [r["result"].get("status") for r in runs if r not in ok]}  # fmt: skip
         if arm.task == "vision":
             point["accuracy"] = stats([100.0 * r["result"]["accuracy"] if r in ok else math.inf for r in runs])
@@ -1175,7 +1184,8 @@ class Report:
         names = {-2: "UoE's cheaper level (h2e1/h1e1)", -1: "low", 0: "middle", 1: "high"}
         return {
             "runs": len(records), "failed": sum(1 for r in records if r["result"].get("status") != "ok"),
-            "cpu_seconds": sum(r["cpu_seconds"] for r in records), "wall_seconds": sum(r["wall_seconds"] for r in records),
+            "cpu_seconds": sum(r["cpu_seconds"] for r in records),
+            "wall_seconds": sum(r["wall_seconds"] for r in records),
             "per_level_seconds": {names.get(k, f"{k:+d}"): statistics.fmean(v) for k, v in sorted(per_level.items())},
             "ready": len(self.planner.ready()), "waiting": self.planner.waiting(),
             "commits": sorted({r["environment"].get("git_commit", "?") for r in records}),
@@ -1210,176 +1220,237 @@ def lr_cell(study: Study, arm: Arm, search: LRSearch) -> str:
     return ", ".join(parts)
 
 
-def section(report: Report, plot_link: str, estimates: dict[str, dict] | None = None) -> str:
+def _cell(value: Any, text: Callable[[Any], str]) -> str:
+    return "–" if value is None else text(value)
+
+
+def header_lines(report: Report) -> list[str]:
     study, totals = report.study, report.totals()
     setup, vision = study.setup, study.vision
-    complete = totals["ready"] == 0 and not totals["waiting"]
-    lines = [
-        f"Mode `{study.mode}`. Runs finished: {totals['runs']} ({totals['failed']} failed); "
-        + ("the plan is complete." if complete else f"**incomplete**: {totals['ready']} run(s) ready to run"
-           + (f", and {'; '.join(totals['waiting'])}" if totals["waiting"] else "") + " — every figure below is provisional."),
-        f"Total CPU time of the finished runs: **{totals['cpu_seconds'] / 3600:.2f} h** (wall {totals['wall_seconds'] / 3600:.2f} h, "
-        f"summed over runs). Machines: {'; '.join(totals['cpus']) or '–'}; commits {', '.join(totals['commits']) or '–'}"
-        + (f"; runs from {totals['dates'][0]} to {totals['dates'][-1]}" if totals["dates"] else "") + ".",
-        "Mean wall seconds per LM run by level: " + (", ".join(f"{k} {v:.0f} s" for k, v in totals["per_level_seconds"].items()) or "–") + ".",
+    if totals["ready"] == 0 and not totals["waiting"]:
+        progress = "the plan is complete."
+    else:
+        waiting = f", and {'; '.join(totals['waiting'])}" if totals["waiting"] else ""
+        progress = f"**incomplete**: {totals['ready']} run(s) ready to run{waiting}; every figure below is provisional."
+    dates = f"; runs from {totals['dates'][0]} to {totals['dates'][-1]}" if totals["dates"] else ""
+    per_level = ", ".join(f"{k} {v:.0f} s" for k, v in totals["per_level_seconds"].items()) or "–"
+    return [
+        f"Mode `{study.mode}`. Runs finished: {totals['runs']} ({totals['failed']} failed); {progress}",
+        f"Total CPU time of the finished runs: **{totals['cpu_seconds'] / 3600:.2f} h** (wall "
+        f"{totals['wall_seconds'] / 3600:.2f} h, summed over runs). Machines: {'; '.join(totals['cpus']) or '–'}; "
+        f"commits {', '.join(totals['commits']) or '–'}{dates}.",
+        f"Mean wall seconds per LM run by level: {per_level}.",
         "",
-        f"Budget per LM run: {setup.max_steps} steps x {setup.batch_size} x {setup.seq_len} tokens = {setup.tokens:,} tokens "
-        f"({setup.tokens / 368_640:.1f}x the frontier sweep's), warm-up {setup.warmup_steps} then cosine, AdamW as compare_lm.py, "
-        f"width {setup.hidden_size}, {setup.num_layers} layers, {setup.num_heads} heads, vocabulary {setup.vocab_size}, "
-        f"validation on {setup.eval_blocks} blocks; every Switch loss at the same pressure (x {setup.aux_coef}). Vision: "
-        f"Fashion-MNIST, {vision.train_samples:,} training images x {vision.epochs} epochs, {vision.test_samples:,} test images, "
-        f"batch {vision.batch_size}, weight decay {vision.weight_decay}. Learning rates on the ladder "
-        f"{study.lr_base:g} x 2^k (vision {study.vision_lr_base:g} x 2^k), k in [{study.lr_bounds[0]}, {study.lr_bounds[1]}], "
-        f"first grid k = {', '.join(map(str, study.lr_start))}, widened while the best rate is at an edge; seed 0 at the "
-        f"middle level, full budget. Seeds: {study.ablation_seeds} per ablation arm, {study.contender_seeds} for the "
+        f"Budget per LM run: {setup.max_steps} steps x {setup.batch_size} x {setup.seq_len} tokens = "
+        f"{setup.tokens:,} tokens ({setup.tokens / 368_640:.1f}x the frontier sweep's), warm-up {setup.warmup_steps} "
+        f"then cosine, AdamW as compare_lm.py, width {setup.hidden_size}, {setup.num_layers} layers, "
+        f"{setup.num_heads} heads, vocabulary {setup.vocab_size}, validation on {setup.eval_blocks} blocks; every "
+        f"Switch loss at the same pressure (x {setup.aux_coef}). Vision: Fashion-MNIST, {vision.train_samples:,} "
+        f"training images x {vision.epochs} epochs, {vision.test_samples:,} test images, batch {vision.batch_size}, "
+        f"weight decay {vision.weight_decay}. Learning rates on the ladder {study.lr_base:g} x 2^k (vision "
+        f"{study.vision_lr_base:g} x 2^k), k in [{study.lr_bounds[0]}, {study.lr_bounds[1]}], first grid k = "
+        f"{', '.join(map(str, study.lr_start))}, widened while the best rate is at an edge; seed 0 at the middle "
+        f"level, full budget. Seeds: {study.ablation_seeds} per ablation arm, {study.contender_seeds} for the "
         "frontier arms and the vision contenders (the ViT and the best UoE classifier).",
-    ]  # fmt: skip
-    lines += ["", "### Ablation at the middle FLOP level", "",
-              "Validation perplexity, mean ± sample std over seeds [min, max], at each arm's chosen learning rate. UoE "
-              "components: `weighted` gates, `sigmoid` router scores, `entropy` balance loss, `peri` layernorm, layers "
-              "shared two by two (`grouped`; `grouped-wide`: the saved parameters spent on more MLP experts), a "
-              "`shared` head and MLP slice, a `chain` of 2 UoME blocks (half the slices each).", ""]  # fmt: skip
-    header = "| arm | gate | scores | balance | norm | layers | shared | chain | level | parameters | active FLOPs/token | lr | val. perplexity |"
-    lines += [header, "|---|---|---|---|---|---|---|---|---|---:|---:|---:|---|"]
+    ]
+
+
+def ablation_lines(report: Report) -> list[str]:
+    header = ["arm", *COMPONENTS, "level", "parameters", "active FLOPs/token", "lr", "val. perplexity"]
+    rows = []
     for row in report.ablation_rows():
-        arm, point = row["arm"], row["point"]
-        cells = components_of(arm) if arm.is_uoe else ["–"] * 7
-        params = f"{point['parameters']:,}" if point and point["parameters"] else "–"
-        flops = f"{point['flops'] / 1e6:.3f} M" if point and point["flops"] else "–"
-        lr = f"{point['learning_rate']:g}" if point else "–"
-        lines.append(f"| `{arm.name}` | " + " | ".join(cells) + f" | {row['level']} | {params} | {flops} | {lr} | "
-                     f"{fmt_stats(point['stats']) if point else '–'} |")  # fmt: skip
-    lines += ["", "What each component changed (perplexity with it minus without it, over the pairs of arms that differ "
-              "in it alone; negative = better):", "",
-              "| component | model | pairs | mean Δ perplexity | [min, max] | better with it |", "|---|---|---:|---:|---|---:|"]  # fmt: skip
+        arm, point = row["arm"], row["point"] or {}
+        rows.append([
+            f"`{arm.name}`", *(components_of(arm) if arm.is_uoe else ["–"] * len(COMPONENTS)), row["level"],
+            _cell(point.get("parameters"), lambda v: f"{v:,}"), _cell(point.get("flops"), lambda v: f"{v / 1e6:.3f} M"),
+            _cell(point.get("learning_rate"), lambda v: f"{v:g}"), _cell(point.get("stats"), fmt_stats),
+        ])  # fmt: skip
+    effects = []
     for effect in report.effects():
         deltas = [d for _, _, d in effect["pairs"]]
-        if not deltas:
-            lines.append(f"| {effect['component']} | {effect['model']} | 0 | – | – | – |")
-            continue
-        better = sum(1 for d in deltas if d < 0)
-        lines.append(f"| {effect['component']} | {effect['model']} | {len(deltas)} | {statistics.fmean(deltas):+.2f} | "
-                     f"[{min(deltas):+.2f}, {max(deltas):+.2f}] | {better}/{len(deltas)} |")  # fmt: skip
-    lines += ["", "Components that cannot be tested on a baseline without forking it: union gates and the router score "
-              "function (fixed in transformers' Mixtral / Qwen3-MoE softmax, DeepSeek-V3 sigmoid, MoEUT sigmoid), peri-"
-              "layernorm and layer sharing (not options of transformers' models; MoEUT's peri-norm is fixed in "
-              "`moeut.py`), chains (none has them); Qwen3-MoE and Mixtral have no shared expert in transformers."]  # fmt: skip
+        cells = ["–", "–", "–"]
+        if deltas:
+            better = sum(1 for d in deltas if d < 0)
+            cells = [f"{statistics.fmean(deltas):+.2f}", f"[{min(deltas):+.2f}, {max(deltas):+.2f}]",
+                     f"{better}/{len(deltas)}"]  # fmt: skip
+        effects.append([effect["component"], effect["model"], str(len(deltas)), *cells])
+    effect_header = ["component", "model", "pairs", "mean Δ perplexity", "[min, max]", "better with it"]
+    return [
+        "### Ablation at the middle FLOP level",
+        "",
+        "Validation perplexity, mean ± sample std over seeds [min, max], at each arm's chosen learning rate. UoE "
+        "components: `weighted` gates, `sigmoid` router scores, `entropy` balance loss, `peri` layernorm, layers "
+        "shared two by two (`grouped`; `grouped-wide`: the saved parameters spent on more MLP experts), a `shared` "
+        "head and MLP slice, a `chain` of 2 UoME blocks (half the slices each).",
+        "",
+        harness.markdown_table(header, rows),
+        "",
+        "What each component changed (perplexity with it minus without it, over the pairs of arms that differ in it "
+        "alone; negative = better):",
+        "",
+        harness.markdown_table(effect_header, effects),
+        "",
+        "Components that cannot be tested on a baseline without forking it: union gates and the router score "
+        "function (fixed in transformers' Mixtral / Qwen3-MoE softmax, DeepSeek-V3 sigmoid, MoEUT sigmoid), "
+        "peri-layernorm and layer sharing (not options of transformers' models; MoEUT's peri-norm is fixed in "
+        "`moeut.py`), chains (none has them); Qwen3-MoE and Mixtral have no shared expert in transformers.",
+    ]
 
-    lines += ["", "### Learning-rate grids", "",
-              "Seed 0 at the middle level, the full budget; the chosen rate in bold. An *edge pick* is a chosen rate at "
-              "the end of its grid, which only happens at the ladder's bound.", ""]  # fmt: skip
-    edges = 0
-    lines += ["| arm | rates → val. perplexity (vision: test error %) | edge pick |", "|---|---|:-:|"]
+
+def lr_lines(report: Report) -> list[str]:
+    rows, edges = [], 0
     for row in report.lr_rows():
         search = row["search"]
-        edge = (
-            "**yes (ladder bound)**"
-            if search.edge
-            else "failed"
-            if search.failed
-            else ""
-            if search.chosen is not None
-            else "(searching)"
-        )
+        if search.edge:
+            edge = "**yes (ladder bound)**"
+        else:
+            edge = "failed" if search.failed else "" if search.chosen is not None else "(searching)"
         edges += bool(search.edge)
-        lines.append(f"| `{row['arm'].name}` | {lr_cell(study, row['arm'], search)} | {edge} |")
-    lines += ["", f"Edge picks: {edges} of {len(report.lr_rows())} arms."]
-
-    lines += ["", "### Frontier at the larger budget", ""]
-    lines += [
-        "| arm | level | parameters | active FLOPs/token | lr | val. perplexity |",
-        "|---|---|---:|---:|---:|---|",
+        rows.append([f"`{row['arm'].name}`", lr_cell(report.study, row["arm"], search), edge])
+    return [
+        "### Learning-rate grids",
+        "",
+        "Seed 0 at the middle level, the full budget; the chosen rate in bold. An *edge pick* is a chosen rate at "
+        "the end of its grid, which only happens at the ladder's bound.",
+        "",
+        harness.markdown_table(["arm", "rates → val. perplexity (vision: test error %)", "edge pick"], rows),
+        "",
+        f"Edge picks: {edges} of {len(rows)} arms.",
     ]
+
+
+def frontier_lines(report: Report, plot_link: str | None) -> list[str]:
+    rows = []
     for arm in report.frontier:
-        levels, _ = arm_levels(arm, study.setup)
-        for level, _ in levels:
-            point = report.point(arm, level)
-            if point is None:
-                lines.append(f"| `{arm.name}` | {level} | – | – | – | – |")
-                continue
-            params = f"{point['parameters']:,}" if point["parameters"] else "–"
-            flops = f"{point['flops'] / 1e6:.3f} M" if point["flops"] else "–"
-            lines.append(
-                f"| `{arm.name}` | {level} | {params} | {flops} | {point['learning_rate']:g} | {fmt_stats(point['stats'])} |"
-            )
+        for level, _ in arm_levels(arm, report.study.setup)[0]:
+            point = report.point(arm, level) or {}
+            rows.append([
+                f"`{arm.name}`", level, _cell(point.get("parameters"), lambda v: f"{v:,}"),
+                _cell(point.get("flops"), lambda v: f"{v / 1e6:.3f} M"),
+                _cell(point.get("learning_rate"), lambda v: f"{v:g}"), _cell(point.get("stats"), fmt_stats),
+            ])  # fmt: skip
+    header = ["arm", "level", "parameters", "active FLOPs/token", "lr", "val. perplexity"]
+    lines = ["### Frontier at the larger budget", "", harness.markdown_table(header, rows)]
     if report.frontier_waiting:
         lines += ["", f"Not yet on the frontier: {report.frontier_waiting}."]
-    lines += ["", f"![recipe study frontier]({plot_link})", ""]
+    plot = f"![recipe study frontier]({plot_link})" if plot_link else "(No frontier point has its seeds yet: no plot.)"
+    return [*lines, "", plot]
 
-    goal = report.goal()
-    lines += ["### The claim read off the frontier", "",
-              "Goal: a UoE recipe below the best MoE's perplexity at <= 0.8x its active FLOPs at every frontier level, "
-              "with seed ranges that do not overlap. Per level of the MoE baselines (Qwen3-MoE, DeepSeek-V3, MoEUT), the "
-              "best of them against the best UoE frontier point at <= 0.8x its FLOPs:", "",
-              "| level | best MoE | its FLOPs | its perplexity | best UoE at <= 0.8x | UoE FLOPs (ratio) | UoE perplexity | met |",
-              "|---|---|---:|---|---|---:|---|:-:|"]  # fmt: skip
+
+def claim_lines(report: Report) -> list[str]:
+    goal, rows = report.goal(), []
     for row in goal:
         moe, uoe = row["moe"], row["uoe"]
-        uoe_cells = (f"`{uoe['arm']}` {uoe['level']} | {uoe['flops'] / 1e6:.3f} M ({uoe['flops'] / moe['flops']:.2f}x) | "
-                     f"{fmt_stats(uoe['stats'])}") if uoe else "none | – | –"  # fmt: skip
-        lines.append(f"| {['low', 'middle', 'high'][row['index']]} | `{moe['arm']}` {moe['level']} | {moe['flops'] / 1e6:.3f} M | "
-                     f"{fmt_stats(moe['stats'])} | {uoe_cells} | {'yes' if row['met'] else 'no'} |")  # fmt: skip
+        uoe_cells = ["none", "–", "–"]
+        if uoe:
+            ratio = uoe["flops"] / moe["flops"]
+            uoe_cells = [f"`{uoe['arm']}` {uoe['level']}", f"{uoe['flops'] / 1e6:.3f} M ({ratio:.2f}x)",
+                         fmt_stats(uoe["stats"])]  # fmt: skip
+        rows.append([
+            ["low", "middle", "high"][row["index"]], f"`{moe['arm']}` {moe['level']}", f"{moe['flops'] / 1e6:.3f} M",
+            fmt_stats(moe["stats"]), *uoe_cells, "yes" if row["met"] else "no",
+        ])  # fmt: skip
     if len(goal) == 3:
-        verdict = (
-            "**met**" if all(r["met"] for r in goal) else f"**not met** ({sum(r['met'] for r in goal)} of 3 levels)"
-        )
+        met = sum(r["met"] for r in goal)
+        verdict = "**met**" if met == 3 else f"**not met** ({met} of 3 levels)"
     else:
         verdict = "not decidable yet (the MoE frontiers are incomplete)"
-    lines += ["", f"Goal: {verdict}."]
-    envelope = report.envelope_claim()
+    header = ["level", "best MoE", "its FLOPs", "its perplexity", "best UoE at <= 0.8x", "UoE FLOPs (ratio)",
+              "UoE perplexity", "met"]  # fmt: skip
+    lines = [
+        "### The claim read off the frontier",
+        "",
+        "Goal: a UoE recipe below the best MoE's perplexity at <= 0.8x its active FLOPs at every frontier level, "
+        "with seed ranges that do not overlap. Per level of the MoE baselines (Qwen3-MoE, DeepSeek-V3, MoEUT), the "
+        "best of them against the best UoE frontier point at <= 0.8x its FLOPs:",
+        "",
+        harness.markdown_table(header, rows),
+        "",
+        f"Goal: {verdict}.",
+    ]
+    envelope = [
+        [f"{r['flops'] / 1e6:.3f} M", f"{r['uoe_ppl']:.2f} (`{r['uoe']}`)", f"{r['moe_ppl']:.2f} (`{r['moe']}`)",
+         f"{r['uoe_ppl'] - r['moe_ppl']:+.2f}"]
+        for r in report.envelope_claim()
+    ]  # fmt: skip
     if envelope:
-        lines += ["", "At equal active FLOPs (the sweep's reading: each arm's lower envelope, linear in log FLOPs, no "
-                  "extrapolation):", "", "| active FLOPs/token | best UoE | best MoE | UoE − MoE |", "|---:|---|---|---:|"]  # fmt: skip
-        for row in envelope:
-            lines.append(f"| {row['flops'] / 1e6:.3f} M | {row['uoe_ppl']:.2f} (`{row['uoe']}`) | {row['moe_ppl']:.2f} "
-                         f"(`{row['moe']}`) | {row['uoe_ppl'] - row['moe_ppl']:+.2f} |")  # fmt: skip
+        lines += [
+            "",
+            "At equal active FLOPs (the sweep's reading: each arm's lower envelope, linear in log FLOPs, no "
+            "extrapolation):",
+            "",
+            harness.markdown_table(["active FLOPs/token", "best UoE", "best MoE", "UoE − MoE"], envelope),
+        ]
+    return lines
 
-    lines += ["", "### Vision: the components on the image classifier", "",
-              "`compare_vision.py`'s UoE (2 of 4 heads, 2 of 4 experts; the shared variant 1 shared + 1 routed of each) "
-              "against the ViT matched to its active FLOPs; test accuracy %, mean ± std over seeds [min, max].", "",
-              "| arm | parameters | FLOPs/image (analytic) | lr | test accuracy % |", "|---|---:|---:|---:|---|"]  # fmt: skip
-    vit_point = None
-    best_uoe = None
+
+def vision_lines(report: Report) -> list[str]:
+    rows, vit, best = [], None, None
     for row in report.vision_rows():
-        arm, point = row["arm"], row["point"]
-        if point is None:
-            lines.append(f"| `{arm.name}` | – | – | – | – |")
+        arm, point = row["arm"], row["point"] or {}
+        accuracy = point.get("accuracy")
+        rows.append([
+            f"`{arm.name}`", _cell(point.get("parameters"), lambda v: f"{v:,}"),
+            _cell(point.get("flops"), harness.fmt_count), _cell(point.get("learning_rate"), lambda v: f"{v:g}"),
+            _cell(accuracy, fmt_stats),
+        ])  # fmt: skip
+        if not (accuracy and accuracy.get("ok")):
             continue
-        acc = point.get("accuracy")
-        lines.append(f"| `{arm.name}` | {point['parameters'] or 0:,} | {harness.fmt_count(point['flops'] or 0)} | "
-                     f"{point['learning_rate']:g} | {fmt_stats(acc)} |")  # fmt: skip
         if arm.family == "vit":
-            vit_point = point
-        elif acc and acc.get("ok") and (best_uoe is None or acc["mean"] > best_uoe["accuracy"]["mean"]):
-            best_uoe = point
-    if vit_point and best_uoe and vit_point.get("accuracy", {}).get("ok"):
-        gap = best_uoe["accuracy"]["mean"] - vit_point["accuracy"]["mean"]
-        ratio = (best_uoe["flops"] or 0) / (vit_point["flops"] or 1)
-        lines += ["", f"Vision goal (UoE at or above the ViT at equal active FLOPs): best UoE `{best_uoe['arm']}` "
-                  f"{gap:+.2f} points against the ViT at {ratio:.2f}x its FLOPs: **{'met' if gap >= 0 else 'not met'}**."]  # fmt: skip
+            vit = point
+        elif best is None or accuracy["mean"] > best["accuracy"]["mean"]:
+            best = point
+    lines = [
+        "### Vision: the components on the image classifier",
+        "",
+        "`compare_vision.py`'s UoE (2 of 4 heads, 2 of 4 experts; the shared variant 1 shared + 1 routed of each) "
+        "against the ViT matched to its active FLOPs; test accuracy %, mean ± std over seeds [min, max].",
+        "",
+        harness.markdown_table(["arm", "parameters", "FLOPs/image (analytic)", "lr", "test accuracy %"], rows),
+    ]
+    if vit and best:
+        gap = best["accuracy"]["mean"] - vit["accuracy"]["mean"]
+        lines += [
+            "",
+            f"Vision goal (UoE at or above the ViT at equal active FLOPs): best UoE `{best['arm']}` {gap:+.2f} points "
+            f"against the ViT at {best['flops'] / vit['flops']:.2f}x its FLOPs: "
+            f"**{'met' if gap >= 0 else 'not met'}**.",
+        ]
+    return lines
 
-    lines += ["", "### Recipes (`UoEConfig.from_recipe`)", ""]
+
+def recipe_lines(report: Report) -> list[str]:
     from uoe.configuration_uoe import RECIPES  # noqa: PLC0415
 
+    lines = ["### Recipes (`UoEConfig.from_recipe`)", ""]
     for name, arm_name in RECIPE_ARMS.items():
         arm = arm_by_name(arm_name)
         point = report.point(arm, report.planner.middle(arm))
-        lines.append(f"- `{name}` = arm `{arm_name}`: {fmt_stats(point['stats']) if point else 'not run yet'} at the "
-                     f"middle level. {RECIPES[name].summary}.")  # fmt: skip
+        result = f"{fmt_stats(point['stats'])} at the middle level" if point else "not run yet"
+        lines.append(f"- `{name}` = arm `{arm_name}` ({RECIPES[name].summary}): {result}.")
     winner = report.planner.lm_winner()
     if winner is not None:
         preset = next((n for n, a in RECIPE_ARMS.items() if a == winner.name), None)
-        lines.append(f"- Best UoE arm at the middle level: `{winner.name}`" + (f" (the preset `{preset}`)." if preset else
-                     " (no preset yet: add it to `RECIPES`)."))  # fmt: skip
+        known = f"the preset `{preset}`" if preset else "no preset yet: add it to `RECIPES`"
+        lines.append(f"- Best UoE arm at the middle level: `{winner.name}` ({known}).")
+    return lines
 
-    lines += ["", "Notes: FLOPs are analytic active forward FLOPs per token (per image in vision), LM head included. The "
-              "frontier sweep's UoE families (README) all shared their layers two by two through a bug in its config "
-              "builder, fixed with this study; this study's `uoe:paper` and the other arms without `grouped` have every "
-              "layer their own. Raw per-run JSON: `benchmarks/results/recipe_study/`. Command: "
-              "`.venv/bin/python benchmarks/recipe_study.py --report`."]  # fmt: skip
+
+def section(report: Report, plot_link: str | None, estimates: dict[str, dict] | None = None) -> str:
+    """The RESULTS.md section: progress and budget, the ablation, the rate grids, the frontier, the claim, vision,
+    the recipes, and the time estimate when `--estimate` has run."""
+    parts = [header_lines(report), ablation_lines(report), lr_lines(report), frontier_lines(report, plot_link),
+             claim_lines(report), vision_lines(report), recipe_lines(report)]  # fmt: skip
+    parts.append([
+        "Notes: FLOPs are analytic active forward FLOPs per token (per image in vision), LM head included. The "
+        "frontier sweep's UoE families (README) all shared their layers two by two through a bug in its config "
+        "builder, fixed with this study; this study's `uoe:paper` and the other arms without `grouped` have every "
+        "layer their own. Raw per-run JSON: `benchmarks/results/recipe_study/`. Command: "
+        "`.venv/bin/python benchmarks/recipe_study.py --report`.",
+    ])  # fmt: skip
     if estimates:
-        lines += ["", "### Time", "", estimate_section(report, estimates)]
-    return "\n".join(lines) + "\n"
+        parts.append(["### Time", "", estimate_section(report, estimates)])
+    return "\n\n".join("\n".join(part) for part in parts) + "\n"
 
 
 def estimate_section(report: Report, estimates: dict[str, dict]) -> str:
@@ -1393,8 +1464,8 @@ def estimate_section(report: Report, estimates: dict[str, dict]) -> str:
     lines = [
         f"Estimated with `--estimate` ({timed[0]['date_utc']}, {timed[0]['torch_threads']} torch thread(s), load "
         f"average {min(loads):.2f}-{max(loads):.2f}): a run of each cost class timed for {timed[0]['steps_timed']} "
-        "steps in a fresh process, scaled to the budget (its start, data, evaluation and FLOP count measured, not "
-        "scaled). From scratch the plan is "
+        f"steps {'in this process' if study.in_process else 'in a fresh process'}, scaled to the budget (its start, "
+        "data, evaluation and FLOP count measured, not scaled). From scratch the plan is "
         f"**{scratch['planned_runs']} runs, {scratch['planned_seconds'] / 3600:.1f} h** of one-run-at-a-time compute "
         f"(+ {scratch['lr_searches'] * scratch['lr_extension_seconds_each'] / 3600:.1f} h if each of its "
         f"{scratch['lr_searches']} rate searches widens once); left now: {left['planned_runs']} runs, "
@@ -1405,12 +1476,15 @@ def estimate_section(report: Report, estimates: dict[str, dict]) -> str:
     ]
     for e in timed:
         runs = scratch["per_class"].get(e["class"], {}).get("runs", 0)
-        lines.append(f"| {e['class']} | {e['step_seconds']:.3f} | {e['overhead_seconds']:.0f} | {e['run_seconds']:.0f} | "
-                     f"{runs} |")  # fmt: skip
+        cells = [e["class"], f"{e['step_seconds']:.3f}", f"{e['overhead_seconds']:.0f}", f"{e['run_seconds']:.0f}"]
+        lines.append("| " + " | ".join([*cells, str(runs)]) + " |")
     return "\n".join(lines)
 
 
-def plot_frontier(report: Report, path: Path) -> None:
+def plot_frontier(report: Report, path: Path) -> bool:
+    """The frontier arms' perplexity against FLOPs (mean, min-max bars); False (and no file) while none has a point."""
+    if not any(report.frontier_points().values()):
+        return False
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -1437,6 +1511,7 @@ def plot_frontier(report: Report, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+    return True
 
 
 def write_report(args: argparse.Namespace, study: Study) -> Report:
@@ -1444,12 +1519,10 @@ def write_report(args: argparse.Namespace, study: Study) -> Report:
     store.check_study(create=False)
     report = Report(study, store.refresh())
     plot, results_md = Path(args.plot), Path(args.results_md)
-    plot_frontier(report, plot)
-    text = section(report, os.path.relpath(plot, results_md.parent), load_estimates(store.folder))
-    harness.replace_section(results_md, SECTION_TITLE, text)
-    print(
-        f"[recipe] wrote {results_md} ({SECTION_TITLE}) and {plot} from {len(report.records)} run file(s)", flush=True
-    )
+    link = os.path.relpath(plot, results_md.parent) if plot_frontier(report, plot) else None
+    harness.replace_section(results_md, SECTION_TITLE, section(report, link, load_estimates(store.folder)))
+    wrote = f"{results_md} ({SECTION_TITLE})" + (f" and {plot}" if link else "")
+    print(f"[recipe] wrote {wrote} from {len(report.records)} run file(s)", flush=True)
     return report
 
 
@@ -1468,7 +1541,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_minutes", type=float, help="do not start a run that would end after this many minutes")
     parser.add_argument("--max_runs", type=int, help="stop after this many runs")
     parser.add_argument("--default_run_minutes", type=float, default=None,
-                        help="predicted minutes of a run of a class not timed yet (default: full 8, quick 0.1)")  # fmt: skip
+                        help="predicted minutes of a run of an untimed class (default: full 8, quick 0.1)")  # fmt: skip
     parser.add_argument("--estimate_steps", type=int, default=None, help="steps of each timed run (full 24, quick 3)")
     parser.add_argument("--results_dir", help=f"run files (default {harness.display_path(DEFAULT_RESULTS_DIR)}; "
                         "quick: runs/recipe_study_quick/results)")  # fmt: skip
