@@ -39,9 +39,10 @@ then used for every level and seed; the seed-0 run of the search counts as its s
 
 Resumable: every run writes `<results_dir>/<run-id>.json` (spec, config, result, environment, wall and CPU seconds)
 and a rerun skips finished runs; the plan is recomputed from those files after each run (the rate widening and the
-choice of the top recipes depend on them). `--max_minutes` does not start a run that its predicted time (the slowest
-finished run of its cost class x 1.1, else `--estimate`'s, else `--default_run_minutes`) would carry past the
-budget, so a chunk ends cleanly. Two processes may share a results folder (one core each): a run is claimed with a
+choice of the top recipes depend on them). `--max_minutes` does not start a run that its predicted time would carry
+past the budget, so a chunk ends cleanly; the prediction is the slowest finished run of its cost class x 1.1, else
+`--estimate`'s time x 1.5 (on a core shared with another job a UoE step took 1.5x the estimate's), else
+`--default_run_minutes`. Two processes may share a results folder (one core each): a run is claimed with a
 `<run-id>.lock` file. A run that failed (including a timeout) is recorded as failed; delete its file to retry it.
 `--report` rebuilds the RESULTS.md section (`SECTION_TITLE`) and the plot from the result files only.
 `--quick` runs the whole plan on tiny models in this process (seconds per run; used by the tests).
@@ -315,7 +316,7 @@ def _base_configs(key: str) -> tuple[Any, dict[str, Any], int]:
     return uoe, builders, count_parameters(uoe)
 
 
-def uoe_lm_config(labels: frozenset[str], changes: dict[str, Any], setup: Setup):
+def uoe_lm_config(labels: frozenset[str], changes: dict[str, Any], setup: Setup) -> Any:
     """UoE at `setup`'s sizes (compare_lm's matching rule) with the paper's recipe, the components of `labels` and the
     level's `changes`, built by `UoEConfig.from_recipe`."""
     from uoe import UoEConfig  # noqa: PLC0415
@@ -330,7 +331,7 @@ def uoe_lm_config(labels: frozenset[str], changes: dict[str, Any], setup: Setup)
     if labels & {"grouped", "grouped-wide"}:
         fields["num_layer_groups"] = max(1, setup.num_layers // 2)
 
-    def build(**more):
+    def build(**more: Any) -> Any:
         return UoEConfig.from_recipe("paper", **{**sizes, **fields, **changes, **more})
 
     if "grouped-wide" not in labels:
@@ -345,7 +346,7 @@ def uoe_lm_config(labels: frozenset[str], changes: dict[str, Any], setup: Setup)
     return build(num_mlp_experts=solved, intermediate_size=solved * width)
 
 
-def lm_config(arm: Arm, level: str, setup: Setup):
+def lm_config(arm: Arm, level: str, setup: Setup) -> Any:
     """The config of `arm` at `level`."""
     changes = level_changes(arm, level, setup)
     if arm.is_uoe:
@@ -356,7 +357,7 @@ def lm_config(arm: Arm, level: str, setup: Setup):
     if arm.variant == "no-shared":
         values = builders["deepseek_v3"]({}).to_dict()
 
-        def deepseek(width: int):
+        def deepseek(width: int) -> Any:
             return config_from_dict({**values, **changes, "n_shared_experts": 0, "moe_intermediate_size": width})
 
         return deepseek(harness.solve_width(lambda w: count_parameters(deepseek(w)), target))
@@ -372,12 +373,12 @@ def lm_config(arm: Arm, level: str, setup: Setup):
     raise ValueError(f"unknown variant {arm.variant!r} of {arm.name}")
 
 
-def arm_setup(arm: Arm, study: Study, learning_rate: float) -> Setup:
-    balance = "entropy" if arm.variant == "entropy" else "native"
-    return dataclasses.replace(study.setup, learning_rate=learning_rate, baseline_balance_loss=balance)
+def baseline_balance_loss(arm: Arm) -> str:
+    """`Setup.baseline_balance_loss` of the arm's runs: the entropy variant changes the training loss, not the model."""
+    return "entropy" if arm.variant == "entropy" else "native"
 
 
-def vision_config(arm: Arm):
+def vision_config(arm: Arm) -> Any:
     """The image classifier of `compare_vision.py` with the components of `arm` (the shared variants keep 2 of 4 heads
     and experts in use: 1 shared + 1 routed)."""
     import compare_vision  # noqa: PLC0415
@@ -725,7 +726,9 @@ class Runner:
             )
         return self._vision_data
 
-    def run(self, run: Run, setup_override: Setup | None = None, vision_override: VisionBudget | None = None):
+    def run(
+        self, run: Run, setup_override: Setup | None = None, vision_override: VisionBudget | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any], float, float]:
         """Train and evaluate `run`; returns (config dict, result, wall seconds, CPU seconds)."""
         arm = arm_by_name(run.arm)
         lr = run.learning_rate(self.study)
@@ -737,10 +740,11 @@ class Runner:
         cpu_seconds = time.process_time() - cpu + _children_cpu() - children
         return config, result, time.perf_counter() - wall, cpu_seconds
 
-    def _lm(self, run: Run, arm: Arm, lr: float, setup_override: Setup | None):
+    def _lm(self, run: Run, arm: Arm, lr: float, setup_override: Setup | None) -> tuple[dict, dict]:
         data_path, _ = self.lm_data()
-        setup = dataclasses.replace(setup_override or self.study.setup, learning_rate=lr)
-        setup = dataclasses.replace(setup, baseline_balance_loss=arm_setup(arm, self.study, lr).baseline_balance_loss)
+        setup = dataclasses.replace(
+            setup_override or self.study.setup, learning_rate=lr, baseline_balance_loss=baseline_balance_loss(arm)
+        )
         config = lm_config(arm, run.level, self.study.setup)
         name = run.run_id(self.study)
         if self.study.in_process:
@@ -752,7 +756,7 @@ class Runner:
             result = compare_lm.run_worker(name, config, setup, run.seed, data_path, self.work_dir, self.run_timeout)
         return config.to_dict(), compact_result(result)
 
-    def _vision(self, run: Run, arm: Arm, lr: float, budget: VisionBudget):
+    def _vision(self, run: Run, arm: Arm, lr: float, budget: VisionBudget) -> tuple[dict, dict]:
         import compare_vision  # noqa: PLC0415
         import torch  # noqa: PLC0415
 
@@ -815,7 +819,7 @@ def predicted_seconds(run: Run, study: Study, records: dict[str, dict], estimate
     if seen:
         return 1.1 * max(seen)
     if cls in estimates:
-        return 1.1 * estimates[cls]["run_seconds"]
+        return 1.5 * estimates[cls]["run_seconds"]
     return default
 
 
@@ -884,7 +888,7 @@ def run_study(args: argparse.Namespace, study: Study, argv: list[str] | None) ->
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def simulate(study: Study, records: dict[str, dict], cost: Callable[[Run], float], tasks: tuple[str, ...]):
+def simulate(study: Study, records: dict[str, dict], cost: Callable[[Run], float], tasks: tuple[str, ...]) -> list[Run]:
     """Every run the plan will make from `records` on, with stand-in results for the missing ones: every rate search
     settles on its first grid (no widening; `lr_extensions` in the estimate adds them) and the costliest UoE arms are
     taken as the top recipes (so the time is an upper bound there)."""
@@ -1028,26 +1032,19 @@ class Report:
         self.study, self.records = study, records
         self.planner = Planner(study, records)
         self.frontier, self.frontier_waiting = self.planner.frontier_arms()
-        self.contenders = {a.name for a in self.frontier}
+        self.contenders = {a.name for a in self.frontier} | self.planner.vision_arms()[1]  # their seeds: 3
 
     def runs_of(self, arm: Arm, level: str) -> list[dict[str, Any]]:
         search = self.planner.lr_search(arm)
         if search.chosen is None:
             return []
-        seeds = self.planner.seeds(arm, self.contenders | self._vision_contenders())
+        seeds = self.planner.seeds(arm, self.contenders)
         out = []
         for seed in range(seeds):
             record = self.records.get(Run(arm.name, level, search.chosen, seed).run_id(self.study))
             if record is not None:
                 out.append(record)
         return out
-
-    @functools.cached_property
-    def _vision_contender_set(self) -> set[str]:
-        return self.planner.vision_arms()[1]
-
-    def _vision_contenders(self) -> set[str]:
-        return self._vision_contender_set
 
     def point(self, arm: Arm, level: str) -> dict[str, Any] | None:
         runs = self.runs_of(arm, level)
@@ -1201,11 +1198,11 @@ class Report:
 
 
 def components_of(arm: Arm) -> list[str]:
+    """The value of each component of `COMPONENTS` in a UoE arm (the paper's where the arm does not change it)."""
     cells = []
-    for component, (paper, labels) in COMPONENTS.items():
+    for paper, labels in COMPONENTS.values():
         present = [label for label in labels if label in arm.labels]
         cells.append(present[0] if present else paper)
-        del component
     return cells
 
 
@@ -1461,8 +1458,11 @@ def estimate_section(report: Report, estimates: dict[str, dict]) -> str:
     left = plan_summary(study, report.records, estimates, ("lm", "vision"))
     timed = sorted(estimates.values(), key=lambda e: e["class"])
     loads = [e["load_average"][0] for e in timed]
+    dates = sorted(e["date_utc"] for e in timed)
     lines = [
-        f"Estimated with `--estimate` ({timed[0]['date_utc']}, {timed[0]['torch_threads']} torch thread(s), load "
+        f"Estimated with `--estimate` ({dates[0]}"
+        + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
+        + f", {timed[0]['torch_threads']} torch thread(s), load "
         f"average {min(loads):.2f}-{max(loads):.2f}): a run of each cost class timed for {timed[0]['steps_timed']} "
         f"steps {'in this process' if study.in_process else 'in a fresh process'}, scaled to the budget (its start, "
         "data, evaluation and FLOP count measured, not scaled). From scratch the plan is "

@@ -284,6 +284,10 @@ def test_quick_mode_resumes_and_reports_from_files(rs, tmp_path):
     files = sorted(results.glob("*.json"))
     assert len(files) == 12 + 1  # + study.json
     before = {p.name: p.read_bytes() for p in files}
+    estimate = run_script([*common, "--estimate"], tmp_path)  # times one run per cost class of what is left
+    planned = int(re.search(r"\[estimate\] 12 run\(s\) finished .*?; (\d+) planned", estimate.stdout).group(1))
+    timings = list((results / "estimate").glob("*.json"))
+    assert planned > 100 and len(timings) >= 10 and "not timed yet" not in estimate.stdout
     second = run_script(common, tmp_path)
     assert "stopped: nothing left to run" in second.stdout
     finished = {p.name for p in results.glob("*.json")} - {"study.json"}
@@ -338,8 +342,9 @@ def test_quick_mode_resumes_and_reports_from_files(rs, tmp_path):
     assert f"**{cpu / 3600:.2f} h**" in section
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    estimate = run_script([*common, "--estimate"], tmp_path)
-    assert re.search(r"\[estimate\] \d+ run\(s\) finished .* 0 planned", estimate.stdout)
+    assert re.search(r"From scratch the plan is \*\*\d+ runs, [\d.]+ h\*\*.*left now: 0 runs, 0\.0 h", section)
+    for timing in timings:  # the time table: one row per timed cost class
+        assert f"\n| {json.loads(timing.read_text())['class']} | " in section
 
 
 @pytest.mark.parametrize(
