@@ -354,7 +354,7 @@ def lm_config(arm: Arm, level: str, setup: Setup) -> Any:
     _, builders, target = _base_configs(setup_key(setup))
     if arm.variant in ("", "entropy"):  # the entropy variant changes the training loss, not the config
         return builders[arm.family](changes)
-    if arm.variant == "no-shared":
+    if arm.variant == "no-shared":  # (transformers then builds a zero-width shared MLP: no parameters, output 0)
         values = builders["deepseek_v3"]({}).to_dict()
 
         def deepseek(width: int) -> Any:
