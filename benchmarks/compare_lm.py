@@ -122,6 +122,11 @@ class Setup:
     # Divide Mixtral's and Qwen3-MoE's Switch loss by their top-k (it equals top_k at balance in transformers'
     # `load_balancing_loss_func`, 1 in UoE's), so that `aux_coef` is the same pressure for every model (the sweep).
     normalize_aux_by_top_k: bool = False
+    # "native": every model balances its load its own way (above). "entropy": Mixtral and Qwen3-MoE use the sigma-MoE
+    # entropy balance loss instead of their Switch loss, computed here from their router logits exactly as UoE's
+    # `router_balance_loss="entropy"` (the mean over the layers of sum_e p_e log p_e, p = the batch's mean softmax),
+    # weighted by `aux_coef` (the recipe study's test of that component on a baseline)
+    baseline_balance_loss: str = "native"
 
     @property
     def tokens(self) -> int:
@@ -265,9 +270,36 @@ def aux_loss_weight(config, setup: Setup) -> float:
     kind = config.model_type
     if kind == "moeut_baseline":
         return 1.0
+    if entropy_balance(config, setup):
+        return setup.aux_coef
     if kind in ("mixtral", "qwen3_moe") and setup.normalize_aux_by_top_k:
         return setup.aux_coef / config.num_experts_per_tok
     return setup.aux_coef
+
+
+def entropy_balance(config, setup: Setup) -> bool:
+    """Whether `config`'s model trains with the entropy balance loss in place of its own (`baseline_balance_loss`)."""
+    if setup.baseline_balance_loss not in ("native", "entropy"):
+        raise ValueError(f"`baseline_balance_loss` must be 'native' or 'entropy', got {setup.baseline_balance_loss!r}.")
+    if setup.baseline_balance_loss == "native":
+        return False
+    if config.model_type not in ("mixtral", "qwen3_moe"):
+        raise ValueError(
+            "`baseline_balance_loss='entropy'` replaces the Switch loss of Mixtral and Qwen3-MoE only (UoE has "
+            f"`router_balance_loss`, the MoEUT baseline its own entropy loss), got model_type {config.model_type!r}."
+        )
+    return True
+
+
+def balance_loss(outputs, entropy: bool) -> torch.Tensor:
+    """The balance loss the training adds: the model's own `aux_loss`, or with `entropy` the mean over the layers of
+    the negative entropy of the batch's mean router softmax (from `outputs.router_logits`, one (tokens, experts)
+    tensor per layer)."""
+    if not entropy:
+        return outputs.aux_loss
+    import moeut  # noqa: PLC0415  (benchmarks/moeut.py: the MoEUT baseline's entropy of the mean)
+
+    return torch.stack([moeut.negative_entropy_of_mean(logits) for logits in outputs.router_logits]).mean()
 
 
 def match_expert_width(name: str, setup: Setup, target: int) -> int:
@@ -373,7 +405,7 @@ def train_and_evaluate(
     model = instantiate(config)
     balancer = DeepseekBiasBalancer(model) if config.model_type == "deepseek_v3" else None
     with_aux = config.model_type in ("mixtral", "qwen3_moe", "uoe", "moeut_baseline")
-    aux_weight = aux_loss_weight(config, setup)
+    aux_weight, entropy = aux_loss_weight(config, setup), entropy_balance(config, setup)
     token_losses, aux_losses = [], []
 
     def loss_fn(model, inputs: dict, batch: torch.Tensor) -> torch.Tensor:
@@ -382,8 +414,9 @@ def train_and_evaluate(
         token_losses.append(token_loss.item())
         if not with_aux:
             return token_loss
-        aux_losses.append(outputs.aux_loss.item())
-        return token_loss + aux_weight * outputs.aux_loss  # the same Switch-style pressure for all (aux_loss_weight)
+        aux = balance_loss(outputs, entropy)
+        aux_losses.append(aux.item())
+        return token_loss + aux_weight * aux  # the same Switch-style pressure for all (aux_loss_weight)
 
     load_start = os.getloadavg()[0]
     run = harness.train(

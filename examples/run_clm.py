@@ -61,6 +61,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import uoe  # noqa: F401  (registers the "uoe" model type with the Auto classes and marks its code for saving)
 from uoe import UoEConfig, UoEForCausalLM, UoERouterStatsCallback, estimate_flops_per_token
+from uoe.configuration_uoe import RECIPES
 from uoe.model_card import check_dataset_id, write_model_card
 
 logger = logging.getLogger("run_clm")
@@ -112,6 +113,15 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Comma-separated `field=value` config changes, e.g. `hidden_size=128,num_hidden_layers=2`."},
+    )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "Components of a model trained from scratch: a recipe of `UoEConfig.from_recipe` (gates, router "
+            "scores, balance loss, norm placement, layer sharing, shared experts, chains; `paper` is UoEConfig's "
+            "defaults). --config_overrides win over it. Default: UoEConfig's defaults.",
+            "choices": list(RECIPES),
+        },
     )
     tokenizer_name: str | None = field(
         default=None,
@@ -238,7 +248,22 @@ def build_config(model_args: ModelArguments, overrides: dict[str, Any], tokenize
     special = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    return UoEConfig(**{**DEFAULT_CONFIG, "vocab_size": len(tokenizer), **special, **overrides})
+    fields = {**DEFAULT_CONFIG, "vocab_size": len(tokenizer), **special, **overrides}
+    if model_args.recipe is not None:
+        try:
+            return UoEConfig.from_recipe(model_args.recipe, **fields)
+        except ValueError as error:
+            raise ValueError(f"--recipe {model_args.recipe}: {error}") from error
+    return UoEConfig(**fields)
+
+
+def check_recipe(model_args: ModelArguments) -> None:
+    """A recipe chooses the architecture of a new model; a checkpoint already has one."""
+    if model_args.recipe is not None and model_args.model_name_or_path:
+        raise ValueError(
+            f"--recipe {model_args.recipe}: a recipe builds a model from scratch; --model_name_or_path "
+            f"{model_args.model_name_or_path} already has its architecture (change fields with --config_overrides)."
+        )
 
 
 def check_vocabulary(tokenizer, config: UoEConfig) -> None:
@@ -419,6 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ValueError as error:
             raise ValueError(f"--dataset_name: {error}") from error
     overrides = parse_config_overrides(model_args.config_overrides)
+    check_recipe(model_args)
     checkpoint = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
 
@@ -533,6 +559,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokenizer_vocab_size": len(tokenizer),
         "hardware": describe_hardware(training_args, world_size),
         "output_dir": str(output_dir.resolve()),
+        "recipe": model_args.recipe,
+        "recipe_summary": RECIPES[model_args.recipe].summary if model_args.recipe else None,
     }
 
     if trainer.is_world_process_zero():
@@ -636,6 +664,8 @@ def print_summary(results: dict[str, Any]) -> None:
         f"(unigram baseline {results['unigram_perplexity']:.2f})",
         f"saved to            {results['output_dir']}",
     ]
+    if results.get("recipe"):
+        lines.insert(0, f"recipe              {results['recipe']} (UoEConfig.from_recipe)")
     if results.get("sample"):
         sample = re.sub(r"\n\s*\n", "\n", results["sample"].strip())[:300]  # blank lines squeezed for the console
         lines.append("sample              " + sample.replace("\n", "\n                    "))

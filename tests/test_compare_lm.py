@@ -282,6 +282,18 @@ def test_sweep_quick_produces_every_point(compare_lm, frontier_sweep, tmp_path):
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sweep_shares_layers_only_in_uoe_moeut(compare_lm, frontier_sweep):
+    """Only `uoe_moeut` names `num_layer_groups`; every other UoE family of the sweep keeps every layer its own (and
+    so the parameters of the main comparison's UoE). Until 2026-12-06 every UoE family shared its layers."""
+    setup = frontier_sweep.SWEEP_FULL.setup
+    builders = frontier_sweep.sweep_base_configs(setup, frontier_sweep.UOE_FAMILIES)
+    for family in frontier_sweep.UOE_FAMILIES:
+        groups = builders[family]({}).num_layer_groups
+        assert groups == (setup.num_layers // 2 if family == "uoe_moeut" else None), family
+    reference = compare_lm.build_configs(setup, ("uoe_union",))["uoe_union"]
+    assert compare_lm.count_parameters(builders["uoe_union"]({})) == compare_lm.count_parameters(reference)
+
+
 def test_frontier_and_its_reading(frontier_sweep):
     points = {
         "a": {"flops_analytic": 1.0, "perplexity_mean": 10.0},

@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from typing import Any, NamedTuple
 
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
@@ -21,6 +22,57 @@ _LEGACY_ROUTING_BACKENDS = {"reference": "masked"}
 # transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`; earlier 5.x
 # releases pass and read `past_key_values`. The models accept both names and fill whichever field exists.
 CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class Recipe(NamedTuple):
+    """A named choice of UoE's components (`UoEConfig.from_recipe`); the sizes stay the caller's."""
+
+    summary: str
+    fields: dict[str, Any]
+    # each distinct layer is applied this many times: `num_layer_groups = num_hidden_layers / layer_repeats`
+    layer_repeats: int = 1
+
+
+# The fields a recipe decides; a recipe sets every one of them (the others keep their defaults or the caller's values).
+RECIPE_FIELDS = (
+    "gate_mode",
+    "router_score_func",
+    "router_balance_loss",
+    "norm_placement",
+    "num_layer_groups",
+    "num_shared_attention_groups",
+    "num_shared_mlp_experts",
+    "mlp_chain_length",
+)
+_PAPER_FIELDS = {
+    "gate_mode": "union",
+    "router_score_func": "softmax",
+    "router_balance_loss": "switch",
+    "norm_placement": "pre",
+    "num_layer_groups": None,
+    "num_shared_attention_groups": 0,
+    "num_shared_mlp_experts": 0,
+    "mlp_chain_length": 1,
+}
+# README "Recipes" gives the evidence for each; `benchmarks/recipe_study.py` is the study that decides between them.
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(
+        "the paper's configuration and UoEConfig's defaults: union gates, softmax router scores, Switch balance loss, "
+        "pre-norm, every layer its own weights, no shared experts, no chain",
+        dict(_PAPER_FIELDS),
+    ),
+    "weighted": Recipe(
+        "the paper's configuration with weighted gates (top-k scores renormalised, Mixtral style): the better UoE of "
+        "the LM comparison at 1.02M tokens",
+        {**_PAPER_FIELDS, "gate_mode": "weighted"},
+    ),
+    "moeut_style": Recipe(
+        "PROVISIONAL, until the recipe study's result: weighted gates, entropy balance loss, peri-layernorm and "
+        "layers shared two by two (MoEUT's design), the best UoE of the frontier sweep at 368k tokens",
+        {**_PAPER_FIELDS, "gate_mode": "weighted", "router_balance_loss": "entropy", "norm_placement": "peri"},
+        layer_repeats=2,
+    ),
+}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -417,6 +469,27 @@ class UoEConfig(PreTrainedConfig):
         self.validate()
 
     @classmethod
+    def from_recipe(cls, recipe: str, **overrides) -> "UoEConfig":
+        """A config with the components of a named recipe (`RECIPES`: `"paper"`, `"weighted"`, `"moeut_style"`) and
+        the sizes and any other fields of `overrides`, which win over the recipe's fields.
+
+        A recipe that shares layers (`moeut_style`: each distinct layer applied twice) sets `num_layer_groups` to
+        `num_hidden_layers / 2`; that needs an even `num_hidden_layers`, unless `num_layer_groups` is given.
+        """
+        _check_choice("recipe", recipe, tuple(RECIPES))
+        chosen = RECIPES[recipe]
+        fields = dict(chosen.fields)
+        if chosen.layer_repeats > 1 and "num_layer_groups" not in overrides:
+            layers = overrides.get("num_hidden_layers", cls.num_hidden_layers)
+            _require(
+                _is_int(layers) and layers >= chosen.layer_repeats and layers % chosen.layer_repeats == 0,
+                f"`num_hidden_layers` must be a multiple of {chosen.layer_repeats} for recipe {recipe!r} (each "
+                f"distinct layer is applied {chosen.layer_repeats} times), got {layers!r}; or give `num_layer_groups`.",
+            )
+            fields["num_layer_groups"] = layers // chosen.layer_repeats
+        return cls(**{**fields, **overrides})
+
+    @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         # transformers applies `from_pretrained`'s overrides (`attention_top_k=...`) after building the config
         result = super().from_dict(config_dict, **kwargs)
@@ -467,4 +540,4 @@ class UoEConfig(PreTrainedConfig):
         return every_expert and unit_gates and self.mlp_chain_length == 1
 
 
-__all__ = ["UoEConfig"]
+__all__ = ["RECIPES", "RECIPE_FIELDS", "Recipe", "UoEConfig"]
