@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .reference_uoe import _rms_norm, _rotate, _select, rope_frequencies
+from .reference_uoe import _rms_norm, _rotate, _select, layer_top_k, rope_frequencies
 
 
 def _norm(x: torch.Tensor, sd: dict[str, torch.Tensor], name: str, cfg) -> torch.Tensor:
@@ -74,7 +74,11 @@ def encoder_hidden_states(cfg, sd: dict[str, torch.Tensor], prefix: str, x: torc
         p = f"{prefix}layers.{layer}."
         h = _norm(x, sd, p + "input_layernorm", cfg)
         groups_of = encoder_selections(
-            h, sd[p + "self_attn.router.weight"], cfg.attention_top_k, cfg.num_shared_attention_groups, cfg
+            h,
+            sd[p + "self_attn.router.weight"],
+            layer_top_k(cfg, "layer_attention_top_k", cfg.attention_top_k, layer),
+            cfg.num_shared_attention_groups,
+            cfg,
         )
         q, k, v = (
             _linear(h, sd, p + f"self_attn.{name}").view(seq, count, head_dim)
@@ -95,7 +99,8 @@ def encoder_hidden_states(cfg, sd: dict[str, torch.Tensor], prefix: str, x: torc
         x = x + _linear(attn.reshape(seq, -1), sd, p + "self_attn.o_proj")
 
         h = _norm(x, sd, p + "post_attention_layernorm", cfg)
-        experts_of = encoder_selections(h, sd[p + "mlp.router.weight"], cfg.mlp_top_k, cfg.num_shared_mlp_experts, cfg)
+        mlp_top_k = layer_top_k(cfg, "layer_mlp_top_k", cfg.mlp_top_k, layer)
+        experts_of = encoder_selections(h, sd[p + "mlp.router.weight"], mlp_top_k, cfg.num_shared_mlp_experts, cfg)
         up, down = sd[p + "mlp.experts.up_proj"], sd[p + "mlp.experts.down_proj"]
         up_bias = sd.get(p + "mlp.experts.up_proj_bias")
         mlp = torch.zeros_like(x)

@@ -10,7 +10,9 @@ per-head q/k RMSNorm (`qk_norm`) are read from the state dict when present. Shar
 (`mlp_chain_length`: `x = x + UoME_t(norm(x))`, router t per iteration) follow SPEC-level rules as well, and so do
 MoEUT's layer grouping (`num_layer_groups = G`: layer `a*G + j` applies the weights of layer j), padding
 (`reference_batch_logits`: each row's real tokens run alone, at positions counted from its first real token) and every
-RoPE type the config accepts (`rope_frequencies`, from the published formulas).
+RoPE type the config accepts (`rope_frequencies`, from the published formulas). Per-layer budgets
+(`layer_attention_top_k`, `layer_mlp_top_k`: entry j is the routed top-k of distinct layer j) are read from the
+config fields directly.
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ def _select_with_shared(
     return {**{e: 1.0 for e in range(num_shared)}, **chosen}
 
 
+def layer_top_k(cfg, name: str, default: int, distinct_layer: int) -> int:
+    """The routed top-k of distinct layer `distinct_layer`: the per-layer list's entry when the list is set."""
+    values = getattr(cfg, name, None)
+    return default if values is None else int(values[distinct_layer])
+
+
 def reference_logits(
     model,
     input_ids: list[int],
@@ -160,13 +168,15 @@ def reference_logits(
     x = sd["model.embed_tokens.weight"][input_ids]
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer % distinct_layers}."  # layer grouping: application a of layer j is a*G + j
+        attention_top_k = layer_top_k(cfg, "layer_attention_top_k", cfg.attention_top_k, layer % distinct_layers)
+        mlp_top_k = layer_top_k(cfg, "layer_mlp_top_k", cfg.mlp_top_k, layer % distinct_layers)
         h = _rms_norm(x, sd[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         # routing: every token of a patch uses the decision of the patch's first token; experts are head groups
         router = h @ sd[p + "self_attn.router.weight"].T
         shared_groups = getattr(cfg, "num_shared_attention_groups", 0)
         groups_of = [
             _select_with_shared(
-                router[(t // patch) * patch], cfg.attention_top_k, shared_groups, cfg.router_score_func, cfg.gate_mode
+                router[(t // patch) * patch], attention_top_k, shared_groups, cfg.router_score_func, cfg.gate_mode
             )
             for t in range(seq)
         ]
@@ -206,7 +216,7 @@ def reference_logits(
             for t in range(seq):
                 chosen = _select_with_shared(
                     router[(t // patch) * patch],
-                    cfg.mlp_top_k,
+                    mlp_top_k,
                     getattr(cfg, "num_shared_mlp_experts", 0),
                     cfg.router_score_func,
                     cfg.gate_mode,

@@ -82,9 +82,9 @@ class UoERouterStatsCallback(TrainerCallback):
         self._device = next(model.parameters()).device
         for module in model.modules():
             if isinstance(module, UoESelectiveAttention):
-                kind, top_k = "attention", config.attention_top_k
+                kind, top_k = "attention", module.top_k  # per-layer budgets: the layer's own top-k
             elif isinstance(module, UoESparseMLP):
-                kind, top_k = "mlp", config.mlp_top_k
+                kind, top_k = "mlp", module.top_k
             else:
                 continue
             # Chain-of-Experts: one router per iteration (`mlp_chain_length`), logged as `mlp_1`, `mlp_2`, ...

@@ -237,6 +237,31 @@ def _validate_numbers(config: "UoEConfig") -> None:
     )
 
 
+def _validate_layer_top_k(config: "UoEConfig") -> None:
+    """Per-layer top-k (`layer_attention_top_k`, `layer_mlp_top_k`): one entry per distinct layer, each a routed count
+    that fits beside the block's shared experts."""
+    layers = config.num_layer_groups or config.num_hidden_layers
+    which = "`num_layer_groups`" if config.num_layer_groups else "`num_hidden_layers`"
+    for name, total, shared_name in (
+        ("layer_attention_top_k", config.num_key_value_heads, "num_shared_attention_groups"),
+        ("layer_mlp_top_k", config.num_mlp_experts, "num_shared_mlp_experts"),
+    ):
+        values = getattr(config, name)
+        if values is None:
+            continue
+        routed = total - getattr(config, shared_name)
+        _require(
+            isinstance(values, list) and len(values) == layers,
+            f"`{name}` must be None or a list of {layers} integers (one per layer: {which}), got {values!r}.",
+        )
+        for index, value in enumerate(values):
+            _require(
+                _is_int(value) and 1 <= value <= routed,
+                f"`{name}[{index}]` must be an integer in [1, {routed}] (the routed experts of the block: {total} "
+                f"minus `{shared_name}`), got {value!r}.",
+            )
+
+
 def _validate_variants(config: "UoEConfig") -> None:
     """Shared experts, Chain-of-Experts and MoEUT's layer grouping."""
     if config.num_layer_groups is not None:
@@ -396,6 +421,12 @@ class UoEConfig(PreTrainedConfig):
         norm_placement: `"pre"` (default): pre-norm, every block reads the normalised stream. `"peri"`: MoEUT's
             peri-layernorm (causal LM only): only the routers and the query/key projections read the normalised
             stream; the value projection and the MLP experts read the residual stream itself.
+        layer_attention_top_k: Per-layer budgets: `attention_top_k` of each layer, a list with one entry per layer
+            (per distinct layer with `num_layer_groups`), each in `[1, num_key_value_heads -
+            num_shared_attention_groups]`. `None` (default): `attention_top_k` in every layer. `uoe.sparsify` can
+            choose the entries under one active-FLOPs budget; `uoe.estimate_flops_per_token` counts them.
+        layer_mlp_top_k: The same for `mlp_top_k`: one entry per (distinct) layer, each in `[1, num_mlp_experts -
+            num_shared_mlp_experts]`; `None`: `mlp_top_k` everywhere.
     """
 
     model_type = "uoe"
@@ -448,6 +479,8 @@ class UoEConfig(PreTrainedConfig):
     num_layer_groups: int | None = None
     router_balance_loss: str = "switch"
     norm_placement: str = "pre"
+    layer_attention_top_k: list[int] | None = None
+    layer_mlp_top_k: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         if self.routing_backend in _LEGACY_ROUTING_BACKENDS:
@@ -465,6 +498,9 @@ class UoEConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.hidden_act is None:
             self.hidden_act = "silu" if self.mlp_type == "swiglu" else "gelu"
+        for name in ("layer_attention_top_k", "layer_mlp_top_k"):
+            if isinstance(getattr(self, name), tuple):  # JSON and the validation know lists
+                setattr(self, name, list(getattr(self, name)))
         super().__post_init__(**kwargs)
         self.validate()
 
@@ -507,6 +543,7 @@ class UoEConfig(PreTrainedConfig):
         _validate_choices(self)
         _validate_numbers(self)
         _validate_variants(self)
+        _validate_layer_top_k(self)
         if model is not None:
             _check_choice("model", model, tuple(MODEL_REQUIREMENTS))
             _validate_model_requirements(self, model)
@@ -524,6 +561,25 @@ class UoEConfig(PreTrainedConfig):
         """Width of one UoME expert (its slice of `intermediate_size`)."""
         return self.intermediate_size // self.num_mlp_experts
 
+    def attention_top_k_at(self, layer_idx: int) -> int:
+        """Routed head groups each token selects in distinct layer `layer_idx` (`layer_attention_top_k`'s entry, else
+        `attention_top_k`). With `num_layer_groups` the index counts the distinct (shared) layers."""
+        return self._top_k_at("layer_attention_top_k", self.attention_top_k, layer_idx)
+
+    def mlp_top_k_at(self, layer_idx: int) -> int:
+        """Routed MLP experts each token selects in distinct layer `layer_idx` (`layer_mlp_top_k`'s entry, else
+        `mlp_top_k`)."""
+        return self._top_k_at("layer_mlp_top_k", self.mlp_top_k, layer_idx)
+
+    def _top_k_at(self, name: str, default: int, layer_idx: int) -> int:
+        layers = self.num_layer_groups or self.num_hidden_layers
+        _require(
+            _is_int(layer_idx) and 0 <= layer_idx < layers,
+            f"`layer_idx` must be an integer in [0, {layers}) (the distinct layers), got {layer_idx!r}.",
+        )
+        values = getattr(self, name)
+        return default if values is None else values[layer_idx]
+
     @property
     def is_full_routing(self) -> bool:
         """True when the model computes the dense function: every expert selected for every token, each with
@@ -531,8 +587,11 @@ class UoEConfig(PreTrainedConfig):
         has a single expert."""
         routed_groups = self.num_key_value_heads - self.num_shared_attention_groups
         routed_experts = self.num_mlp_experts - self.num_shared_mlp_experts
+        layers = range(self.num_layer_groups or self.num_hidden_layers)
         every_expert = (
-            self.attention_top_k == routed_groups and self.mlp_top_k == routed_experts and self.data_capacity is None
+            all(self.attention_top_k_at(i) == routed_groups for i in layers)
+            and all(self.mlp_top_k_at(i) == routed_experts for i in layers)
+            and self.data_capacity is None
         )
         # shared experts have gate 1 in both modes; a single routed expert's softmax score is 1 too
         unit_gates = self.gate_mode == "union" or (routed_groups == 1 and routed_experts == 1)

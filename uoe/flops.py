@@ -39,28 +39,63 @@ class FlopsEstimate:
         return self.active / self.dense
 
 
-def estimate_flops_per_token(
-    config: UoEConfig, seq_len: int, include_lm_head: bool = True, full_attention: bool = False
-) -> FlopsEstimate:
-    """Active and dense-equivalent forward FLOPs per token for `config` at sequence length `seq_len`.
+def layer_flops_per_token(
+    config: UoEConfig,
+    seq_len: int,
+    layer_idx: int,
+    attention_top_k: int | None = None,
+    mlp_top_k: int | None = None,
+    full_attention: bool = False,
+) -> dict[str, float]:
+    """Active forward FLOPs per token of distinct layer `layer_idx`, all its applications together (`num_hidden_layers
+    / num_layer_groups` with MoEUT's grouping, else one), by part: `attention_projections`, `attention_scores`,
+    `mlp`, `routers`.
 
-    `full_attention=True` counts every query against all `seq_len` keys, as a dense attention kernel executes a
-    causal mask (and torch's FLOP counter counts it), instead of the causal average.
+    `attention_top_k` / `mlp_top_k` replace the layer's own routed top-k (`config.attention_top_k_at(layer_idx)`,
+    `config.mlp_top_k_at(layer_idx)`): what the layer would cost with another budget. At full routing (top-k = the
+    routed experts) the attention and MLP parts are the dense layer's. `estimate_flops_per_token` is the sum of these
+    over the distinct layers plus the LM head.
     """
-    if not isinstance(seq_len, int) or seq_len < 1:
+    _check_seq_len(seq_len)
+    return _layer_parts(config, seq_len, layer_idx, attention_top_k, mlp_top_k, full_attention, dense=False)
+
+
+def _check_seq_len(seq_len) -> None:
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
         raise ValueError(f"`seq_len` must be an integer >= 1, got {seq_len!r}.")
+
+
+def _layer_parts(
+    config: UoEConfig,
+    seq_len: int,
+    layer_idx: int,
+    attention_top_k: int | None,
+    mlp_top_k: int | None,
+    full_attention: bool,
+    dense: bool,
+) -> dict[str, float]:
+    """`layer_flops_per_token`; `dense=True`: the dense equivalent (every expert, no data selection, no routers)."""
     hidden, heads, head_dim = config.hidden_size, config.num_attention_heads, config.head_dim
     kv_heads = config.num_key_value_heads
-    layers = config.num_hidden_layers
+    distinct = config.num_layer_groups or config.num_hidden_layers
+    applications = config.num_hidden_layers // distinct
     context = (seq_len + 1) / 2 if config.is_causal and not full_attention else seq_len
 
     shared_groups, shared_experts = config.num_shared_attention_groups, config.num_shared_mlp_experts
     routed_groups, routed_experts = kv_heads - shared_groups, config.num_mlp_experts - shared_experts
+    attention_top_k = config.attention_top_k_at(layer_idx) if attention_top_k is None else attention_top_k
+    mlp_top_k = config.mlp_top_k_at(layer_idx) if mlp_top_k is None else mlp_top_k
+    if dense:
+        attention_top_k, mlp_top_k = routed_groups, routed_experts
+    checks = (("attention_top_k", attention_top_k, routed_groups), ("mlp_top_k", mlp_top_k, routed_experts))
+    for name, value, routed in checks:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= routed:
+            raise ValueError(f"`{name}` must be an integer in [1, {routed}] (the routed experts), got {value!r}.")
     chain = config.mlp_chain_length
     # the share of tokens one routed expert computes
-    routed_head_share = config.attention_top_k / routed_groups
-    routed_mlp_share = config.mlp_top_k / routed_experts
-    if config.data_capacity is not None:
+    routed_head_share = attention_top_k / routed_groups
+    routed_mlp_share = mlp_top_k / routed_experts
+    if config.data_capacity is not None and not dense:
         routed_head_share = min(routed_head_share, config.data_capacity)
         routed_mlp_share = min(routed_mlp_share, config.data_capacity)
     head_share = (shared_groups + routed_groups * routed_head_share) / kv_heads
@@ -73,26 +108,41 @@ def estimate_flops_per_token(
     mlp_matrices = 3 if config.mlp_type == "swiglu" else 2
     mlp = mlp_matrices * 2 * hidden * config.intermediate_size
     routers = 2 * hidden * (routed_groups + chain * routed_experts)
-    lm_head = 2 * hidden * config.vocab_size if include_lm_head else 0
-
-    dense_breakdown = {
-        "attention_projections": layers * projections,
-        "attention_scores": layers * attention,
-        "mlp": layers * chain * mlp,
-        "routers": 0,
-        "lm_head": lm_head,
-    }
-    breakdown = {
-        "attention_projections": dense_breakdown["attention_projections"] * head_share,
+    return {
+        "attention_projections": applications * projections * head_share,
         # a query head of group g meets only the keys that also chose g
-        "attention_scores": dense_breakdown["attention_scores"] * score_share,
-        "mlp": dense_breakdown["mlp"] * mlp_share,
-        "routers": layers * routers,
-        "lm_head": lm_head,
+        "attention_scores": applications * attention * score_share,
+        "mlp": applications * chain * mlp * mlp_share,
+        "routers": 0.0 if dense else applications * routers,
     }
-    dense = layers * (projections + attention + chain * mlp) + lm_head
+
+
+def estimate_flops_per_token(
+    config: UoEConfig, seq_len: int, include_lm_head: bool = True, full_attention: bool = False
+) -> FlopsEstimate:
+    """Active and dense-equivalent forward FLOPs per token for `config` at sequence length `seq_len`.
+
+    Per-layer budgets (`layer_attention_top_k`, `layer_mlp_top_k`) are counted layer by layer
+    (`layer_flops_per_token`). `full_attention=True` counts every query against all `seq_len` keys, as a dense
+    attention kernel executes a causal mask (and torch's FLOP counter counts it), instead of the causal average.
+    """
+    _check_seq_len(seq_len)
+    lm_head = 2 * config.hidden_size * config.vocab_size if include_lm_head else 0
+    parts = ("attention_projections", "attention_scores", "mlp", "routers")
+    breakdown = dict.fromkeys(parts, 0.0)
+    dense_breakdown = dict.fromkeys(parts, 0.0)
+    for layer_idx in range(config.num_layer_groups or config.num_hidden_layers):
+        active = _layer_parts(config, seq_len, layer_idx, None, None, full_attention, dense=False)
+        full = _layer_parts(config, seq_len, layer_idx, None, None, full_attention, dense=True)
+        for part in parts:
+            breakdown[part] += active[part]
+            dense_breakdown[part] += full[part]
+    breakdown["lm_head"] = dense_breakdown["lm_head"] = lm_head
     return FlopsEstimate(
-        active=sum(breakdown.values()), dense=dense, breakdown=breakdown, dense_breakdown=dense_breakdown
+        active=sum(breakdown.values()),
+        dense=sum(dense_breakdown.values()),
+        breakdown=breakdown,
+        dense_breakdown=dense_breakdown,
     )
 
 

@@ -31,6 +31,8 @@ BASE_CONFIG_FIELDS = (
     "intermediate_size",
     "num_mlp_experts",
     "mlp_top_k",
+    "layer_attention_top_k",
+    "layer_mlp_top_k",
     "num_shared_attention_groups",
     "num_shared_mlp_experts",
     "mlp_chain_length",

@@ -559,7 +559,7 @@ class UoESelectiveAttention(nn.Module):
         self.num_key_value_heads = config.num_key_value_heads  # = the experts (head groups)
         self.group_size = self.num_heads // self.num_key_value_heads  # query heads per group
         self.head_dim = config.head_dim
-        self.top_k = config.attention_top_k  # routed groups per token
+        self.top_k = config.attention_top_k_at(layer_idx)  # routed groups per token (per-layer budgets)
         self.num_shared = config.num_shared_attention_groups  # groups 0 .. num_shared - 1: every token's
         self.num_selected = self.num_shared + self.top_k
         # The attention functions get keys and values already expanded to one per query head.
@@ -762,7 +762,7 @@ class UoESparseMLP(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.top_k = config.mlp_top_k  # routed experts per token
+        self.top_k = config.mlp_top_k_at(layer_idx)  # routed experts per token (per-layer budgets)
         self.num_shared = config.num_shared_mlp_experts  # experts 0 .. num_shared - 1: every token's
         routed = config.num_mlp_experts - self.num_shared
         self.router = UoERouter(config.hidden_size, routed)
