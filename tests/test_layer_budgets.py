@@ -39,7 +39,10 @@ def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
         (dict(layer_mlp_top_k=[2, 5]), r"layer_mlp_top_k\[1\]` must be an integer in \[1, 4\]"),
         # shared experts leave fewer routed ones: 4 groups, 2 shared -> at most 2 routed
         (dict(num_shared_attention_groups=2, attention_top_k=1, layer_attention_top_k=[2, 3]), r"\[1, 2\]"),
-        (dict(num_shared_mlp_experts=1, layer_mlp_top_k=[4, 1]), r"layer_mlp_top_k\[0\]` must be an integer in \[1, 3\]"),
+        (
+            dict(num_shared_mlp_experts=1, layer_mlp_top_k=[4, 1]),
+            r"layer_mlp_top_k\[0\]` must be an integer in \[1, 3\]",
+        ),
         # MoEUT's grouping: one entry per distinct layer
         (dict(num_hidden_layers=4, num_layer_groups=2, layer_mlp_top_k=[1, 2, 3, 4]), "num_layer_groups"),
     ],
