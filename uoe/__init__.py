@@ -112,8 +112,10 @@ __all__ = [
     "UoERouterStatsCallback",
     "SparsifyReport",
     "UoEVisionModel",
+    "DistillationTrainer",
     "collect_expert_statistics",
     "compress_experts",
+    "distillation_loss",
     "drop_experts",
     "estimate_flops_per_token",
     "merge_experts",
@@ -125,6 +127,18 @@ if is_vision_available():
     AutoImageProcessor.register(UoEConfig, image_processor_classes={"pil": UoEImageProcessor}, exist_ok=True)
     UoEImageProcessor.register_for_auto_class("AutoImageProcessor")
     __all__ += ["UoEImageProcessor"]
+
+# `uoe.distillation` imports `transformers.Trainer` (and through it accelerate): loaded on first use only.
+_LAZY_ATTRIBUTES = {"DistillationTrainer": "distillation", "distillation_loss": "distillation"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_ATTRIBUTES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_ATTRIBUTES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Pipelines try `AutoVideoProcessor` for every image model (through `transformers.models.auto.video_processing_auto`,
 # which, unlike `transformers.AutoVideoProcessor`, works without torchvision). It turns the image processor's `auto_map`
