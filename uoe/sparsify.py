@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .budgets import BudgetAllocation, allocate_top_k, routed_experts
 from .configuration_uoe import UoEConfig
 from .modeling_uoe import UoEForCausalLM
 
@@ -362,12 +363,13 @@ class BlockRetention:
     Attributes:
         layer: decoder layer index.
         block: `"attention"` (experts = key/value groups) or `"mlp"`.
-        num_experts, top_k: the block's experts and how many each token selects.
+        num_experts, top_k: the block's experts and how many routed ones each token selects (the layer's own top-k).
         kept: the measure above for the sparse model's own routing.
-        oracle_kept: the same for selecting, per token, the `top_k` experts with the largest dense contribution
-            `||y_e(t)||` and summing their dense contributions (for attention this ignores that a sparse group
-            only sees the keys that selected it).
-        router_recall: share of the router's selections that are among those `top_k` largest contributions.
+        oracle_kept: the same for selecting, per token, the shared experts and the `top_k` routed experts with the
+            largest dense contribution `||y_e(t)||`, summing their dense contributions (for attention this ignores
+            that a sparse group only sees the keys that selected it).
+        router_recall: share of the router's selections that are among those `top_k` largest routed contributions.
+        num_shared: the block's shared experts (its first ones, every token's).
     """
 
     layer: int
@@ -377,6 +379,7 @@ class BlockRetention:
     kept: float
     oracle_kept: float
     router_recall: float
+    num_shared: int = 0
 
 
 @dataclass
@@ -387,6 +390,7 @@ class SparsifyReport:
     num_tokens: int
     dense_loss: float
     sparse_loss: float
+    budget: BudgetAllocation | None = None  # the per-layer top-k `sparsify(flops_budget=...)` chose
 
     @property
     def dense_perplexity(self) -> float:
@@ -410,6 +414,7 @@ class SparsifyReport:
             "sparse_perplexity": self.sparse_perplexity,
             "mean_kept": self.mean_kept(),
             "blocks": [asdict(b) for b in self.blocks],
+            "budget": None if self.budget is None else self.budget.to_dict(),
         }
 
     def __str__(self) -> str:
@@ -419,12 +424,15 @@ class SparsifyReport:
             f"{'layer':>5}  {'block':<9} {'top_k':>7}  {'kept':>6}  {'oracle':>6}  {'recall':>6}",
         ]
         for b in self.blocks:
+            shared = f"{b.num_shared}+" if b.num_shared else ""
             lines.append(
-                f"{b.layer:>5}  {b.block:<9} {f'{b.top_k}/{b.num_experts}':>7}  {b.kept:6.3f}  "
+                f"{b.layer:>5}  {b.block:<9} {f'{shared}{b.top_k}/{b.num_experts}':>7}  {b.kept:6.3f}  "
                 f"{b.oracle_kept:6.3f}  {b.router_recall:6.3f}"
             )
         lines.append(f"mean kept {self.mean_kept():.3f} (attention {self.mean_kept('attention'):.3f}, "
                      f"mlp {self.mean_kept('mlp'):.3f})")  # fmt: skip
+        if self.budget is not None:
+            lines.append(str(self.budget))
         return "\n".join(lines)
 
 
@@ -482,32 +490,41 @@ def _retention_hooks(hooks: _Hooks, model: UoEForCausalLM, reference: UoEForCaus
         hooks.post(layer.mlp.router, lambda m, a, o, index=index: router_out(m, a, o, index, 1))
 
 
+def _block_budgets(config: UoEConfig, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`((attention top-k, shared groups), (MLP top-k, shared experts))` of layer `index`."""
+    return (
+        (config.attention_top_k_at(index), config.num_shared_attention_groups),
+        (config.mlp_top_k_at(index), config.num_shared_mlp_experts),
+    )
+
+
 def _accumulate_retention(
     sums: dict, model: UoEForCausalLM, reference: UoEForCausalLM, state: dict, flat, num_groups: int
 ) -> None:
     """Add one batch's per-block squared errors, dense norms, oracle errors and router hits to `sums`."""
     for index in range(len(model.model.layers)):
-        sparse_layer = model.model.layers[index]
-        # per-expert dense contributions: key/value groups, and the sparse model's MLP experts
+        reference_layer = reference.model.layers[index]
+        # per-expert dense contributions: key/value groups and MLP experts of the reference (which has the sparse
+        # model's grouping and expert order)
         groups = attention_group_outputs(
-            state[("heads", index)], reference.model.layers[index].self_attn.o_proj.weight.float(), num_groups
+            state[("heads", index)], reference_layer.self_attn.o_proj.weight.float(), num_groups
         )
-        experts = sparse_layer.mlp.experts
+        experts = reference_layer.mlp.experts
         mlp_parts = _expert_outputs(
             _flat_mlp(_expert_tensors(experts)),
             experts.act_fn,
             flat(state[("in", index, 1)]),
-            model.config.num_mlp_experts,
+            reference.config.num_mlp_experts,
         )
-        for block, (parts, top_k) in enumerate(
-            ((groups, model.config.attention_top_k), (mlp_parts, model.config.mlp_top_k))
-        ):
+        budgets = _block_budgets(model.config, index)
+        for block, (parts, (top_k, shared)) in enumerate(zip((groups, mlp_parts), budgets, strict=True)):
             dense = state[("out", index, block)]
             sums["error"][index, block] += (state[("sparse", index, block)] - dense).double().square().sum()
             total = parts.sum(dim=1)
             sums["norm"][index, block] += total.double().square().sum()
-            best = parts.norm(dim=-1).topk(top_k, dim=-1).indices
-            oracle = parts.gather(1, best[..., None].expand(-1, -1, parts.shape[-1])).sum(dim=1)
+            routed = parts[:, shared:]
+            best = routed.norm(dim=-1).topk(top_k, dim=-1).indices
+            oracle = parts[:, :shared].sum(1) + routed.gather(1, best[..., None].expand(-1, -1, parts.shape[-1])).sum(1)
             sums["oracle"][index, block] += (oracle - total).double().square().sum()
             chosen = state[("logits", index, block)].topk(top_k, dim=-1).indices
             sums["hits"][index, block] += (chosen[:, :, None] == best[:, None, :]).any(-1).sum()
@@ -517,14 +534,20 @@ def _accumulate_retention(
 def retention_report(model: UoEForCausalLM, reference: UoEForCausalLM, batches: Iterable[Batch]) -> SparsifyReport:
     """Measure how much of `reference`'s (a full-routing model's) function the sparse `model` keeps on `batches`.
 
-    The two models must share the layers' weights up to the MLP grouping (e.g. `model` from `sparsify(reference,
-    ...)`, or `reference` converted again with smaller top-k). See `BlockRetention` for the per-block figures;
-    the losses are next-token cross-entropies of each model run on its own.
+    `reference` defines the dense function and the experts: it must have `model`'s MLP grouping and expert order
+    (e.g. `model` converted again at full routing; `sparsify` passes the regrouped dense model). Per-layer budgets
+    and shared experts of `model` are read from its config. See `BlockRetention` for the per-block figures; the
+    losses are next-token cross-entropies of each model run on its own.
     """
     if not reference.config.is_full_routing:
         raise ValueError("`reference` must be at full routing (`config.is_full_routing`): it defines the dense output.")
     if len(model.model.layers) != len(reference.model.layers):
         raise ValueError("`model` and `reference` have different numbers of layers.")
+    if model.config.num_mlp_experts != reference.config.num_mlp_experts:
+        raise ValueError(
+            f"`reference` must have `model`'s MLP experts ({model.config.num_mlp_experts}), got "
+            f"{reference.config.num_mlp_experts}: convert it again with the same grouping."
+        )
     num_groups, _ = attention_expert_groups(reference.config)
     layers = len(reference.model.layers)
     sums = {
@@ -564,8 +587,8 @@ def retention_report(model: UoEForCausalLM, reference: UoEForCausalLM, batches: 
         raise ValueError("`held_out_batches` yielded no next-token targets.")
     blocks = []
     for index in range(layers):
-        for block, name in enumerate(("attention", "mlp")):
-            top_k = model.config.attention_top_k if block == 0 else model.config.mlp_top_k
+        budgets = _block_budgets(model.config, index)
+        for block, (name, (top_k, shared)) in enumerate(zip(("attention", "mlp"), budgets, strict=True)):
             num_experts = attention_expert_groups(model.config)[0] if block == 0 else model.config.num_mlp_experts
             norm = float(sums["norm"][index, block])
             blocks.append(
@@ -577,6 +600,7 @@ def retention_report(model: UoEForCausalLM, reference: UoEForCausalLM, batches: 
                     kept=_kept(float(sums["error"][index, block]), norm),
                     oracle_kept=_kept(float(sums["oracle"][index, block]), norm),
                     router_recall=float(sums["hits"][index, block]) / (num_tokens * top_k),
+                    num_shared=shared,
                 )
             )
     return SparsifyReport(
@@ -589,17 +613,42 @@ def retention_report(model: UoEForCausalLM, reference: UoEForCausalLM, batches: 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _check_count(name: str, value, low: int, high: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be an integer in [{low}, {high}] ({what}), got {value!r}.")
+
+
+def _check_budget(name: str, value, routed: int, layers: int, what: str) -> None:
+    """`value` is None, an int in [1, routed] or a list of `layers` of them."""
+    if value is None or not isinstance(value, (list, tuple)):
+        _check_top_k(name, value, routed, what)
+        return
+    if len(value) != layers:
+        raise ValueError(f"`{name}` must be an integer or a list of {layers} integers (one per layer), got {value!r}.")
+    for index, entry in enumerate(value):
+        _check_top_k(f"{name}[{index}]", entry, routed, what)
+
+
 def _check_sparsify_arguments(
     model: UoEForCausalLM,
-    attention_top_k: int,
-    mlp_top_k: int,
+    attention_top_k,
+    mlp_top_k,
+    flops_budget,
     num_mlp_experts: int | None,
+    num_shared_attention_groups,
+    num_shared_mlp_experts,
     max_calibration_tokens: int,
+    sensitivity_tokens: int,
 ) -> int:
     """Raise a `ValueError` naming the first invalid argument of `sparsify`; return `num_mlp_experts` resolved."""
     if not isinstance(model, UoEForCausalLM):
         raise ValueError(f"`model` must be a `UoEForCausalLM`, got {type(model).__name__}.")
     config = model.config
+    if config.num_shared_attention_groups or config.num_shared_mlp_experts or config.mlp_chain_length != 1:
+        raise ValueError(
+            "`model` must be a plain UoE model without shared experts or Chain-of-Experts (e.g. `from_dense`'s): "
+            "`sparsify` reads it at full routing and chooses the shared experts itself."
+        )
     num_mlp_experts = config.num_mlp_experts if num_mlp_experts is None else num_mlp_experts
     num_groups, _ = attention_expert_groups(config)
     if isinstance(num_mlp_experts, bool) or not isinstance(num_mlp_experts, int) or num_mlp_experts < 1:
@@ -608,17 +657,159 @@ def _check_sparsify_arguments(
         raise ValueError(
             f"`num_mlp_experts` ({num_mlp_experts}) must divide `intermediate_size` ({config.intermediate_size})."
         )
-    _check_top_k("attention_top_k", attention_top_k, num_groups, "the attention experts (key/value groups)")
-    _check_top_k("mlp_top_k", mlp_top_k, num_mlp_experts, "`num_mlp_experts`")
-    if (
-        isinstance(max_calibration_tokens, bool)
-        or not isinstance(max_calibration_tokens, int)
-        or max_calibration_tokens < 1
-    ):
-        raise ValueError(f"`max_calibration_tokens` must be an integer >= 1, got {max_calibration_tokens!r}.")
+    _check_count("num_shared_attention_groups", num_shared_attention_groups, 0, num_groups - 1, "key/value groups - 1")
+    _check_count("num_shared_mlp_experts", num_shared_mlp_experts, 0, num_mlp_experts - 1, "`num_mlp_experts` - 1")
+    routed_groups, routed_experts = num_groups - num_shared_attention_groups, num_mlp_experts - num_shared_mlp_experts
+    layers = config.num_layer_groups or config.num_hidden_layers
+    if flops_budget is None:
+        what = "the routed attention experts (key/value groups); or give `flops_budget`"
+        _check_budget("attention_top_k", attention_top_k, routed_groups, layers, what)
+        _check_budget("mlp_top_k", mlp_top_k, routed_experts, layers, "the routed MLP experts; or give `flops_budget`")
+    else:
+        if attention_top_k is not None or mlp_top_k is not None:
+            raise ValueError(
+                "`flops_budget` chooses the per-layer top-k: leave `attention_top_k` and `mlp_top_k` None with it."
+            )
+        if isinstance(flops_budget, bool) or not isinstance(flops_budget, (int, float)) or not 0 < flops_budget <= 1:
+            raise ValueError(f"`flops_budget` must be a fraction of the dense FLOPs in (0, 1], got {flops_budget!r}.")
+    for name, value in (("max_calibration_tokens", max_calibration_tokens), ("sensitivity_tokens", sensitivity_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
     if config.data_capacity is not None:
         raise ValueError("`model.config.data_capacity` must be None: causal models route by token choice only.")
     return num_mlp_experts
+
+
+def _budget_fields(attention_top_k, mlp_top_k) -> dict:
+    """Config fields of uniform (int) or per-layer (list) top-k."""
+    fields = {}
+    for name, value in (("attention_top_k", attention_top_k), ("mlp_top_k", mlp_top_k)):
+        if isinstance(value, (list, tuple)):
+            fields[name], fields[f"layer_{name}"] = max(value), [int(v) for v in value]
+        else:
+            fields[name], fields[f"layer_{name}"] = value, None
+    return fields
+
+
+def importance_order(importance: torch.Tensor, num_shared: int) -> torch.Tensor:
+    """A permutation of the experts that puts the `num_shared` most important first (most important first) and
+    keeps the others in their order: `(experts,)` importance -> `(experts,)` int64."""
+    experts = importance.shape[0]
+    shared = importance.topk(num_shared).indices if num_shared else importance.new_zeros(0, dtype=torch.long)
+    rest = torch.ones(experts, dtype=torch.bool, device=importance.device)
+    rest[shared] = False
+    return torch.cat([shared, torch.arange(experts, device=importance.device)[rest]])
+
+
+def _permute_attention_groups(
+    state_dict: dict[str, torch.Tensor], prefix: str, order: torch.Tensor, config: UoEConfig
+) -> None:
+    """Reorder the key/value groups of one attention block (their query heads' rows of q_proj, their key/value heads'
+    rows of k_proj / v_proj, their columns of o_proj): a permutation of the heads, exact at full routing."""
+    groups, per_group = attention_expert_groups(config)
+    order = order.cpu()
+    for name, rows in (
+        ("q_proj", per_group * config.head_dim),
+        ("k_proj", config.head_dim),
+        ("v_proj", config.head_dim),
+    ):
+        for kind in ("weight", "bias"):
+            key = f"{prefix}self_attn.{name}.{kind}"
+            if key in state_dict:
+                tensor = state_dict[key]
+                state_dict[key] = tensor.reshape(groups, rows, *tensor.shape[1:])[order].reshape(tensor.shape)
+    key = f"{prefix}self_attn.o_proj.weight"
+    weight = state_dict[key]
+    state_dict[key] = weight.reshape(weight.shape[0], groups, -1)[:, order].reshape(weight.shape)
+
+
+@torch.no_grad()
+def block_sensitivity(
+    model: UoEForCausalLM, batches: Iterable[Batch], max_tokens: int = 8192
+) -> dict[tuple[int, str], list[float]]:
+    """Measured cost of each block's budget: the increase of the next-token loss (nats per token, on `batches`) when
+    that block alone selects k routed experts and every other block all of them, for every distinct layer, block
+    (`"attention"`, `"mlp"`) and k in `[1, routed experts]` (k = all routed experts: 0).
+
+    `model`'s weights, routers and shared experts are used as they are; its own top-k are not read. `batches`: as
+    `sparsify`'s, read until `max_tokens` non-padding tokens. The input to `uoe.budgets.allocate_top_k`.
+    """
+    batches = _take_tokens(batches, max_tokens)
+    config = model.config
+    routed = routed_experts(config)
+    layers = config.num_layer_groups or config.num_hidden_layers
+    state_dict = model.state_dict()
+
+    def loss_of(attention: list[int], mlp: list[int]) -> float:
+        candidate = _rebuild(model, state_dict, **_budget_fields(attention, mlp))
+        return _mean_token_loss(candidate, batches)
+
+    full = {"attention": [routed["attention"]] * layers, "mlp": [routed["mlp"]] * layers}
+    base = loss_of(full["attention"], full["mlp"])
+    losses = {}
+    for layer in range(layers):
+        for block in ("attention", "mlp"):
+            values = []
+            for k in range(1, routed[block]):
+                budget = {name: list(entries) for name, entries in full.items()}
+                budget[block][layer] = k
+                values.append(loss_of(budget["attention"], budget["mlp"]) - base)
+            losses[(layer, block)] = [*values, 0.0]
+    return losses
+
+
+def _take_tokens(batches: Iterable[Batch], max_tokens: int) -> list[Batch]:
+    """The first batches of `batches` up to `max_tokens` non-padding tokens (the last one whole)."""
+    taken, seen = [], 0
+    for batch in batches:
+        input_ids, attention_mask = _batch_inputs(batch)
+        taken.append(batch)
+        seen += int(input_ids.numel() if attention_mask is None else attention_mask.sum())
+        if seen >= max_tokens:
+            break
+    if not taken:
+        raise ValueError("`calibration_batches` yielded no batches.")
+    return taken
+
+
+def _mean_token_loss(model: UoEForCausalLM, batches: list[Batch]) -> float:
+    total, count = 0.0, 0
+    for batch in batches:
+        input_ids, attention_mask = _batch_inputs(batch)
+        input_ids = input_ids.to(model.device)
+        mask = None if attention_mask is None else attention_mask.to(model.device)
+        keep = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        loss, tokens = _token_loss(logits, input_ids, keep)
+        total, count = total + loss, count + tokens
+    if count == 0:
+        raise ValueError("`calibration_batches` yielded no next-token targets.")
+    return total / count
+
+
+def _dense_reference(
+    model: UoEForCausalLM, state_dict: dict[str, torch.Tensor], num_mlp_experts: int
+) -> UoEForCausalLM:
+    """`state_dict`'s weights at full routing without shared experts (the dense function with the sparse model's
+    grouping and expert order); its routers (whose shapes then differ) are zeros, as at full routing they select
+    every expert whatever they hold."""
+    num_groups, _ = attention_expert_groups(model.config)
+    weights = dict(state_dict)
+    for name in list(weights):
+        if name.endswith("self_attn.router.weight"):
+            weights[name] = weights[name].new_zeros(num_groups, weights[name].shape[1])
+        elif name.endswith("mlp.router.weight"):
+            weights[name] = weights[name].new_zeros(num_mlp_experts, weights[name].shape[1])
+    return _rebuild(
+        model,
+        weights,
+        num_mlp_experts=num_mlp_experts,
+        attention_top_k=num_groups,
+        mlp_top_k=num_mlp_experts,
+        layer_attention_top_k=None,
+        layer_mlp_top_k=None,
+        routing_backend="masked",
+    )
 
 
 @torch.no_grad()
@@ -626,13 +817,18 @@ def sparsify(
     model: UoEForCausalLM,
     calibration_batches: Iterable[Batch],
     *,
-    attention_top_k: int,
-    mlp_top_k: int,
+    attention_top_k: int | list[int] | None = None,
+    mlp_top_k: int | list[int] | None = None,
+    flops_budget: float | None = None,
+    budget_seq_len: int | None = None,
     num_mlp_experts: int | None = None,
+    num_shared_attention_groups: int = 0,
+    num_shared_mlp_experts: int = 0,
     held_out_batches: Iterable[Batch] | None = None,
     cluster_mlp: bool = True,
     fit_routers: bool = True,
     max_calibration_tokens: int = 16384,
+    sensitivity_tokens: int = 8192,
     kmeans_iterations: int = 30,
     ridge: float = 1e-3,
     attention_consistency: float = 3.0,
@@ -646,18 +842,34 @@ def sparsify(
     (`fit_routers`); see the module docstring. With both off, the result is the naive baseline: the contiguous
     split and `model`'s own routers (fresh random ones where `num_mlp_experts` changes their shape).
 
+    The budget is either given (`attention_top_k`, `mlp_top_k`: one value for every layer or a list with one per
+    layer) or chosen (`flops_budget`): every block's loss increase at each top-k is measured
+    (`block_sensitivity`, on the first `sensitivity_tokens` calibration tokens, after the clustering and the router
+    fit) and `uoe.budgets.allocate_top_k` picks the per-layer top-k with the least summed increase whose active FLOPs
+    (`uoe.estimate_flops_per_token` at `budget_seq_len`) are at most `flops_budget` times the dense FLOPs.
+
+    Shared experts (`num_shared_attention_groups`, `num_shared_mlp_experts`) are chosen per layer by measured
+    importance: the groups / experts with the largest mean contribution `||y_e(t)||` on the calibration tokens are
+    moved to the front (a permutation, exact at full routing) and become every token's; the routers score the others.
+
     Args:
-        model: a `UoEForCausalLM`.
+        model: a `UoEForCausalLM` without shared experts.
         calibration_batches: `input_ids` tensors `(batch, seq)` or mappings with `input_ids` (and optionally
             `attention_mask`; padding is left out of the statistics). Read until `max_calibration_tokens`.
-        attention_top_k: attention experts (key/value groups) each token selects, in `[1, G]`.
-        mlp_top_k: MLP experts each token selects, in `[1, num_mlp_experts]`.
+        attention_top_k: routed attention experts (key/value groups) each token selects: an int in `[1, G - shared]`
+            or one per layer; `None` with `flops_budget`.
+        mlp_top_k: routed MLP experts each token selects, likewise in `[1, num_mlp_experts - shared]`.
+        flops_budget: the active FLOPs per token allowed, as a fraction of the dense model's, in (0, 1]; chooses the
+            per-layer top-k (then `attention_top_k` and `mlp_top_k` must be None).
+        budget_seq_len: sequence length the FLOPs are counted at; default: the first calibration batch's length.
         num_mlp_experts: experts the MLP hidden units are regrouped into (must divide `intermediate_size`);
             default: `model`'s.
+        num_shared_attention_groups, num_shared_mlp_experts: shared experts per block, chosen by importance.
         held_out_batches: data for `retention_report` (same formats); `None` skips the report.
         cluster_mlp: regroup the hidden units by balanced k-means on their activation patterns.
         fit_routers: fit every router to the per-token expert contributions.
         max_calibration_tokens: non-padding tokens the statistics use.
+        sensitivity_tokens: non-padding calibration tokens the budget measurements use.
         kmeans_iterations: iterations of the balanced k-means.
         ridge: relative ridge of the router fit (`fit_router`).
         attention_consistency: `consistency` of the attention routers' fit. A group only sees the keys of tokens
@@ -668,69 +880,115 @@ def sparsify(
 
     Returns:
         `(sparse_model, report)`: a new `UoEForCausalLM` in eval mode with the new top-k and MLP grouping, and the
-        `SparsifyReport` on `held_out_batches` (or `None`).
+        `SparsifyReport` on `held_out_batches` (or `None`); with `flops_budget` the report's `budget` holds the
+        measurements and the choice (`uoe.budgets.BudgetAllocation`).
     """
     num_mlp_experts = _check_sparsify_arguments(
-        model, attention_top_k, mlp_top_k, num_mlp_experts, max_calibration_tokens
+        model,
+        attention_top_k,
+        mlp_top_k,
+        flops_budget,
+        num_mlp_experts,
+        num_shared_attention_groups,
+        num_shared_mlp_experts,
+        max_calibration_tokens,
+        sensitivity_tokens,
     )
     config = model.config
     num_groups, _ = attention_expert_groups(config)
+    calibration_batches = list(calibration_batches)
     # The dense function: the same weights with every expert selected.
+    full_routing = dict(layer_attention_top_k=None, layer_mlp_top_k=None, routing_backend="masked")
     dense = _rebuild(
-        model,
-        model.state_dict(),
-        attention_top_k=num_groups,
-        mlp_top_k=config.num_mlp_experts,
-        routing_backend="masked",
+        model, model.state_dict(), attention_top_k=num_groups, mlp_top_k=config.num_mlp_experts, **full_routing
     )
     state_dict = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     regroup = cluster_mlp or num_mlp_experts != config.num_mlp_experts
-    stats = _collect(dense, calibration_batches, max_calibration_tokens) if (cluster_mlp or fit_routers) else None
+    shared = num_shared_attention_groups or num_shared_mlp_experts
+    needs_stats = cluster_mlp or fit_routers or shared
+    stats = _collect(dense, calibration_batches, max_calibration_tokens) if needs_stats else None
     generator = torch.Generator().manual_seed(seed)
+
+    def random_router(rows: int, like: torch.Tensor) -> torch.Tensor:
+        weight = torch.empty(rows, config.hidden_size).normal_(0.0, config.initializer_range, generator=generator)
+        return weight.to(like)
 
     for index, layer in enumerate(dense.model.layers):
         prefix = f"model.layers.{index}."
         flat = _flat_mlp(_expert_tensors(layer.mlp.experts))
         act_fn = layer.mlp.experts.act_fn
-        if regroup:
-            order = torch.arange(flat["down"].shape[1], device=flat["down"].device)  # the contiguous split
-            if cluster_mlp:
-                activations = _unit_activations(flat, act_fn, stats["mlp_in"][index])
-                order = cluster_mlp_units(
-                    activations, flat["down"], num_mlp_experts, iterations=kmeans_iterations, generator=generator
-                ).to(order.device)
+        units = flat["down"].shape[1]
+        order = torch.arange(units, device=flat["down"].device)  # the contiguous split
+        if cluster_mlp:
+            activations = _unit_activations(flat, act_fn, stats["mlp_in"][index])
+            order = cluster_mlp_units(
+                activations, flat["down"], num_mlp_experts, iterations=kmeans_iterations, generator=generator
+            ).to(order.device)
+        if num_shared_mlp_experts:
+            # the most important experts (largest mean contribution) first: they become the shared ones
+            regrouped = {name: t[order] if name != "down" else t[:, order] for name, t in flat.items()}
+            sizes = _expert_outputs(regrouped, act_fn, stats["mlp_in"][index], num_mlp_experts).norm(dim=-1)
+            experts = importance_order(sizes.mean(0), num_shared_mlp_experts).to(order.device)
+            order = order.view(num_mlp_experts, -1)[experts].reshape(-1)
+        if regroup or num_shared_mlp_experts:
             flat = {name: tensor[order] if name != "down" else tensor[:, order] for name, tensor in flat.items()}
             dtype = state_dict[prefix + "mlp.experts.down_proj"].dtype
             for name, tensor in _stacked_mlp(flat, num_mlp_experts).items():
                 state_dict[prefix + "mlp.experts." + name] = tensor.to(dtype)
-            if not fit_routers and num_mlp_experts != config.num_mlp_experts:
-                router = torch.empty(num_mlp_experts, config.hidden_size).normal_(
-                    0.0, config.initializer_range, generator=generator
-                )
-                state_dict[prefix + "mlp.router.weight"] = router.to(layer.mlp.router.weight)
+        attention_sizes = None if stats is None else stats["attn_c"][index]
+        if num_shared_attention_groups:
+            groups = importance_order(attention_sizes.mean(0), num_shared_attention_groups)
+            _permute_attention_groups(state_dict, prefix, groups, config)
+            attention_sizes = attention_sizes[:, groups.to(attention_sizes.device)]
         if fit_routers:
             attention_router = fit_router(
-                stats["attn_in"][index], stats["attn_c"][index], ridge, consistency=attention_consistency
+                stats["attn_in"][index],
+                attention_sizes[:, num_shared_attention_groups:],
+                ridge,
+                consistency=attention_consistency,
             )
             state_dict[prefix + "self_attn.router.weight"] = attention_router.to(layer.self_attn.router.weight)
             sizes = _expert_outputs(flat, act_fn, stats["mlp_in"][index], num_mlp_experts).norm(dim=-1)
-            mlp_router = fit_router(stats["mlp_in"][index], sizes, ridge)
+            mlp_router = fit_router(stats["mlp_in"][index], sizes[:, num_shared_mlp_experts:], ridge)
             state_dict[prefix + "mlp.router.weight"] = mlp_router.to(layer.mlp.router.weight)
+        else:
+            if num_shared_attention_groups:
+                rows = num_groups - num_shared_attention_groups
+                state_dict[prefix + "self_attn.router.weight"] = random_router(rows, layer.self_attn.router.weight)
+            if num_mlp_experts != config.num_mlp_experts or num_shared_mlp_experts:
+                rows = num_mlp_experts - num_shared_mlp_experts
+                state_dict[prefix + "mlp.router.weight"] = random_router(rows, layer.mlp.router.weight)
 
-    sparse = _rebuild(
-        model,
-        state_dict,
-        attention_top_k=attention_top_k,
-        mlp_top_k=mlp_top_k,
+    layout = dict(
         num_mlp_experts=num_mlp_experts,
+        num_shared_attention_groups=num_shared_attention_groups,
+        num_shared_mlp_experts=num_shared_mlp_experts,
     )
-    report = None if held_out_batches is None else retention_report(sparse, dense, held_out_batches)
+    allocation = None
+    if flops_budget is not None:
+        routed_groups = num_groups - num_shared_attention_groups
+        probe = _rebuild(
+            model, state_dict, **layout, **_budget_fields(routed_groups, num_mlp_experts - num_shared_mlp_experts)
+        )
+        losses = block_sensitivity(probe, calibration_batches, sensitivity_tokens)
+        seq_len = budget_seq_len or int(_batch_inputs(calibration_batches[0])[0].shape[-1])
+        allocation = allocate_top_k(probe.config, losses, flops_budget, seq_len)
+        attention_top_k, mlp_top_k = allocation.layer_attention_top_k, allocation.layer_mlp_top_k
+    sparse = _rebuild(model, state_dict, **layout, **_budget_fields(attention_top_k, mlp_top_k))
+    report = None
+    if held_out_batches is not None:
+        # the reference: the regrouped (and permuted) weights at full routing, so that expert ids agree
+        reference = _dense_reference(model, state_dict, num_mlp_experts)
+        report = retention_report(sparse, reference, held_out_batches)
+        report.budget = allocation
     return sparse, report
 
 
 __all__ = [
     "BlockRetention",
     "SparsifyReport",
+    "block_sensitivity",
+    "importance_order",
     "attention_expert_groups",
     "attention_group_outputs",
     "balanced_assignment",
