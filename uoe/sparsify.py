@@ -639,6 +639,7 @@ def _check_sparsify_arguments(
     num_shared_mlp_experts,
     max_calibration_tokens: int,
     sensitivity_tokens: int,
+    refit_ridge: float,
 ) -> int:
     """Raise a `ValueError` naming the first invalid argument of `sparsify`; return `num_mlp_experts` resolved."""
     if not isinstance(model, UoEForCausalLM):
@@ -675,6 +676,8 @@ def _check_sparsify_arguments(
     for name, value in (("max_calibration_tokens", max_calibration_tokens), ("sensitivity_tokens", sensitivity_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    if isinstance(refit_ridge, bool) or not isinstance(refit_ridge, (int, float)) or not 0 < refit_ridge < math.inf:
+        raise ValueError(f"`refit_ridge` must be a finite number > 0, got {refit_ridge!r}.")
     if config.data_capacity is not None:
         raise ValueError("`model.config.data_capacity` must be None: causal models route by token choice only.")
     return num_mlp_experts
@@ -787,6 +790,121 @@ def _mean_token_loss(model: UoEForCausalLM, batches: list[Batch]) -> float:
     return total / count
 
 
+def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, weight: torch.Tensor, ridge: float) -> torch.Tensor:
+    """`argmin_W' ||Z W'^T - Y||² + λ ||W' - W||²` from `gram = Z^T Z`, `cross = Y^T Z` (float64), with
+    `λ = ridge * mean(diag(gram))`: `W' = (cross + λ W)(gram + λ I)^-1`."""
+    strength = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + strength * eye, (cross + strength * weight.double()).T).T
+
+
+@torch.no_grad()
+def refit_outputs(
+    model: UoEForCausalLM,
+    reference: UoEForCausalLM,
+    batches: Iterable[Batch],
+    max_tokens: int = 16384,
+    ridge: float = 0.05,
+) -> None:
+    """Least-squares compensation of the sparse routing, in place: every layer's `o_proj` and MLP `down_proj` of
+    `model` are refitted so that the block's output on the dense model's input to it (teacher forcing) is as close as
+    possible to `reference`'s (the full-routing model with `model`'s grouping and expert order) on `batches`.
+
+    For a block with input activations `z(t)` (the selected heads' outputs, unselected ones 0; the selected experts'
+    hidden units times their gates, the others 0) and dense output `y(t)`, the new output weight is
+    `argmin_W' Σ_t ||W' z(t) - y(t)||² + λ ||W' - W||²` (ridge toward the current weight `W`, `λ = ridge · mean
+    eigenvalue of Σ z zᵀ`), accumulated in float64 over up to `max_tokens` non-padding tokens. A linear map of the
+    heads (units) a token kept can then stand in for part of what the dropped ones added. Output biases stay.
+    """
+    layers = len(model.model.layers)
+    sums = {}
+    state: dict = {}
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1])[state["keep"]].double()
+
+    def add(key, z: torch.Tensor, y: torch.Tensor) -> None:
+        gram, cross = sums.get(key, (0.0, 0.0))
+        sums[key] = (gram + z.T @ z, cross + y.T @ z)
+
+    with _Hooks() as hooks, _MaskedAttention(reference), _MaskedAttention(model):
+        for index in range(layers):
+            dense_layer, layer = reference.model.layers[index], model.model.layers[index]
+
+            def save(name, index=index):
+                return lambda module, args, *output: state.__setitem__((name, index), output[0] if output else args)
+
+            hooks.pre(dense_layer.self_attn, save("attention_in"))
+            hooks.post(dense_layer.self_attn, save("attention_out"))
+            hooks.pre(dense_layer.mlp, save("mlp_in"))
+            hooks.post(dense_layer.mlp, save("mlp_out"))
+
+            def forced(module, args, index=index):
+                name = "attention_in" if module is model.model.layers[index].self_attn else "mlp_in"
+                return (state[(name, index)][0], *args[1:]) if state["forced"] else None
+
+            hooks.pre(layer.self_attn, forced)
+            hooks.pre(layer.mlp, forced)
+            hooks.pre(layer.self_attn.o_proj, save("heads"))
+            hooks.pre(layer.mlp.experts, save("experts"))
+        seen = 0
+        for batch in batches:
+            input_ids, attention_mask = _batch_inputs(batch)
+            device = model.device
+            keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            state["keep"] = keep.reshape(-1).to(device)
+            inputs = dict(
+                input_ids=input_ids.to(device),
+                attention_mask=None if attention_mask is None else attention_mask.to(device),
+                use_cache=False,
+            )
+            state["forced"] = False
+            reference(**inputs)
+            state["forced"] = True
+            model(**inputs)
+            for index in range(layers):
+                layer = model.model.layers[index]
+                bias = layer.self_attn.o_proj.bias
+                target = flat(state[("attention_out", index)][0] if isinstance(state[("attention_out", index)], tuple)
+                              else state[("attention_out", index)])  # fmt: skip
+                add(
+                    (index, "attention"),
+                    flat(state[("heads", index)][0]),
+                    target - (0 if bias is None else bias.double()),
+                )
+                hidden, top_index, top_weights = state[("experts", index)][:3]
+                experts = layer.mlp.experts
+                flat_mlp = _flat_mlp(_expert_tensors(experts))
+                gates = dense_gates_of(top_index, top_weights, experts.num_experts)  # (tokens, experts)
+                units = _unit_activations(flat_mlp, experts.act_fn, hidden.float())
+                units = units * gates.repeat_interleave(units.shape[1] // experts.num_experts, dim=1)
+                mlp_out = state[("mlp_out", index)]
+                target = flat(mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out)
+                if layer.mlp.output_bias is not None:
+                    target = target - layer.mlp.output_bias.double()
+                add((index, "mlp"), units.double()[state["keep"]], target)
+            seen += int(state["keep"].sum())
+            if seen >= max_tokens:
+                break
+    for index in range(layers):
+        layer = model.model.layers[index]
+        o_proj = layer.self_attn.o_proj
+        gram, cross = sums[(index, "attention")]
+        o_proj.weight.copy_(_ridge_solve(gram, cross, o_proj.weight, ridge).to(o_proj.weight))
+        experts = layer.mlp.experts
+        down = experts.down_proj  # (E, hidden, I/E)
+        flat_down = down.permute(1, 0, 2).reshape(down.shape[1], -1)
+        gram, cross = sums[(index, "mlp")]
+        new = _ridge_solve(gram, cross, flat_down, ridge).to(down)
+        down.copy_(new.reshape(down.shape[1], down.shape[0], -1).transpose(0, 1))
+
+
+def dense_gates_of(top_index: torch.Tensor, top_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`(tokens, experts)` gate of every expert: the selected ones' weights, 0 elsewhere."""
+    gates = torch.zeros(*top_index.shape[:-1], num_experts, dtype=torch.float32, device=top_index.device)
+    return gates.scatter_add(-1, top_index.long(), top_weights.float())
+
+
 def _dense_reference(
     model: UoEForCausalLM, state_dict: dict[str, torch.Tensor], num_mlp_experts: int
 ) -> UoEForCausalLM:
@@ -832,6 +950,8 @@ def sparsify(
     kmeans_iterations: int = 30,
     ridge: float = 1e-3,
     attention_consistency: float = 3.0,
+    refit_output_weights: bool = False,
+    refit_ridge: float = 0.05,
     seed: int = 0,
 ) -> tuple[UoEForCausalLM, SparsifyReport | None]:
     """Turn a UoE causal LM into a sparse one that starts close to its full-routing (dense) function.
@@ -876,6 +996,10 @@ def sparsify(
             that also selected it, so attention keeps more of the dense output when tokens agree on their groups
             (measured on a small trained Llama with half the groups: kept 0.27 at 0 -> 0.45 at 3, flat to 10;
             the MLP, without that coupling, is best at 0).
+        refit_output_weights: after the routing is fixed, refit every `o_proj` and MLP `down_proj` by ridge least
+            squares so that each sparse block's output on the dense input approaches the dense output
+            (`refit_outputs`, on the calibration tokens). The model is then no longer exact at full routing.
+        refit_ridge: the relative ridge of that refit (toward the dense weights).
         seed: seed of the k-means initialisation and of newly initialised routers.
 
     Returns:
@@ -893,6 +1017,7 @@ def sparsify(
         num_shared_mlp_experts,
         max_calibration_tokens,
         sensitivity_tokens,
+        refit_ridge,
     )
     config = model.config
     num_groups, _ = attention_expert_groups(config)
@@ -975,10 +1100,12 @@ def sparsify(
         allocation = allocate_top_k(probe.config, losses, flops_budget, seq_len)
         attention_top_k, mlp_top_k = allocation.layer_attention_top_k, allocation.layer_mlp_top_k
     sparse = _rebuild(model, state_dict, **layout, **_budget_fields(attention_top_k, mlp_top_k))
+    # the reference: the regrouped (and permuted) weights at full routing, so that expert ids agree
+    reference = _dense_reference(model, state_dict, num_mlp_experts)
+    if refit_output_weights:
+        refit_outputs(sparse, reference, calibration_batches, max_calibration_tokens, refit_ridge)
     report = None
     if held_out_batches is not None:
-        # the reference: the regrouped (and permuted) weights at full routing, so that expert ids agree
-        reference = _dense_reference(model, state_dict, num_mlp_experts)
         report = retention_report(sparse, reference, held_out_batches)
         report.budget = allocation
     return sparse, report
@@ -989,6 +1116,7 @@ __all__ = [
     "SparsifyReport",
     "block_sensitivity",
     "importance_order",
+    "refit_outputs",
     "attention_expert_groups",
     "attention_group_outputs",
     "balanced_assignment",
