@@ -140,6 +140,8 @@ def test_distilled_run_under_a_flops_budget(upcycle_run, tmp_path):
     assert tuned["token_loss"] == pytest.approx(loss_of(model, blocks), rel=1e-5)
     assert results["sparsify_report"]["budget"]["active_fraction"] <= 0.7
     assert "distilled from the dense model" in (Path(results["checkpoint"]) / "README.md").read_text()
+    # the data-init fine-tune logged DistillationTrainer's terms (the random-init one is plain CE)
+    assert "'distill_kl'" in stdout and "'distill_ce'" in stdout
 
 
 @pytest.mark.slow
