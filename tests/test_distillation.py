@@ -306,6 +306,9 @@ def test_distilled_finetune_moves_the_student_toward_the_teacher(peft, tmp_path)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all("distill_kl" in entry and "distill_blocks" in entry for entry in logs)
+    logged = dict(trainer._logged)
+    metrics = trainer.evaluate(Blocks(8))  # Trainer's evaluation runs the same loss, outside the training logs
+    assert math.isfinite(metrics["eval_loss"]) and trainer._logged == logged
     after = teacher_student_kl(student.eval(), teacher, held_out)
     print(f"KL before {before:.4f}, after {after:.4f}")
     assert before > 0.1 and math.isfinite(after)

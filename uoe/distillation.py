@@ -288,8 +288,9 @@ class DistillationTrainer(Trainer):
         router_loss = self._router_loss(model, outputs)
         if router_loss is not None:
             loss = loss + router_loss * share
-        for name, value in terms.items():
-            self._logged.setdefault(name, []).append(float(value.detach()))
+        if model.training:  # evaluation batches do not enter the training logs
+            for name, value in terms.items():
+                self._logged.setdefault(name, []).append(float(value.detach()))
         # tell `training_step` whether the loss is already normalised for gradient accumulation
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
