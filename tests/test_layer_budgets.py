@@ -149,6 +149,28 @@ def test_cached_decoding_with_budgets_equals_the_full_pass(backend):
     assert float((cached[real] - expected[real]).abs().max() / expected[real].abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_cache_generation_with_budgets_equals_the_full_pass(backend):
+    """Greedy generation with the static cache (fixed-size routing buffers) on a model whose layers select different
+    numbers of groups and experts: every step's logits are the full forward's at that position (1e-4).
+
+    Planted bug it catches (gathered path): the gathered decode step sizing its selection by the config's default
+    `attention_top_k` instead of the layer's own (so does the dynamic-cache test above)."""
+    model = tiny_model(7, routing_backend=backend, pad_token_id=0, **BUDGETS)
+    ids = torch.randint(1, 61, (2, 36), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="static",
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        full_mask = torch.cat([mask, torch.ones(2, out.sequences.shape[1] - 36, dtype=mask.dtype)], 1)
+        full = model(out.sequences, attention_mask=full_mask, use_cache=False).logits
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, full[:, 35 + step], rtol=1e-4, atol=1e-4)
+
+
 def test_triton_backend_with_budgets_matches_masked(monkeypatch):
     """Logits, loss and every gradient through the SMHA and UoME kernels (float32, interpreter) against the masked
     path, whose function the reference test pins; the kernels are counted so that a silent fallback fails."""
