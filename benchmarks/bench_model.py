@@ -21,10 +21,11 @@ Models per shape (`--models`, `--backends`):
   norms, embeddings, LM head, Mixtral's dense attention) in full; counted on the meta device, where they are linear
   in the width. Its experts run transformers' `grouped_mm` where the width allows it (the row stride of the
   `down_proj` must be a multiple of 16 bytes), else `eager` (`--mixtral_experts`).
-- `uoe-<backend>`: `uoe.UoEForCausalLM` once per routing backend of `("masked", "gathered", "triton")` that
-  `uoe.configuration_uoe.ROUTING_BACKENDS` offers and that can run here (`triton`: a CUDA device and Triton
-  installed); the others are skipped with a printed note. `masked` computes every head and expert (the readable
-  reference), `gathered` only the selected pairs (the CPU default), `triton` the kernels (the CUDA default).
+- `uoe-<backend>`: `uoe.UoEForCausalLM` once per routing backend of `("auto", "masked", "gathered", "triton")`
+  that `uoe.configuration_uoe.ROUTING_BACKENDS` offers and that can run here (`triton`: a CUDA device and Triton
+  installed); the others are skipped with a printed note. `auto` is what a user gets by default (on CPU the gathered
+  path, with decode steps and short sequences attending masked; on CUDA the kernels), `masked` computes every head
+  and expert (the readable reference), `gathered` only the selected pairs everywhere, `triton` the kernels.
 
 Measured per model, interleaved (after `--warmup` rounds, every repeat runs each model once in turn; the median over
 `--repeats` is reported, with the range over the repeats as the spread):
@@ -82,7 +83,7 @@ import harness  # noqa: E402  (benchmarks/harness.py)
 from baseline_flops import analytic_flops_per_token  # noqa: E402
 
 MODELS = ("llama", "mixtral", "uoe")
-BACKENDS = ("masked", "gathered", "triton")
+BACKENDS = ("auto", "masked", "gathered", "triton")
 DECODE_MODES = ("dynamic", "static", "compiled", "generate")
 MIXTRAL_TOP_K = 2
 SECTION_PREFIX = "## Whole-model benchmark (bench_model.py"

@@ -22,7 +22,7 @@ OTHER_SECTIONS = "# Benchmarks\n\n## LM comparison (compare_lm.py)\n\nLM table s
 
 def expected_uoe_rows() -> list[str]:
     """The UoE rows a CPU run must have (the triton backend needs CUDA)."""
-    return ["uoe-masked", "uoe-gathered"]
+    return ["uoe-auto", "uoe-masked", "uoe-gathered"]
 
 
 @pytest.mark.slow
