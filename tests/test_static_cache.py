@@ -11,7 +11,7 @@ from transformers import DynamicCache, StaticCache
 import uoe
 from uoe.cache_uoe import UoEStaticCacheLayer
 
-from .helpers import tiny_model
+from .helpers import returned_cache, tiny_model
 from .test_inputs import HostReads
 
 BACKENDS = ["masked", "gathered"]
@@ -139,6 +139,29 @@ def test_a_compiled_decode_step_is_one_graph_for_every_length(backend):
         torch.testing.assert_close(compiled_step, eager_step, rtol=1e-5, atol=1e-5)
     reference = full_logits(model, sequences, mask)
     torch.testing.assert_close(eager_logits[-1], reference[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_compiles_the_decode_step_by_itself_with_the_static_cache():
+    """`generate(cache_implementation="static")` compiles the decode step on its own (transformers'
+    `test_generate_compile_model_forward` rule, forced on CPU with `_compile_all_devices`), in one graph, and gives the eager dynamic
+    cache's tokens and scores; the dynamic cache is not compiled."""
+    from transformers import CompileConfig
+
+    torch.compiler.reset()
+    model = model_on("auto")
+    model.generation_config.compile_config = CompileConfig(fullgraph=True, backend="aot_eager")
+    model.generation_config.compile_config._compile_all_devices = True
+    ids, mask = prompt()
+    options = dict(do_sample=False, max_new_tokens=NEW, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        dynamic = model.generate(ids, attention_mask=mask, **options)
+        assert not hasattr(model, "_compiled_call")
+        static = model.generate(ids, attention_mask=mask, cache_implementation="static", **options)
+    assert hasattr(model, "_compiled_call")
+    assert isinstance(returned_cache(static), StaticCache) and returned_cache(static).is_compileable
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for static_scores, dynamic_scores in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(static_scores, dynamic_scores, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
