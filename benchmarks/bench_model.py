@@ -580,6 +580,10 @@ def run_shape(shape: Shape, index: int, args: argparse.Namespace, device: torch.
     for entry in entries:  # free this shape's models before the next one
         entry.model = entry.optimizer = None
         entry.compiled = {}
+    if "compiled" in args.decode_mode_list:
+        # each shape and batch size compiles the same forward again: without a reset the third shape reaches
+        # dynamo's recompile limit (8 per code object) and `fullgraph=True` turns that into an error
+        torch._dynamo.reset()
     release_memory(device)
     return {
         "shape": dataclasses.asdict(shape),
