@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_clm.py sits next
 from run_clm import TokenBlocks, encode, train_bpe_tokenizer, unigram_perplexity  # noqa: E402
 
 from uoe import UoEForCausalLM, estimate_flops_per_token  # noqa: E402
+from uoe.budgets import uniform_options  # noqa: E402
 from uoe.data import read_text, write_train_validation_split  # noqa: E402
 from uoe.distillation import DistillationTrainer  # noqa: E402
 from uoe.model_card import write_model_card  # noqa: E402
@@ -453,16 +454,12 @@ def nearest_uniform(full: UoEForCausalLM, target: float, seq_len: int) -> tuple[
     """The uniform `(attention_top_k, mlp_top_k)` whose active FLOPs fraction is nearest to `target` (ties: the
     more balanced one), with that fraction."""
     config = full.config
-    candidates = []
-    for a in range(1, config.num_key_value_heads + 1):
-        for m in range(1, config.num_mlp_experts + 1):
-            changed = type(config).from_dict({**config.to_dict(), "attention_top_k": a, "mlp_top_k": m})
-            estimate = estimate_flops_per_token(changed, seq_len)
-            fraction = estimate.active / estimate.dense
-            balance = abs(a / config.num_key_value_heads - m / config.num_mlp_experts)
-            candidates.append((abs(fraction - target), balance, a, m, fraction))
-    _, _, a, m, fraction = min(candidates)
-    return a, m, fraction
+
+    def distance(option: tuple[int, int, float]) -> tuple[float, float]:
+        a, m, fraction = option
+        return abs(fraction - target), abs(a / config.num_key_value_heads - m / config.num_mlp_experts)
+
+    return min(uniform_options(config, seq_len), key=distance)
 
 
 def study_init(kind: str, full, dense, setup: dict, args, level: dict, seed: int):

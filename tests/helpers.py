@@ -92,3 +92,23 @@ def count_kernel_calls(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(kernels_smha, "selective_attention", counted("attention", kernels_smha.selective_attention))
     monkeypatch.setattr(modeling, "uoe_triton_experts_forward", counted("experts", modeling.uoe_triton_experts_forward))
     return calls
+
+
+def chunked_decoding_error(model) -> float:
+    """Largest relative error of cached decoding against the full pass on two sequences of 13 tokens (the second
+    left-padded by 3): a 7-token prefill, a 2-token chunk, then single tokens; over the non-padding positions."""
+    input_ids = torch.randint(0, 61, (2, 13), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=mask).logits
+        out = model(input_ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+        logits = [out.logits]
+        for start, end in ((7, 9), (9, 10), (10, 11), (11, 12), (12, 13)):
+            out = model(
+                input_ids[:, start:end], attention_mask=mask[:, :end], cache=returned_cache(out), use_cache=True
+            )
+            logits.append(out.logits)
+    real = mask.bool()
+    cached = torch.cat(logits, dim=1)[real]
+    return float((cached - expected[real]).abs().max() / expected[real].abs().max())

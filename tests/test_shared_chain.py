@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from uoe import UoEConfig, UoEForCausalLM, UoERouterStatsCallback, estimate_flops_per_token
 from uoe.modeling_uoe import UoERouter, select_experts
 
-from .helpers import count_kernel_calls, require_triton, returned_cache, tiny_config, tiny_model
+from .helpers import chunked_decoding_error, count_kernel_calls, require_triton, returned_cache, tiny_config, tiny_model
 from .reference_uoe import reference_logits
 from .remote_code import logits_without_uoe
 
@@ -359,21 +359,7 @@ def test_chain_of_two_equals_two_blocks_applied_by_hand(shared):
 )
 def test_cached_decoding_equals_the_full_pass(overrides, backend):
     model = tiny_model(6, routing_backend=backend, **overrides)
-    input_ids = torch.randint(0, 61, (2, 13), generator=torch.Generator().manual_seed(10))
-    mask = torch.ones_like(input_ids)
-    mask[1, :3] = 0
-    with torch.no_grad():
-        expected = model(input_ids, attention_mask=mask).logits
-        out = model(input_ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
-        logits = [out.logits]
-        for start, end in ((7, 9), (9, 10), (10, 11), (11, 12), (12, 13)):  # a chunk, then single tokens
-            out = model(
-                input_ids[:, start:end], attention_mask=mask[:, :end], cache=returned_cache(out), use_cache=True
-            )
-            logits.append(out.logits)
-    cached = torch.cat(logits, dim=1)
-    real = mask.bool()
-    assert max_rel_error(cached[real], expected[real]) <= 1e-5
+    assert chunked_decoding_error(model) <= 1e-5
 
 
 def test_save_and_remote_code_load(tmp_path):

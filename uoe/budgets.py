@@ -122,7 +122,7 @@ def allocate_top_k(
     keys = [(layer, block) for layer in range(layers) for block in BLOCKS]
     dense = estimate_flops_per_token(config, seq_len)
     # the fixed part (routers, LM head): the estimate at top-k 1 everywhere minus the blocks' costs there
-    minimal = _with_budgets(config, [1] * layers, [1] * layers)
+    minimal = _with_top_k(config, [1] * layers, [1] * layers)
     fixed = estimate_flops_per_token(minimal, seq_len).active - sum(costs[key][0] for key in keys)
     budget = flops_budget * dense.dense
     room = budget - fixed
@@ -146,7 +146,7 @@ def allocate_top_k(
     # from the DP's in the last bits)
     for _, loss, choice in sorted(states, key=lambda s: s[1]):
         attention, mlp = list(choice[0::2]), list(choice[1::2])
-        estimate = estimate_flops_per_token(_with_budgets(config, attention, mlp), seq_len)
+        estimate = estimate_flops_per_token(_with_top_k(config, attention, mlp), seq_len)
         if estimate.active <= budget:
             return BudgetAllocation(
                 layer_attention_top_k=attention,
@@ -161,45 +161,47 @@ def allocate_top_k(
     raise ValueError(f"`flops_budget` ({flops_budget}) cannot be met by any per-layer top-k.")  # pragma: no cover
 
 
-def _with_budgets(config: UoEConfig, attention: list[int], mlp: list[int]) -> UoEConfig:
-    """A copy of `config` with the given per-layer top-k (and the defaults set to their largest entries)."""
-    return type(config).from_dict(
-        {
-            **config.to_dict(),
-            "attention_top_k": max(attention),
-            "mlp_top_k": max(mlp),
-            "layer_attention_top_k": list(attention),
-            "layer_mlp_top_k": list(mlp),
-        }
-    )
+def top_k_fields(attention: int | Sequence[int], mlp: int | Sequence[int]) -> dict:
+    """Config fields of uniform (an integer) or per-layer (a list; the default then its largest entry) top-k."""
+    fields = {}
+    for name, value in (("attention_top_k", attention), ("mlp_top_k", mlp)):
+        per_layer = isinstance(value, (list, tuple))
+        fields[name] = max(value) if per_layer else value
+        fields[f"layer_{name}"] = [int(v) for v in value] if per_layer else None
+    return fields
+
+
+def _with_top_k(config: UoEConfig, attention: int | list[int], mlp: int | list[int]) -> UoEConfig:
+    """A copy of `config` with the given top-k (`top_k_fields`)."""
+    return type(config).from_dict({**config.to_dict(), **top_k_fields(attention, mlp)})
+
+
+def uniform_options(config: UoEConfig, seq_len: int) -> list[tuple[int, int, float]]:
+    """Every uniform `(attention_top_k, mlp_top_k)` of `config` with its active FLOPs fraction at `seq_len`."""
+    routed = routed_experts(config)
+    options = []
+    for a in range(1, routed["attention"] + 1):
+        for m in range(1, routed["mlp"] + 1):
+            estimate = estimate_flops_per_token(_with_top_k(config, a, m), seq_len)
+            options.append((a, m, estimate.active / estimate.dense))
+    return options
 
 
 def uniform_top_k_for_budget(config: UoEConfig, flops_budget: float, seq_len: int) -> tuple[int, int, float]:
     """The uniform `(attention_top_k, mlp_top_k)` with the most active FLOPs within `flops_budget` (a fraction of the
     dense FLOPs), and its active fraction; ties go to the larger attention top-k."""
-    routed = routed_experts(config)
-    best = None
-    for a in range(1, routed["attention"] + 1):
-        for m in range(1, routed["mlp"] + 1):
-            estimate = estimate_flops_per_token(_uniform(config, a, m), seq_len)
-            fraction = estimate.active / estimate.dense
-            if fraction <= flops_budget and (best is None or (fraction, a) > (best[2], best[0])):
-                best = (a, m, fraction)
-    if best is None:
+    within = [option for option in uniform_options(config, seq_len) if option[2] <= flops_budget]
+    if not within:
         raise ValueError(f"`flops_budget` ({flops_budget}) is below every uniform top-k.")
-    return best
+    return max(within, key=lambda option: (option[2], option[0]))
 
 
-def _uniform(config: UoEConfig, attention_top_k: int, mlp_top_k: int) -> UoEConfig:
-    return type(config).from_dict(
-        {
-            **config.to_dict(),
-            "attention_top_k": attention_top_k,
-            "mlp_top_k": mlp_top_k,
-            "layer_attention_top_k": None,
-            "layer_mlp_top_k": None,
-        }
-    )
-
-
-__all__ = ["BudgetAllocation", "allocate_top_k", "block_costs", "routed_experts", "uniform_top_k_for_budget"]
+__all__ = [
+    "BudgetAllocation",
+    "allocate_top_k",
+    "block_costs",
+    "routed_experts",
+    "top_k_fields",
+    "uniform_options",
+    "uniform_top_k_for_budget",
+]

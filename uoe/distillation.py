@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -243,7 +243,7 @@ class DistillationTrainer(Trainer):
         if getattr(teacher_model, "hf_device_map", None) is None:
             teacher_model.to(self.args.device)
         teacher_model.eval().requires_grad_(False)
-        self._logged: dict[str, list[float]] = {}
+        self._logged: dict[str, list[torch.Tensor]] = {}
 
     def compute_loss(
         self,
@@ -259,8 +259,8 @@ class DistillationTrainer(Trainer):
         attention_mask = inputs.get("attention_mask")
         teacher_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         match_blocks = self.block_loss_weight > 0
-        student_capture = capture_block_outputs(model) if match_blocks else _nothing()
-        teacher_capture = capture_block_outputs(self.teacher_model) if match_blocks else _nothing()
+        student_capture = capture_block_outputs(model) if match_blocks else nullcontext()
+        teacher_capture = capture_block_outputs(self.teacher_model) if match_blocks else nullcontext()
         with student_capture as student_blocks:
             outputs = model(**inputs, use_cache=False)
         with torch.no_grad(), teacher_capture as teacher_blocks:
@@ -289,8 +289,8 @@ class DistillationTrainer(Trainer):
         if router_loss is not None:
             loss = loss + router_loss * share
         if model.training:  # evaluation batches do not enter the training logs
-            for name, value in terms.items():
-                self._logged.setdefault(name, []).append(float(value.detach()))
+            for name, value in terms.items():  # kept on the device: read back only when logged
+                self._logged.setdefault(name, []).append(value.detach())
         # tell `training_step` whether the loss is already normalised for gradient accumulation
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -312,14 +312,9 @@ class DistillationTrainer(Trainer):
         """Adds the means of the loss terms since the last log (`distill_kl`, `distill_ce`, `distill_blocks`)."""
         if "loss" in logs:
             for name, values in self._logged.items():
-                logs[name] = round(sum(values) / len(values), 6)
+                logs[name] = round(float(torch.stack(values).mean()), 6)
             self._logged = {}
         super().log(logs, start_time)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
 
 
 __all__ = [

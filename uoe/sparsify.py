@@ -25,13 +25,13 @@ k-means iterations and calibration batches).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .budgets import BudgetAllocation, allocate_top_k, routed_experts
+from .budgets import BudgetAllocation, allocate_top_k, routed_experts, top_k_fields
 from .configuration_uoe import UoEConfig
 from .modeling_uoe import UoEForCausalLM
 
@@ -245,6 +245,23 @@ def _batch_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     )
 
 
+def _model_inputs(
+    batches: Iterable[Batch], device: torch.device, max_tokens: int | None = None
+) -> Iterator[tuple[dict, torch.Tensor]]:
+    """`(forward keyword arguments, (batch, seq) bool mask of the non-padding tokens)` of each batch on `device`,
+    stopping after the batch that reaches `max_tokens` non-padding tokens (all batches when `None`)."""
+    seen = 0
+    for batch in batches:
+        input_ids, attention_mask = _batch_inputs(batch)
+        input_ids = input_ids.to(device)
+        attention_mask = None if attention_mask is None else attention_mask.to(device)
+        keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        yield dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False), keep
+        seen += int(keep.sum())
+        if max_tokens is not None and seen >= max_tokens:
+            return
+
+
 class _Hooks:
     """Forward (pre-)hooks that are removed on exit, whatever happens inside."""
 
@@ -328,19 +345,10 @@ def _collect(model: UoEForCausalLM, batches: Iterable[Batch], max_tokens: int) -
             hooks.pre(attention.o_proj, on_o_proj)
             hooks.pre(layer.mlp, on_mlp)
         seen = 0
-        for batch in batches:
-            input_ids, attention_mask = _batch_inputs(batch)
-            device = model.device
-            keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            state["keep"] = keep.reshape(-1).to(device)
-            model(
-                input_ids=input_ids.to(device),
-                attention_mask=None if attention_mask is None else attention_mask.to(device),
-                use_cache=False,
-            )
-            seen += int(state["keep"].sum())
-            if seen >= max_tokens:
-                break
+        for inputs, keep in _model_inputs(batches, model.device, max_tokens):
+            state["keep"] = keep.reshape(-1)
+            model(**inputs)
+            seen += int(keep.sum())
     if seen == 0:
         raise ValueError("`calibration_batches` yielded no (non-padding) tokens.")
     return {key: [torch.cat(parts)[:max_tokens] for parts in per_layer] for key, per_layer in store.items()}
@@ -565,22 +573,17 @@ def retention_report(model: UoEForCausalLM, reference: UoEForCausalLM, batches: 
 
     with _Hooks() as hooks, _MaskedAttention(reference):
         _retention_hooks(hooks, model, reference, state, flat)
-        for batch in batches:
-            input_ids, attention_mask = _batch_inputs(batch)
-            device = reference.device
-            input_ids = input_ids.to(device)
-            mask = None if attention_mask is None else attention_mask.to(device)
-            keep = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        for inputs, keep in _model_inputs(batches, reference.device):
             state["keep"] = keep.reshape(-1)
-            num_tokens += int(state["keep"].sum())
+            num_tokens += int(keep.sum())
             state["forced"] = False
-            dense_logits = reference(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-            sparse_logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            dense_logits = reference(**inputs).logits
+            sparse_logits = model(**inputs).logits
             state["forced"] = True
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            loss, tokens = _token_loss(dense_logits, input_ids, keep)
+            model(**inputs)
+            loss, tokens = _token_loss(dense_logits, inputs["input_ids"], keep)
             dense_loss, count = dense_loss + loss, count + tokens
-            sparse_loss += _token_loss(sparse_logits, input_ids, keep)[0]
+            sparse_loss += _token_loss(sparse_logits, inputs["input_ids"], keep)[0]
 
             _accumulate_retention(sums, model, reference, state, flat, num_groups)
     if count == 0:
@@ -683,17 +686,6 @@ def _check_sparsify_arguments(
     return num_mlp_experts
 
 
-def _budget_fields(attention_top_k, mlp_top_k) -> dict:
-    """Config fields of uniform (int) or per-layer (list) top-k."""
-    fields = {}
-    for name, value in (("attention_top_k", attention_top_k), ("mlp_top_k", mlp_top_k)):
-        if isinstance(value, (list, tuple)):
-            fields[name], fields[f"layer_{name}"] = max(value), [int(v) for v in value]
-        else:
-            fields[name], fields[f"layer_{name}"] = value, None
-    return fields
-
-
 def importance_order(importance: torch.Tensor, num_shared: int) -> torch.Tensor:
     """A permutation of the experts that puts the `num_shared` most important first (most important first) and
     keeps the others in their order: `(experts,)` importance -> `(experts,)` int64."""
@@ -744,7 +736,7 @@ def block_sensitivity(
     state_dict = model.state_dict()
 
     def loss_of(attention: list[int], mlp: list[int]) -> float:
-        candidate = _rebuild(model, state_dict, **_budget_fields(attention, mlp))
+        candidate = _rebuild(model, state_dict, **top_k_fields(attention, mlp))
         return _mean_token_loss(candidate, batches)
 
     full = {"attention": [routed["attention"]] * layers, "mlp": [routed["mlp"]] * layers}
@@ -777,13 +769,8 @@ def _take_tokens(batches: Iterable[Batch], max_tokens: int) -> list[Batch]:
 
 def _mean_token_loss(model: UoEForCausalLM, batches: list[Batch]) -> float:
     total, count = 0.0, 0
-    for batch in batches:
-        input_ids, attention_mask = _batch_inputs(batch)
-        input_ids = input_ids.to(model.device)
-        mask = None if attention_mask is None else attention_mask.to(model.device)
-        keep = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        loss, tokens = _token_loss(logits, input_ids, keep)
+    for inputs, keep in _model_inputs(batches, model.device):
+        loss, tokens = _token_loss(model(**inputs).logits, inputs["input_ids"], keep)
         total, count = total + loss, count + tokens
     if count == 0:
         raise ValueError("`calibration_batches` yielded no next-token targets.")
@@ -847,17 +834,8 @@ def refit_outputs(
             hooks.pre(layer.mlp, forced)
             hooks.pre(layer.self_attn.o_proj, save("heads"))
             hooks.pre(layer.mlp.experts, save("experts"))
-        seen = 0
-        for batch in batches:
-            input_ids, attention_mask = _batch_inputs(batch)
-            device = model.device
-            keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            state["keep"] = keep.reshape(-1).to(device)
-            inputs = dict(
-                input_ids=input_ids.to(device),
-                attention_mask=None if attention_mask is None else attention_mask.to(device),
-                use_cache=False,
-            )
+        for inputs, keep in _model_inputs(batches, model.device, max_tokens):
+            state["keep"] = keep.reshape(-1)
             state["forced"] = False
             reference(**inputs)
             state["forced"] = True
@@ -883,9 +861,6 @@ def refit_outputs(
                 if layer.mlp.output_bias is not None:
                     target = target - layer.mlp.output_bias.double()
                 add((index, "mlp"), units.double()[state["keep"]], target)
-            seen += int(state["keep"].sum())
-            if seen >= max_tokens:
-                break
     for index in range(layers):
         layer = model.model.layers[index]
         o_proj = layer.self_attn.o_proj
@@ -1093,13 +1068,13 @@ def sparsify(
     if flops_budget is not None:
         routed_groups = num_groups - num_shared_attention_groups
         probe = _rebuild(
-            model, state_dict, **layout, **_budget_fields(routed_groups, num_mlp_experts - num_shared_mlp_experts)
+            model, state_dict, **layout, **top_k_fields(routed_groups, num_mlp_experts - num_shared_mlp_experts)
         )
         losses = block_sensitivity(probe, calibration_batches, sensitivity_tokens)
         seq_len = budget_seq_len or int(_batch_inputs(calibration_batches[0])[0].shape[-1])
         allocation = allocate_top_k(probe.config, losses, flops_budget, seq_len)
         attention_top_k, mlp_top_k = allocation.layer_attention_top_k, allocation.layer_mlp_top_k
-    sparse = _rebuild(model, state_dict, **layout, **_budget_fields(attention_top_k, mlp_top_k))
+    sparse = _rebuild(model, state_dict, **layout, **top_k_fields(attention_top_k, mlp_top_k))
     # the reference: the regrouped (and permuted) weights at full routing, so that expert ids agree
     reference = _dense_reference(model, state_dict, num_mlp_experts)
     if refit_output_weights:
