@@ -1011,7 +1011,7 @@ def stats(values: list[float]) -> dict[str, Any]:
     finite = [v for v in values if math.isfinite(v)]
     if not finite or len(finite) < len(values):
         return {"n": len(values), "ok": False}
-    spread = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    spread = statistics.stdev(finite) if len(finite) > 1 else None  # one seed has no spread (shown as "–")
     return {"n": len(values), "ok": True, "mean": statistics.fmean(finite), "std": spread, "min": min(finite),
             "max": max(finite)}  # fmt: skip
 
@@ -1021,7 +1021,8 @@ def fmt_stats(s: dict[str, Any] | None, digits: int = 2) -> str:
         return "–"
     if not s["ok"]:
         return "failed"
-    mean, std, low, high = (f"{s[k]:.{digits}f}" for k in ("mean", "std", "min", "max"))
+    mean, low, high = (f"{s[k]:.{digits}f}" for k in ("mean", "min", "max"))
+    std = "–" if s["std"] is None else f"{s['std']:.{digits}f}"
     return f"{mean} ± {std} [{low}, {high}] (n={s['n']})"
 
 

@@ -212,6 +212,16 @@ def test_compact_result(rs):
     assert "train_losses" not in result and "aux_losses" not in result
 
 
+def test_seed_statistics(rs):
+    """Sample std over seeds (statistics.stdev by hand for two values); one seed has no spread; a failure fails."""
+    two = rs.stats([50.0, 52.0])
+    assert two["mean"] == 51.0 and abs(two["std"] - 2.0**0.5) < 1e-12 and (two["min"], two["max"]) == (50.0, 52.0)
+    assert rs.fmt_stats(two) == "51.00 ± 1.41 [50.00, 52.00] (n=2)"
+    assert rs.fmt_stats(rs.stats([50.0])) == "50.00 ± – [50.00, 50.00] (n=1)"
+    assert rs.fmt_stats(rs.stats([50.0, float("nan")])) == "failed"
+    assert rs.fmt_stats(rs.stats([])) == "–"
+
+
 def test_report_reads_the_goal_off_the_files(rs):
     """The goal: at each MoE level, a UoE point at <= 0.8x the best MoE's FLOPs, lower in mean and in range."""
     study = rs.FULL
