@@ -1470,7 +1470,12 @@ def estimate_section(report: Report, estimates: dict[str, dict]) -> str:
         f"**{scratch['planned_runs']} runs, {scratch['planned_seconds'] / 3600:.1f} h** of one-run-at-a-time compute "
         f"(+ {scratch['lr_searches'] * scratch['lr_extension_seconds_each'] / 3600:.1f} h if each of its "
         f"{scratch['lr_searches']} rate searches widens once); left now: {left['planned_runs']} runs, "
-        f"{left['planned_seconds'] / 3600:.1f} h.",
+        + (
+            f"{left['planned_seconds'] / 3600:.1f} h."
+            if math.isfinite(left["planned_seconds"])
+            else f"time unknown: cost class(es) {', '.join(left['unmeasured_classes'])} not timed yet (`--estimate` "
+            "times them)."
+        ),
         "",
         "| cost class | seconds per step | overhead (s) | seconds per run | runs planned from scratch |",
         "|---|---:|---:|---:|---:|",
