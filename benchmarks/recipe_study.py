@@ -169,7 +169,12 @@ MOEUT_STYLE = frozenset({"weighted", "entropy", "peri", "grouped"})
 FACTORIAL = ("weighted", "entropy", "peri", "grouped")
 VISION_LABELS = frozenset({"weighted", "sigmoid", "entropy", "shared"})  # what the image encoder accepts
 # the presets of `UoEConfig.from_recipe` and the arm of this study that is each of them (a test checks the configs)
-RECIPE_ARMS = {"paper": "uoe:paper", "weighted": "uoe:weighted", "moeut_style": "uoe:weighted+entropy+peri+grouped"}
+RECIPE_ARMS = {
+    "paper": "uoe:paper",
+    "weighted": "uoe:weighted",
+    "weighted_peri": "uoe:weighted+peri",
+    "moeut_style": "uoe:weighted+entropy+peri+grouped",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,9 +12,9 @@ is downloaded from a hub. The last two works (by file name) are held out for val
 `--config_overrides hidden_size=256 --output_dir runs/other`). The job fails (exit 1) if the validation perplexity
 is not below the unigram baseline of the same tokenizer, unless `--quick`.
 
-`--recipe` picks UoE's components (`UoEConfig.from_recipe`; README "Recipes"). The default stays `paper`, the paper's
-configuration and UoEConfig's defaults, until `benchmarks/recipe_study.py` shows a recipe that beats it (at the
-recipe study's budget the evidence so far does not decide: README "Quality against FLOPs").
+`--recipe` picks UoE's components (`UoEConfig.from_recipe`; README "Recipes"). The default is `weighted_peri`
+(weighted gates and peri-norm), the best UoE arm of `benchmarks/recipe_study.py`'s ablation, which beats the paper's
+configuration there and in this job; `--recipe paper` trains the paper's configuration (UoEConfig's defaults).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ MAIN_JOB_ARGS = [
     "--sample_max_new_tokens", "80",
 ]  # fmt: skip
 
-# The components of the main job's model; "paper" is UoEConfig's defaults (see the module docstring).
-DEFAULT_RECIPE = "paper"
+# The components of the main job's model (see the module docstring); "paper" is UoEConfig's defaults.
+DEFAULT_RECIPE = "weighted_peri"
 
 # --quick: a tiny model on a slice of the text; checks the plumbing, not the perplexity.
 QUICK_ARGS = [
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--recipe",
         default=DEFAULT_RECIPE,
         choices=list(RECIPES),
-        help=f"UoE's components, a recipe of UoEConfig.from_recipe (default {DEFAULT_RECIPE}: the paper's configuration)",
+        help=f"UoE's components, a recipe of UoEConfig.from_recipe (default {DEFAULT_RECIPE}; paper: the paper's)",
     )
     args, run_clm_args = parser.parse_known_args(argv)
 

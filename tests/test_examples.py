@@ -321,6 +321,9 @@ def test_main_job_quick(tmp_path):
     assert (tmp_path / "data" / "train.txt").stat().st_size > 4_000_000  # the real corpus, 40 works
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
     assert model.config.num_hidden_layers == 2
+    # the default recipe, the recipe study's best UoE arm: weighted gates and peri-norm
+    assert "recipe              weighted_peri" in result.stdout
+    assert (model.config.gate_mode, model.config.norm_placement) == ("weighted", "peri")
     # the reported perplexity, recomputed from the saved model and tokenizer on the validation text the job wrote:
     # the first 32 blocks of 128 tokens of its first 300,000 characters (QUICK_ARGS)
     results = json.loads((tmp_path / "run" / "all_results.json").read_text())

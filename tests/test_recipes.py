@@ -22,7 +22,7 @@ SIZES = dict(
 
 
 def test_paper_recipe_is_the_default_config():
-    """`paper` is the paper's configuration, which is also UoEConfig's defaults (so the main job did not change)."""
+    """`paper` is the paper's configuration, which is also UoEConfig's defaults (a config built without a recipe)."""
     assert UoEConfig.from_recipe("paper", **SIZES).to_dict() == UoEConfig(**SIZES).to_dict()
     expected = {
         "gate_mode": "union", "router_score_func": "softmax", "router_balance_loss": "switch",
@@ -45,6 +45,15 @@ def test_moeut_style_recipe(layers):
     assert weighted.gate_mode == "weighted" and weighted.num_layer_groups is None
 
 
+def test_weighted_peri_recipe_changes_only_gates_and_norm():
+    """`weighted_peri` is `paper` with weighted gates and peri-norm; every other component is the paper's."""
+    config = UoEConfig.from_recipe("weighted_peri", **SIZES)
+    paper = UoEConfig.from_recipe("paper", **SIZES)
+    differing = {f for f in RECIPE_FIELDS if getattr(config, f) != getattr(paper, f)}
+    assert differing == {"gate_mode", "norm_placement"}
+    assert (config.gate_mode, config.norm_placement) == ("weighted", "peri")
+
+
 def test_overrides_win_over_the_recipe():
     config = UoEConfig.from_recipe("moeut_style", **SIZES, gate_mode="union", num_layer_groups=1)
     assert config.gate_mode == "union" and config.num_layer_groups == 1 and config.norm_placement == "peri"
@@ -54,7 +63,7 @@ def test_overrides_win_over_the_recipe():
 @pytest.mark.parametrize(
     ("recipe", "overrides", "message"),
     [
-        ("best", {}, r"`recipe` must be one of \['paper', 'weighted', 'moeut_style'\], got 'best'"),
+        ("best", {}, r"`recipe` must be one of \['paper', 'weighted', 'weighted_peri', 'moeut_style'\], got 'best'"),
         ("moeut_style", {"num_hidden_layers": 3}, r"`num_hidden_layers` must be a multiple of 2 for recipe"),
         ("moeut_style", {"num_hidden_layers": 1}, r"`num_hidden_layers` must be a multiple of 2"),
         ("paper", {"gate_mode": "summed"}, r"`gate_mode` must be one of"),  # the overrides are validated too
