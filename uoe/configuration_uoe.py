@@ -67,8 +67,9 @@ RECIPES: dict[str, Recipe] = {
         {**_PAPER_FIELDS, "gate_mode": "weighted"},
     ),
     "weighted_peri": Recipe(
-        "weighted gates and peri-layernorm (a norm before and after each sublayer), the rest the paper's: the best UoE "
-        "arm of the recipe study's ablation at its middle FLOP level, and the main job's default",
+        "weighted gates and peri-layernorm (only the routers and the query/key projections read the normalised "
+        "stream), the rest the paper's: the best UoE arm of the recipe study's ablation at its middle FLOP level, and "
+        "the main job's default",
         {**_PAPER_FIELDS, "gate_mode": "weighted", "norm_placement": "peri"},
     ),
     "moeut_style": Recipe(
