@@ -26,7 +26,7 @@ schedule, matching rule and training runs of `compare_lm.py` / `frontier_sweep.p
    has its seeds), UoE with one cheaper level than the sweep (h2e1), so that a UoE point exists at <= 0.8x the
    cheapest MoE levels' FLOPs.
 3. **Vision**: `compare_vision.py`'s UoE classifier with the components the image encoder takes (weighted gates,
-   sigmoid scores, entropy balance, shared experts: it refuses layer sharing, peri-norm and chains) against the
+   sigmoid scores, entropy balance, peri-norm, shared experts: it refuses layer sharing and chains) against the
    FLOP-matched ViT, plus the LM winner's encoder components once the LM ablation has its seeds.
 
 Budget (`FULL`): 720 steps of 16 x 128 tokens = 1,474,560 tokens per LM run (4x the sweep's 368,640); Fashion-MNIST
@@ -167,7 +167,7 @@ COMPONENTS = {  # component: (paper's value, the labels that change it)
 }
 MOEUT_STYLE = frozenset({"weighted", "entropy", "peri", "grouped"})
 FACTORIAL = ("weighted", "entropy", "peri", "grouped")
-VISION_LABELS = frozenset({"weighted", "sigmoid", "entropy", "shared"})  # what the image encoder accepts
+VISION_LABELS = frozenset({"weighted", "sigmoid", "entropy", "peri", "shared"})  # what the image encoder accepts
 # the presets of `UoEConfig.from_recipe` and the arm of this study that is each of them (a test checks the configs)
 RECIPE_ARMS = {
     "paper": "uoe:paper",

@@ -11,7 +11,9 @@ token, head group by head group and expert by expert. The rules it follows:
 - CLS goes through every head group and every expert with gate 1;
 - in head group g, every query head of a token whose pair (token, g) is kept attends to all tokens (both directions)
   whose pair (token, g) is kept; RoPE (when configured) at the token index, CLS at 0;
-- a block's output is the union (sum) of its kept experts' outputs times their gates, plus the shared output bias.
+- a block's output is the union (sum) of its kept experts' outputs times their gates, plus the shared output bias;
+- peri-layernorm (`norm_placement="peri"`): the routers and the query/key projections read the normed stream, the
+  value projection and the MLP experts the residual stream itself.
 
 Used for the image classifier (`UoEForImageClassification`) and the ListOps text encoder of `benchmarks/`.
 """
@@ -70,6 +72,7 @@ def encoder_hidden_states(cfg, sd: dict[str, torch.Tensor], prefix: str, x: torc
     seq = x.shape[0]
     inv_freq, rope_scale = rope_frequencies(cfg, seq) if rope else (None, None)
     act = torch.nn.functional.gelu
+    peri = getattr(cfg, "norm_placement", "pre") == "peri"
     for layer in range(cfg.num_hidden_layers):
         p = f"{prefix}layers.{layer}."
         h = _norm(x, sd, p + "input_layernorm", cfg)
@@ -81,8 +84,12 @@ def encoder_hidden_states(cfg, sd: dict[str, torch.Tensor], prefix: str, x: torc
             cfg,
         )
         q, k, v = (
-            _linear(h, sd, p + f"self_attn.{name}").view(seq, count, head_dim)
-            for name, count in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads))
+            _linear(stream, sd, p + f"self_attn.{name}").view(seq, count, head_dim)
+            for name, count, stream in (
+                ("q_proj", heads, h),
+                ("k_proj", kv_heads, h),
+                ("v_proj", kv_heads, x if peri else h),
+            )
         )
         if p + "self_attn.q_norm.weight" in sd:
             q = _rms_norm(q, sd[p + "self_attn.q_norm.weight"], cfg.rms_norm_eps)
@@ -103,10 +110,11 @@ def encoder_hidden_states(cfg, sd: dict[str, torch.Tensor], prefix: str, x: torc
         experts_of = encoder_selections(h, sd[p + "mlp.router.weight"], mlp_top_k, cfg.num_shared_mlp_experts, cfg)
         up, down = sd[p + "mlp.experts.up_proj"], sd[p + "mlp.experts.down_proj"]
         up_bias = sd.get(p + "mlp.experts.up_proj_bias")
+        expert_input = x if peri else h
         mlp = torch.zeros_like(x)
         for t in range(seq):
             for expert, gate in experts_of[t].items():
-                inner = up[expert] @ h[t] + (0 if up_bias is None else up_bias[expert])
+                inner = up[expert] @ expert_input[t] + (0 if up_bias is None else up_bias[expert])
                 mlp[t] += gate * (down[expert] @ act(inner))
         if p + "mlp.output_bias" in sd:
             mlp = mlp + sd[p + "mlp.output_bias"]

@@ -59,7 +59,7 @@ def test_ablation_arms(rs):
     with pytest.raises(ValueError, match="not a UoE arm"):
         rs.uoe_arm({"grouped", "grouped-wide"})
     with pytest.raises(ValueError, match="the image encoder takes only"):
-        rs.uoe_arm({"peri"}, "vision")
+        rs.uoe_arm({"grouped"}, "vision")
 
 
 def test_every_arm_builds_at_equal_flops_and_matched_parameters(rs):
@@ -173,7 +173,9 @@ def test_vision_plan(rs):
     assert {r.seed for r in planned if r.arm == "vision:vit"} == {0, 1, 2}
     planned = rs.simulate(study, {}, lambda run: 1.0 if run.arm == "uoe:weighted+sigmoid+entropy+peri+grouped" else 0,
                           ("lm", "vision"))  # fmt: skip
-    assert "vision:uoe:weighted+sigmoid+entropy" in {r.arm for r in planned}  # the LM winner's encoder components
+    # the LM winner's encoder components: all but layer sharing
+    assert "vision:uoe:weighted+sigmoid+entropy+peri" in {r.arm for r in planned}
+    assert rs.vision_config(rs.arm_by_name("vision:uoe:weighted+sigmoid+entropy+peri")).norm_placement == "peri"
     vision = [a for a in rs.vision_static_arms() if a.is_uoe]
     assert all(rs.vision_config(a).is_causal is False for a in vision)
     shared = rs.vision_config(rs.arm_by_name("vision:uoe:shared"))

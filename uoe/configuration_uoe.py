@@ -304,7 +304,6 @@ MODEL_REQUIREMENTS = {
         "is_causal": (False, "UoE vision models are bidirectional encoders"),
         "mlp_type": ("gelu", "UoE vision models use GELU MLP experts"),
         "num_layer_groups": (None, "MoEUT's layer grouping is a causal-LM option"),
-        "norm_placement": ("pre", "peri-layernorm is a causal-LM option"),
         "mlp_chain_length": (1, "Chain-of-Experts is a causal-LM option"),
     },
 }
@@ -426,8 +425,8 @@ class UoEConfig(PreTrainedConfig):
             over the batch's non-padding tokens (and, with `num_layer_groups`, over all applications of a shared
             layer). Either is `aux_loss`, averaged over the routed blocks and weighted by `router_aux_loss_coef`.
         norm_placement: `"pre"` (default): pre-norm, every block reads the normalised stream. `"peri"`: MoEUT's
-            peri-layernorm (causal LM only): only the routers and the query/key projections read the normalised
-            stream; the value projection and the MLP experts read the residual stream itself.
+            peri-layernorm (decoder and image encoder alike): only the routers and the query/key projections read
+            the normalised stream; the value projection and the MLP experts read the residual stream itself.
         layer_attention_top_k: Per-layer budgets: `attention_top_k` of each layer, a list with one entry per layer
             (per distinct layer with `num_layer_groups`), each in `[1, num_key_value_heads -
             num_shared_attention_groups]`. `None` (default): `attention_top_k` in every layer. `uoe.sparsify` can

@@ -128,10 +128,13 @@ def _make_norm(config: UoEConfig) -> nn.Module:
 
 
 class UoEEncoderLayer(GradientCheckpointingLayer):
-    """Pre-norm bidirectional UoE layer: x + SMHA(norm(x)), then x + UoME(norm(x))."""
+    """Bidirectional UoE layer: x + SMHA(norm(x)), then x + UoME(norm(x)) (`norm_placement="pre"`). With MoEUT's
+    peri-layernorm (`"peri"`) the norms feed only the routers and the query/key projections, as in the decoder; the
+    value projection and the MLP experts read the residual stream `x`."""
 
     def __init__(self, config: UoEConfig, layer_idx: int):
         super().__init__()
+        self.peri_norm = config.norm_placement == "peri"
         self.input_layernorm = _make_norm(config)
         self.self_attn = UoESelectiveAttention(config, layer_idx)
         self.post_attention_layernorm = _make_norm(config)
@@ -143,11 +146,16 @@ class UoEEncoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         routing: RoutingInputs | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        residual = hidden_states if self.peri_norm else None
         attn_out, attn_weights, attn_logits, attn_aux = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, routing
+            self.input_layernorm(hidden_states), position_embeddings, routing, value_states=residual
         )
         hidden_states = hidden_states + attn_out
-        mlp_out, mlp_logits, mlp_aux = self.mlp(self.post_attention_layernorm(hidden_states), routing)
+        normed = self.post_attention_layernorm(hidden_states)
+        if self.peri_norm:
+            mlp_out, mlp_logits, mlp_aux = self.mlp(hidden_states, routing, router_states=normed)
+        else:
+            mlp_out, mlp_logits, mlp_aux = self.mlp(normed, routing)
         hidden_states = hidden_states + mlp_out
         aux = None if attn_aux is None else attn_aux + mlp_aux
         return hidden_states, attn_weights, (attn_logits, mlp_logits), aux
