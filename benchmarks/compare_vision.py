@@ -132,6 +132,33 @@ def matched_vit_width(target_flops: float, tolerance: float = 0.10) -> int:
     return width
 
 
+def vit_width_at_most(target_flops: float) -> int:
+    """The widest ViT (width a multiple of 8) whose FLOPs per image are at most `target_flops`."""
+    widths = [w for w in range(8, 1025, 8) if vit_flops_per_image(vit_config(w)) <= target_flops]
+    if not widths:
+        raise RuntimeError(f"no ViT width has at most {target_flops:.3g} FLOPs per image")
+    return widths[-1]
+
+
+def vit_model(width: int) -> tuple[nn.Module, dict]:
+    """`ViTForImageClassification` of width `width` and its description (config, analytic FLOPs)."""
+    config = vit_config(width)
+    info = {
+        "class": "transformers.ViTForImageClassification",
+        "config": {
+            k: getattr(config, k)
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+        },
+        "analytic_flops": vit_flops_per_image(config),
+    }
+    return ViTForImageClassification(config), info
+
+
+def narrow_vit_model() -> tuple[nn.Module, dict]:
+    """The widest ViT at <= UoE's active FLOPs per image (with the matched `vit`, it brackets UoE's FLOPs)."""
+    return vit_model(vit_width_at_most(estimate_flops_per_image(uoe_config()).active))
+
+
 class MLPBlock(nn.Module):
     def __init__(self, width: int, expansion: int):
         super().__init__()
@@ -195,17 +222,7 @@ def build_model(name: str) -> tuple[nn.Module, dict]:
     if name in ("uoe", "uoe_dc"):
         model, info = uoe_model(uoe_config(data_capacity=0.5 if name == "uoe_dc" else None))
     elif name == "vit":
-        width = matched_vit_width(estimate_flops_per_image(reference).active)
-        config = vit_config(width)
-        model = ViTForImageClassification(config)
-        info = {
-            "class": "transformers.ViTForImageClassification",
-            "config": {
-                k: getattr(config, k)
-                for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
-            },
-            "analytic_flops": vit_flops_per_image(config),
-        }
+        model, info = vit_model(matched_vit_width(estimate_flops_per_image(reference).active))
     elif name == "mlp":
         width, sizes = matched_mlp_width(uoe_parameter_count()), (MLP_DEPTH, MLP_EXPANSION, NUM_CLASSES)
         model = AllMLPClassifier(IMAGE_SIZE * IMAGE_SIZE, width, *sizes)

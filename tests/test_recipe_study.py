@@ -170,7 +170,8 @@ def test_vision_plan(rs):
     planned = rs.simulate(study, {}, lambda run: 0.0, ("vision",))
     arms = {r.arm for r in planned}
     assert arms == {a.name for a in rs.vision_static_arms()}  # the LM winner's arm waits for the LM ablation
-    assert {r.seed for r in planned if r.arm == "vision:vit"} == {0, 1, 2}
+    for vit in ("vision:vit", "vision:vit:narrow"):  # the two ViTs that bracket UoE's FLOPs: contenders
+        assert {r.seed for r in planned if r.arm == vit} == {0, 1, 2}
     planned = rs.simulate(study, {}, lambda run: 1.0 if run.arm == "uoe:weighted+sigmoid+entropy+peri+grouped" else 0,
                           ("lm", "vision"))  # fmt: skip
     # the LM winner's encoder components: all but layer sharing
@@ -180,6 +181,16 @@ def test_vision_plan(rs):
     assert all(rs.vision_config(a).is_causal is False for a in vision)
     shared = rs.vision_config(rs.arm_by_name("vision:uoe:shared"))
     assert (shared.num_shared_attention_groups, shared.attention_top_k, shared.mlp_top_k) == (1, 1, 1)
+
+
+def test_vit_read_at_uoe_flops_between_the_two_vits(rs):
+    """Linear in log FLOPs between the bracketing ViTs: at 8 between (4, 80%) and (16, 90%), halfway in log: 85%;
+    outside the bracket nothing (no extrapolation); a ViT at exactly the FLOPs is its own value."""
+    vits = [{"flops": 4.0, "accuracy": {"mean": 80.0}}, {"flops": 16.0, "accuracy": {"mean": 90.0}}]
+    assert rs.vit_at_flops(vits, 8.0) == pytest.approx(85.0, abs=1e-12)
+    assert rs.vit_at_flops(vits, 2.0**3.5) == pytest.approx(80.0 + 10.0 * 1.5 / 2.0, abs=1e-12)
+    assert rs.vit_at_flops(vits, 20.0) is None and rs.vit_at_flops(vits[:1], 8.0) is None
+    assert rs.vit_at_flops(vits, 16.0) == 90.0
 
 
 # --- files ----------------------------------------------------------------------------------------------------------
