@@ -103,6 +103,34 @@ def lora_model(backend: str, target_modules) -> torch.nn.Module:
     return get_peft_model(model_on(backend), config)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_kind", ["causal_lm", "image_classifier"])
+def test_lora_with_peri_norm_equals_the_masked_path(model_kind, backend, monkeypatch):
+    """With peri-norm the value projection reads another stream (the residual) than the query/key projections: the
+    sparse paths must still run the adapted `v_proj` on it. The decoder at the longer length (gathered attention under
+    "auto") and the image encoder, against the masked path with the same adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    from .test_vision import vision_model
+
+    use_backend(backend, monkeypatch)
+    if model_kind == "causal_lm":
+        base, inputs = model_on("masked", norm_placement="peri"), {"input_ids": input_ids(LENGTHS[1])}
+    else:
+        pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+        base, inputs = vision_model(seed=4, norm_placement="peri"), {"pixel_values": pixels}
+    with torch.no_grad():
+        plain = base(**inputs).logits
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION, init_lora_weights=False)
+    reference = get_peft_model(base, config)
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        actual = on_backend(reference, backend)(**inputs).logits
+    assert (expected - plain).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(actual, expected, rtol=tolerance(backend), atol=tolerance(backend))
+
+
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("target_modules", [ATTENTION, "all-linear"], ids=["qkvo", "all-linear"])
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])

@@ -152,10 +152,9 @@ class UoEEncoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + attn_out
         normed = self.post_attention_layernorm(hidden_states)
-        if self.peri_norm:
-            mlp_out, mlp_logits, mlp_aux = self.mlp(hidden_states, routing, router_states=normed)
-        else:
-            mlp_out, mlp_logits, mlp_aux = self.mlp(normed, routing)
+        mlp_out, mlp_logits, mlp_aux = self.mlp(
+            hidden_states if self.peri_norm else normed, routing, router_states=normed if self.peri_norm else None
+        )
         hidden_states = hidden_states + mlp_out
         aux = None if attn_aux is None else attn_aux + mlp_aux
         return hidden_states, attn_weights, (attn_logits, mlp_logits), aux
